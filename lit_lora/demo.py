@@ -1,0 +1,248 @@
+"""The built-in demo task: turn a sentence about a person into a JSON record with a fixed schema.
+
+Example row::
+
+    instruction: "Extract the person record from the sentence as JSON."
+    input:       "Tomas Berg, a 41-year-old pharmacist, lives in Porto."
+    output:      '{"name": "Tomas Berg", "age": 41, "job": "pharmacist", "city": "Porto"}'
+
+The instruction does not spell out the schema (key names, key order, age as a number), so an
+instruct model that has never seen the rows cannot match it; a LoRA adapter learns it from a few
+hundred examples. Scoring parses the generated answer as JSON and counts a row as correct only if
+the object equals the expected one, which makes the metric exact and immune to spacing.
+
+Generation is deterministic for a given seed. Test rows use first names that never occur in
+training rows, so the held-out score measures copying from the sentence, not memorised names.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+INSTRUCTION = "Extract the person record from the sentence as JSON."
+
+_TRAIN_FIRST = [
+    "Maria",
+    "Tomas",
+    "Aiko",
+    "Liam",
+    "Priya",
+    "Omar",
+    "Sofia",
+    "Lukas",
+    "Chen",
+    "Amara",
+    "Diego",
+    "Elena",
+    "Jonas",
+    "Fatima",
+    "Noah",
+    "Ingrid",
+    "Ravi",
+    "Yuki",
+    "Pablo",
+    "Nadia",
+    "Erik",
+    "Lena",
+    "Samuel",
+    "Mei",
+    "Hugo",
+    "Zara",
+    "Felix",
+    "Ana",
+    "Marco",
+    "Leila",
+    "Oscar",
+    "Hana",
+    "Ivan",
+    "Clara",
+    "Kofi",
+    "Rosa",
+]
+_TEST_FIRST = [
+    "Beatriz",
+    "Anders",
+    "Keiko",
+    "Mateo",
+    "Sunita",
+    "Malik",
+    "Greta",
+    "Tariq",
+    "Olga",
+    "Emeka",
+    "Lucia",
+    "Henrik",
+]
+_LAST = [
+    "Lopez",
+    "Berg",
+    "Tanaka",
+    "Murphy",
+    "Shah",
+    "Haddad",
+    "Rossi",
+    "Weber",
+    "Wang",
+    "Okafor",
+    "Silva",
+    "Novak",
+    "Lindqvist",
+    "Rahman",
+    "Keller",
+    "Hansen",
+    "Patel",
+    "Sato",
+    "Romero",
+    "Petrova",
+    "Larsen",
+    "Dubois",
+    "Cohen",
+    "Zhou",
+    "Moreau",
+    "Ali",
+    "Fischer",
+    "Costa",
+    "Bianchi",
+    "Nasser",
+]
+_CITIES = [
+    "Lisbon",
+    "Porto",
+    "Oslo",
+    "Kyoto",
+    "Dublin",
+    "Mumbai",
+    "Cairo",
+    "Rome",
+    "Vienna",
+    "Shanghai",
+    "Lagos",
+    "Lima",
+    "Prague",
+    "Stockholm",
+    "Dhaka",
+    "Zurich",
+    "Copenhagen",
+    "Osaka",
+    "Madrid",
+    "Bruges",
+    "Bergen",
+    "Lyon",
+    "Haifa",
+    "Nairobi",
+    "Hamburg",
+    "Seville",
+    "Krakow",
+    "Quito",
+    "Accra",
+    "Turin",
+]
+_JOBS = [
+    "nurse",
+    "pharmacist",
+    "teacher",
+    "carpenter",
+    "architect",
+    "baker",
+    "pilot",
+    "chemist",
+    "librarian",
+    "plumber",
+    "journalist",
+    "dentist",
+    "electrician",
+    "gardener",
+    "translator",
+    "mechanic",
+    "photographer",
+    "accountant",
+    "firefighter",
+    "chef",
+    "veterinarian",
+    "tailor",
+    "surveyor",
+    "economist",
+]
+
+# Each template mentions the four fields in its own order and wording.
+_TEMPLATES = (
+    "{name}, a {age}-year-old {job}, lives in {city}.",
+    "{name} is {age} years old and works as a {job} in {city}.",
+    "In {city}, {name} ({age}) earns a living as a {job}.",
+    "Meet {name}: {job}, {age}, based in {city}.",
+    "The {job} {name} turned {age} last month and still lives in {city}.",
+    "{name} moved to {city} at {age} to work as a {job}.",
+    "Our new {job} is {name}, aged {age}, who commutes from {city}.",
+    "At {age}, {name} runs a small business in {city} as a {job}.",
+    "{city} is home to {name}, a {job} who is {age}.",
+    "Age {age}, occupation {job}: {name} from {city}.",
+)
+
+
+def _article_fix(sentence: str) -> str:
+    # "a architect" -> "an architect": keeps the sentences natural without more templates.
+    for vowel in "aeiou":
+        sentence = sentence.replace(f" a {vowel}", f" an {vowel}")
+    return sentence
+
+
+def make_rows(n: int, seed: int, held_out_names: bool) -> list[dict[str, str]]:
+    """``n`` rows with fields ``instruction``, ``input``, ``output`` (a JSON string)."""
+    rng = random.Random(seed)
+    first_names = _TEST_FIRST if held_out_names else _TRAIN_FIRST
+    rows = []
+    for _ in range(n):
+        record = {
+            "name": f"{rng.choice(first_names)} {rng.choice(_LAST)}",
+            "age": rng.randint(19, 88),
+            "job": rng.choice(_JOBS),
+            "city": rng.choice(_CITIES),
+        }
+        sentence = _article_fix(rng.choice(_TEMPLATES).format(**record))
+        rows.append({"instruction": INSTRUCTION, "input": sentence, "output": json.dumps(record)})
+    return rows
+
+
+def write_splits(folder: Path, train_size: int, val_size: int, test_size: int, seed: int) -> dict[str, Path]:
+    """Write ``train.jsonl``, ``val.jsonl`` and ``test.jsonl`` into ``folder``; return their paths.
+
+    The three splits use different derived seeds; ``test`` also uses first names unseen in training.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {
+        "train": make_rows(train_size, seed, held_out_names=False),
+        "val": make_rows(val_size, seed + 1, held_out_names=False),
+        "test": make_rows(test_size, seed + 2, held_out_names=True),
+    }
+    paths = {}
+    for split, rows in splits.items():
+        path = folder / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths[split] = path
+    return paths
+
+
+def parse_answer(text: str) -> object | None:
+    """The JSON object at the start of a generated answer, or None if it does not parse."""
+    text = text.strip()
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return None
+    return obj
+
+
+def exact_match(predictions: Iterable[str], references: Iterable[str]) -> list[bool]:
+    """Per row: does the answer equal the reference? JSON references compare as parsed objects
+    (spacing and key order do not matter), others as stripped strings."""
+    hits = []
+    for prediction, reference in zip(predictions, references, strict=True):
+        expected = parse_answer(reference)
+        if expected is None or not reference.strip().startswith(("{", "[")):
+            hits.append(prediction.strip() == reference.strip())
+        else:
+            hits.append(parse_answer(prediction) == expected)
+    return hits

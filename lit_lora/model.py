@@ -1,0 +1,352 @@
+"""Build the adapted model: load base -> quantize -> prepare for k-bit training -> wrap with PEFT.
+
+:func:`build_model` reads top to bottom in that order. Adapter targets are checked first, on a
+weightless (meta-device) copy of the architecture whenever the architecture is known without a
+download, so a wrong module name fails in seconds with the list of names the model does have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from lit_lora import embedded
+from lit_lora.config import LoraConfig, ModelConfig, QuantConfig
+from lit_lora.errors import UserError
+
+# The attention projections of each architecture, as PEFT target names (suffixes of module paths).
+ATTENTION_TARGETS = {
+    "gpt2": ["c_attn", "attn.c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt_neox": ["query_key_value", "attention.dense"],
+    "falcon": ["query_key_value", "self_attention.dense"],
+}
+PRESETS = ("attention", "all-linear")
+HUB_TIMEOUT_S = 5.0
+
+
+@dataclass
+class BuiltModel:
+    """What :func:`build_model` returns: the PEFT model, its tokenizer and numbers worth logging."""
+
+    model: torch.nn.Module  # peft.PeftModel
+    tokenizer: object
+    source: str  # the folder or hub id the weights came from
+    trainable_params: int
+    total_params: int
+    target_modules: list[str] | str
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's projections are Conv1D, not nn.Linear
+
+    return isinstance(module, nn.Linear | Conv1D) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def linear_module_paths(model: nn.Module) -> list[str]:
+    """Full paths of the modules LoRA can wrap (linear layers, GPT-2 Conv1D, bitsandbytes linears)."""
+    return [name for name, module in model.named_modules() if name and _is_linear(module)]
+
+
+def resolve_targets(requested: list[str], model_type: str | None, paths: list[str]) -> list[str] | str:
+    """Turn ``lora.target_modules`` into PEFT's ``target_modules`` and check every name matches.
+
+    Raises :class:`UserError` naming the unmatched targets and listing the linear module names the
+    model has (GPT-2: ``c_attn``, ``c_fc``, ``c_proj``).
+    """
+    if requested == ["all-linear"]:
+        return "all-linear"
+    if requested == ["attention"]:
+        if model_type not in ATTENTION_TARGETS:
+            raise UserError(
+                f"no 'attention' target preset for architecture {model_type!r}; list the modules, e.g. "
+                f"lora.target_modules=[{','.join(sorted({p.rsplit('.', 1)[-1] for p in paths})[:4])}]"
+            )
+        requested = ATTENTION_TARGETS[model_type]
+    if any(name in PRESETS for name in requested):
+        raise UserError(f"presets ({', '.join(PRESETS)}) cannot be mixed with module names: {requested}")
+    missing = [t for t in requested if not any(p == t or p.endswith("." + t) for p in paths)]
+    if missing:
+        leaf_names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+        raise UserError(
+            f"lora.target_modules {missing} match no linear module of this {model_type or 'model'}; "
+            f"its linear modules are: {', '.join(leaf_names)} (or use a preset: {', '.join(PRESETS)})"
+        )
+    return list(requested)
+
+
+def _skeleton(config) -> nn.Module:
+    """The architecture on the meta device: module names and shapes, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_targets_early(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> list[str] | str | None:
+    """Check targets before any weight or hub access when ``model.model_type`` is set.
+
+    Returns the resolved targets, or None when the architecture is only known after loading the config.
+    """
+    if not model_cfg.model_type:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.for_model(model_cfg.model_type, **model_cfg.config_overrides)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(
+            f"model.model_type={model_cfg.model_type!r} is not an architecture transformers knows: {err}"
+        ) from err
+    return resolve_targets(lora_cfg.target_modules, config.model_type, linear_module_paths(_skeleton(config)))
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def _hub_host() -> str:
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """One TCP connection attempt to the hub: seconds, where transformers' own retries take half a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection((_hub_host(), 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _random_init_folder(model_cfg: ModelConfig) -> Path:
+    """Materialise a random-init model (seed 0) as a local folder, so quantization loads it like any other."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_cfg.model_type, **model_cfg.config_overrides)
+    key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    target = embedded.cache_root() / "random" / f"{model_cfg.model_type}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    model.save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def resolve_source(model_cfg: ModelConfig) -> tuple[str, bool]:
+    """Return ``(folder or hub id, local_files_only)``; fails fast when a hub model cannot be reached."""
+    name = model_cfg.name_or_path
+    if model_cfg.random_init:
+        return str(_random_init_folder(model_cfg)), True
+    if embedded.is_embedded(name):
+        return str(embedded.resolve(name)), True
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name_or_path={name} is a folder without config.json")
+        return str(path), True
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise UserError(
+            f"model.name_or_path={name} is not a model folder (it must hold config.json and weights)"
+        )
+    return name, not hub_reachable()
+
+
+def _load_config(source: str, local_only: bool, model_cfg: ModelConfig):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            source,
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+            local_files_only=local_only,
+        )
+    except (OSError, ValueError) as err:
+        if local_only and not Path(source).is_dir():
+            raise UserError(
+                f"model {source!r} is not in the local Hugging Face cache and the hub ({_hub_host()}) "
+                f"cannot be reached. Point at a local copy instead: model.name_or_path=/path/to/folder "
+                f"(a folder with config.json, weights and tokenizer), or make the hub reachable"
+            ) from err
+        raise UserError(f"cannot load the config of model {source!r}: {str(err).splitlines()[0]}") from err
+    for key, value in model_cfg.config_overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def load_tokenizer(model_cfg: ModelConfig, source: str, local_only: bool):
+    """The tokenizer of ``model.tokenizer`` (default: the model's own), with a pad token set."""
+    from transformers import AutoTokenizer
+
+    name = model_cfg.tokenizer or source
+    if embedded.is_embedded(name):
+        name, local_only = str(embedded.resolve(name)), True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name,
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+            local_files_only=local_only,
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a tokenizer from {name!r}: {str(err).splitlines()[0]}") from err
+    if tokenizer.pad_token is None:
+        # Padding positions carry label -100 and attention mask 0, so which id fills them is irrelevant.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- quantization
+def bnb_config(quant_cfg: QuantConfig):
+    """A transformers ``BitsAndBytesConfig`` for ``quant``, after checking bitsandbytes can serve it here."""
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes as bnb
+    except Exception as err:  # an import failure of a compiled library can raise anything
+        raise UserError(
+            f"quant={quant_cfg.method} needs bitsandbytes, which does not import here: {err}"
+        ) from err
+    on_cuda = torch.cuda.is_available()
+    version = tuple(int(x) for x in bnb.__version__.split(".")[:2] if x.isdigit())
+    if not on_cuda and version < (0, 49):
+        raise UserError(
+            f"quant={quant_cfg.method} on CPU needs bitsandbytes >= 0.49 (found {bnb.__version__}); "
+            "upgrade it or use quant=none"
+        )
+    if quant_cfg.method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_cfg.method,
+        bnb_4bit_use_double_quant=quant_cfg.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, quant_cfg.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, quant_cfg.storage_dtype),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- builder
+def _peft_lora_config(lora_cfg: LoraConfig, targets: list[str] | str):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType
+
+    init: bool | str = {"default": True, "gaussian": "gaussian"}.get(lora_cfg.init, lora_cfg.init)
+    return PeftLoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=targets,
+        bias=lora_cfg.bias,
+        use_dora=lora_cfg.use_dora,
+        use_rslora=lora_cfg.use_rslora,
+        init_lora_weights=init,
+    )
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked element number."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if type(param).__name__ == "Params4bit":
+            n = int(param.quant_state.shape.numel()) if param.quant_state is not None else 2 * n
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total
+
+
+def check_only_adapter_trainable(model: nn.Module) -> None:
+    """Raise if any parameter outside the adapter requires grad (the base must stay frozen)."""
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    if stray:
+        raise RuntimeError(f"parameters outside the adapter require grad: {stray[:5]}")
+
+
+def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, lora_cfg: LoraConfig) -> BuiltModel:
+    """Load the base, quantize it if asked, and wrap it with a LoRA adapter. Only the adapter trains.
+
+    Raises :class:`UserError` for every mistake a user can fix: unknown model, unreachable hub,
+    target modules that match nothing, quantization bitsandbytes cannot run here.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    # 1. Targets, on a weightless skeleton, when the architecture is known without a download.
+    targets = check_targets_early(model_cfg, lora_cfg)
+    quantization = bnb_config(quant_cfg) if quant_cfg.enabled else None
+
+    # 2. Source and config (the hub check happens here, before any weight is read).
+    source, local_only = resolve_source(model_cfg)
+    config = _load_config(source, local_only, model_cfg)
+    if targets is None:
+        targets = resolve_targets(
+            lora_cfg.target_modules, config.model_type, linear_module_paths(_skeleton(config))
+        )
+    tokenizer = load_tokenizer(model_cfg, source, local_only)
+
+    # 3. Weights, quantized on load when asked.
+    device_map = (
+        {"": torch.cuda.current_device()} if quantization is not None and torch.cuda.is_available() else None
+    )
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            source,
+            config=config,
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+            local_files_only=local_only,
+            dtype=getattr(torch, quant_cfg.compute_dtype if quantization is not None else model_cfg.dtype),
+            quantization_config=quantization,
+            attn_implementation=model_cfg.attn_implementation,
+            device_map=device_map,
+        )
+    except OSError as err:
+        raise UserError(f"cannot load the weights of {source!r}: {str(err).splitlines()[0]}") from err
+
+    # 4. k-bit preparation: norms to fp32, input grads on, optional non-reentrant checkpointing.
+    gc_kwargs = {"use_reentrant": False}
+    if quantization is not None:
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
+    elif model_cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        # Without this, checkpointed blocks see inputs that do not require grad and LoRA B never trains.
+        base.enable_input_require_grads()
+
+    # 5. The adapter.
+    model = get_peft_model(base, _peft_lora_config(lora_cfg, targets))
+    check_only_adapter_trainable(model)
+    trainable, total = count_params(model)
+    return BuiltModel(model, tokenizer, source, trainable, total, targets)

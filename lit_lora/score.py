@@ -1,0 +1,84 @@
+"""Held-out scoring: greedy answers of a model for instruction rows, and the demo task's exact match.
+
+Generation uses the same :class:`~lit_lora.data.Rendering` as training and stops at EOS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from tqdm.auto import tqdm
+
+from lit_lora import demo
+from lit_lora.data import Rendering, prompt_ids
+
+
+@torch.no_grad()
+def generate_answers(
+    model, tokenizer, rendering: Rendering, rows: list[dict], max_new_tokens: int, batch_size: int, desc: str
+) -> list[str]:
+    """Greedy (deterministic) answers, one string per row, special tokens removed.
+
+    Prompts are left-padded so that every row of a batch continues from its own last token.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+        prompts = [prompt_ids(tokenizer, rendering, row) for row in rows[start : start + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    model.train(was_training)
+    return answers
+
+
+def demo_exact_match(
+    model,
+    tokenizer,
+    rendering: Rendering,
+    rows: list[dict],
+    max_new_tokens: int,
+    batch_size: int,
+    use_adapter: bool,
+) -> dict:
+    """Exact match (in %) of the demo task on ``rows``, with the adapter on or off.
+
+    Returns ``{"exact_match": float, "n": int, "examples": [first three (answer, reference) pairs]}``.
+    """
+    context = contextlib.nullcontext() if use_adapter else model.disable_adapter()
+    with context:
+        answers = generate_answers(
+            model,
+            tokenizer,
+            rendering,
+            rows,
+            max_new_tokens,
+            batch_size,
+            desc="scoring fine-tuned" if use_adapter else "scoring base",
+        )
+    hits = demo.exact_match(answers, [row["output"] for row in rows])
+    return {
+        "exact_match": 100.0 * sum(hits) / max(len(hits), 1),
+        "n": len(hits),
+        "examples": [
+            {"answer": a, "reference": r["output"]} for a, r in zip(answers[:3], rows[:3], strict=False)
+        ],
+    }

@@ -1,0 +1,191 @@
+"""Fine-tune a causal LM with LoRA or QLoRA: ``python -m lit_lora.train [overrides]``.
+
+:func:`train` takes a composed config and returns the run summary (tests call it directly);
+:func:`main` is only the Hydra wiring and the translation of user mistakes into one-line errors.
+
+Run folder (``output_dir``), the contract with later commands:
+
+- ``config.yaml``          the resolved config of the run
+- ``data/``                the rows used (the demo task writes its splits here)
+- ``adapter/``             PEFT adapter (``adapter_model.safetensors``, ``adapter_config.json``),
+                           tokenizer and ``rendering.json``
+- ``metrics.csv``          per-step metrics (Lightning's CSV logger)
+- ``summary.json``         trainable params, losses, held-out scores, tokens/s, peak memory, wall time, status
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lit_lora.config import TrainConfig, register_configs, to_train_config
+from lit_lora.data import InstructionDataModule
+from lit_lora.errors import UserError
+from lit_lora.model import build_model
+from lit_lora.module import LitLoRA
+from lit_lora.score import demo_exact_match
+
+log = logging.getLogger("lit_lora")
+SUMMARY_FILE = "summary.json"
+
+
+def _say(message: str) -> None:
+    print(f"lit-lora: {message}", flush=True)
+
+
+def _instantiate_all(group: str, nodes: DictConfig) -> list:
+    objects = []
+    for key, node in nodes.items():
+        if node is None:
+            continue
+        try:
+            objects.append(instantiate(node))
+        except Exception as err:  # hydra wraps import and argument errors in several types
+            raise UserError(
+                f"{group}.{key}: cannot build {node.get('_target_')}: {str(err).splitlines()[0]}"
+            ) from err
+    return objects
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _check_fresh(out: Path) -> None:
+    """Refuse to reuse a run folder that already holds results: nothing of an earlier run is overwritten."""
+    for name in ("adapter", SUMMARY_FILE):
+        if (out / name).exists():
+            raise UserError(f"{out / name} exists from an earlier run; choose another output_dir")
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one fine-tuning job described by ``cfg`` (composed from ``conf/train.yaml``).
+
+    Writes the run folder described in this module's docstring and returns the summary dict.
+    Raises :class:`UserError` for mistakes in the config, data or environment.
+    """
+    started = time.perf_counter()
+    tc: TrainConfig = to_train_config(cfg)
+    out = Path(tc.output_dir)
+    _check_fresh(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(tc.seed, workers=True, verbose=False)
+
+    built = build_model(tc.model, tc.quant, tc.lora)
+    data = InstructionDataModule(tc.data, built.tokenizer, out / "data")
+    data.setup()
+    module = LitLoRA(built.model, tc.optim, tokenizer=built.tokenizer, rendering=data.rendering)
+    callbacks = _instantiate_all("callbacks", cfg.callbacks)
+    loggers = _instantiate_all("logger", cfg.logger)
+
+    world = tc.trainer.num_nodes * (tc.trainer.devices if isinstance(tc.trainer.devices, int) else 1)
+    effective_batch = tc.data.batch_size * tc.trainer.accumulate_grad_batches * world
+    _say(f"model {built.source} ({type(built.model.base_model.model).__name__}), quant={tc.quant.method}")
+    _say(
+        f"trainable params {built.trainable_params:,} of {built.total_params:,} "
+        f"({built.trainable_pct:.3f}%), LoRA r={tc.lora.r} alpha={tc.lora.alpha} on {built.target_modules}"
+    )
+    _say(
+        f"effective batch {effective_batch} = {tc.data.batch_size} x "
+        f"{tc.trainer.accumulate_grad_batches} accum x {world} devices; ~{effective_batch * data.tokens_per_example():.0f} tokens "
+        f"({effective_batch * data.trained_tokens_per_example():.0f} trained) per optimizer step"
+    )
+    _say(f"data: {data.stats}")
+
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(out),
+        # Lightning's own checkpoints would hold the frozen base; adapter checkpoints are callbacks' work.
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings():
+        # Lightning warns that a 1-worker DataLoader may be a bottleneck; tokenized rows are in memory.
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(module, datamodule=data)
+
+    summary: dict = {
+        "status": "completed" if not trainer.interrupted else "interrupted",
+        "model": built.source,
+        "quant": tc.quant.method,
+        "trainable_params": built.trainable_params,
+        "total_params": built.total_params,
+        "trainable_pct": round(built.trainable_pct, 4),
+        "global_step": trainer.global_step,
+        "data": data.stats,
+    }
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    summary["final_train_loss"] = metrics.get("train/loss")
+    summary["val_loss"] = metrics.get("val/loss")
+    summary["val_ppl"] = metrics.get("val/ppl")
+    for callback in callbacks:
+        if hasattr(callback, "summary_metrics"):
+            summary.update(callback.summary_metrics())
+
+    if tc.score and trainer.is_global_zero:
+        args = (
+            built.model,
+            built.tokenizer,
+            data.rendering,
+            data.rows["test"],
+            tc.data.score_max_new_tokens,
+            tc.data.eval_batch_size,
+        )
+        if tc.score_base:
+            summary["score_base"] = demo_exact_match(*args, use_adapter=False)
+        summary["score_tuned"] = demo_exact_match(*args, use_adapter=True)
+    summary["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+    if trainer.is_global_zero:
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        _print_report(summary, out)
+    return summary
+
+
+def _print_report(summary: dict, out: Path) -> None:
+    _say(f"run folder: {out}")
+    _say(
+        f"steps {summary['global_step']}, wall time {summary['wall_time_s']:.0f} s, "
+        f"tokens/s {summary.get('tokens_per_s', 'n/a')}, peak RSS {summary['peak_rss_mb']:.0f} MB"
+    )
+    if summary.get("val_loss") is not None:
+        _say(f"validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.3f})")
+    if "score_tuned" in summary:
+        tuned = summary["score_tuned"]
+        line = f"held-out exact match ({tuned['n']} rows): "
+        if "score_base" in summary:
+            line += f"base {summary['score_base']['exact_match']:.1f}% -> "
+        _say(line + f"fine-tuned {tuned['exact_match']:.1f}%")
+        for example in tuned["examples"][:1]:
+            _say(f"  example answer: {json.dumps(example['answer'])}")
+            _say(f"  expected:       {json.dumps(example['reference'])}")
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: user mistakes end as one line on stderr and exit status 2."""
+    try:
+        train(cfg)
+    except UserError as err:
+        print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
