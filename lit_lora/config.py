@@ -146,7 +146,7 @@ class OptimConfig:
     """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
 
     name: str = "adamw"
-    lr: float = 2e-4
+    lr: float = 5e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -170,7 +170,7 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "bf16-mixed"
-    max_steps: int = 200
+    max_steps: int = 100
     max_epochs: int = -1
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = 1.0

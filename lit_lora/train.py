@@ -21,10 +21,12 @@ import resource
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -69,10 +71,20 @@ def _check_fresh(out: Path) -> None:
             raise UserError(f"{out / name} exists from an earlier run; choose another output_dir")
 
 
-def train(cfg: DictConfig) -> dict:
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the summary written to ``summary.json`` and the live objects."""
+
+    summary: dict
+    output_dir: Path
+    model: torch.nn.Module  # the trained peft.PeftModel
+    tokenizer: object
+
+
+def train(cfg: DictConfig) -> TrainResult:
     """Run one fine-tuning job described by ``cfg`` (composed from ``conf/train.yaml``).
 
-    Writes the run folder described in this module's docstring and returns the summary dict.
+    Writes the run folder described in this module's docstring and returns its summary with the model.
     Raises :class:`UserError` for mistakes in the config, data or environment.
     """
     started = time.perf_counter()
@@ -152,7 +164,7 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         _print_report(summary, out)
-    return summary
+    return TrainResult(summary, out, built.model, built.tokenizer)
 
 
 def _print_report(summary: dict, out: Path) -> None:

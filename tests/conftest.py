@@ -1,0 +1,62 @@
+"""Shared fixtures: compose the real ``conf/`` with Hydra, exactly as ``python -m lit_lora.train`` does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from lit_lora.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Tiny, fast settings shared by tests that train the tiny random model.
+TINY = [
+    "model=tiny",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=4",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.precision=32",
+    "data.train_size=32",
+    "data.val_size=8",
+    "data.test_size=4",
+    "data.score_max_new_tokens=4",
+]
+
+
+def compose_train(overrides: list[str]):
+    """The composed ``train`` config for ``overrides`` (raises Hydra's errors as the CLI would)."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.fixture
+def compose_cfg():
+    return compose_train
+
+
+def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m lit_lora.train`` in a subprocess; returns the completed process (text output)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "lit_lora.train", *args],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli

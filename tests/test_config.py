@@ -1,0 +1,124 @@
+"""Every file under conf/ composes; typos and bad values fail early with the dotted key named."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from lit_lora.config import to_train_config
+from lit_lora.errors import UserError
+from tests.conftest import CONF, compose_train
+
+GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF)
+
+
+def _override_for(path) -> str:
+    group = path.parent.relative_to(CONF).as_posix()
+    return f"{group}={path.stem}"
+
+
+def test_config_files_found():
+    groups = {p.parent.name for p in GROUP_FILES}
+    assert {
+        "model",
+        "quant",
+        "lora",
+        "data",
+        "optim",
+        "trainer",
+        "callbacks",
+        "logger",
+        "experiment",
+    } <= groups
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: str(p.relative_to(CONF)))
+def test_every_config_file_composes(path, tmp_path):
+    overrides = [_override_for(path), f"output_dir={tmp_path}"]
+    if path.parent.name == "data" and path.stem == "jsonl":
+        overrides.append(f"data.source={tmp_path}")
+    cfg = compose_train(overrides)
+    typed = to_train_config(cfg)
+    assert typed.output_dir == str(tmp_path)
+    assert typed.model.name_or_path
+
+
+def test_default_config_values(tmp_path):
+    typed = to_train_config(compose_train([f"output_dir={tmp_path}"]))
+    assert typed.model.name_or_path == "embedded:smollm2-135m"
+    assert typed.quant.method == "none"
+    assert typed.data.source == "demo"
+    assert typed.lora.target_modules == ["attention"]
+    assert "adapter_export" in compose_train([f"output_dir={tmp_path}"]).callbacks
+
+
+def test_article_experiments_match_the_article(tmp_path):
+    gpt2 = to_train_config(compose_train(["experiment=gpt2_lora", f"output_dir={tmp_path}"]))
+    assert (gpt2.model.model_type, gpt2.lora.r, gpt2.lora.alpha, gpt2.lora.dropout) == ("gpt2", 8, 32, 0.1)
+    assert gpt2.lora.target_modules == ["c_attn"]
+    mistral = to_train_config(compose_train(["experiment=mistral7b_qlora", f"output_dir={tmp_path}"]))
+    assert mistral.model.name_or_path == "mistralai/Mistral-7B-v0.1"
+    assert (mistral.quant.method, mistral.quant.compute_dtype) == ("nf4", "float16")
+    assert (mistral.lora.r, mistral.lora.alpha, mistral.lora.dropout) == (64, 16, 0.1)
+    assert mistral.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_issue_command_composes(tmp_path):
+    typed = to_train_config(
+        compose_train(["model=mistral7b", "quant=nf4", "lora.r=64", f"output_dir={tmp_path}"])
+    )
+    assert (typed.quant.method, typed.lora.r, typed.model.model_type) == ("nf4", 64, "mistral")
+
+
+@pytest.mark.parametrize(
+    "override", ["lora.rr=3", "quant.double_qant=false", "trainer.max_step=3", "modle=tiny"]
+)
+def test_typo_in_a_key_fails_at_composition(override):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as info:
+        compose_train([override])
+    assert override.split("=")[0].split(".")[-1] in str(info.value) + str(info.value.__cause__)
+
+
+def test_unknown_group_option_fails():
+    with pytest.raises(ConfigCompositionException, match="model/foo"):
+        compose_train(["model=foo"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("quant.method=nf5", "quant.method"),
+        ("lora.r=0", "lora.r"),
+        ("lora.init=zeros", "lora.init"),
+        ("trainer.precision=64", "trainer.precision"),
+        ("optim.name=sgd", "optim.name"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("lora.target_modules=7", "lora.target_modules"),
+    ],
+)
+def test_bad_values_raise_user_error_naming_the_key(override, message, tmp_path):
+    cfg = compose_train([override, f"output_dir={tmp_path}"])
+    with pytest.raises(UserError, match=message):
+        to_train_config(cfg)
+
+
+def test_cross_field_check_names_the_fix(tmp_path):
+    cfg = compose_train(["quant=nf4", "trainer.precision=16-mixed", f"output_dir={tmp_path}"])
+    with pytest.raises(UserError, match=r"bf16-mixed or quant\.compute_dtype=float16"):
+        to_train_config(cfg)
+
+
+def test_cli_typo_is_one_clear_message_without_traceback(cli, tmp_path):
+    proc = cli("lora.rr=3", f"output_dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "lora.rr" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not any(tmp_path.iterdir()), "nothing is written before the config is valid"
+
+
+def test_cli_unknown_group_option(cli, tmp_path):
+    proc = cli("model=foo", f"output_dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "model/foo" in proc.stderr and "smollm2-135m" in proc.stderr
+    assert "Traceback" not in proc.stderr
