@@ -179,16 +179,20 @@ def resolve_source(model_cfg: ModelConfig) -> tuple[str, bool]:
     return name, not hub_reachable()
 
 
+def _hub_kwargs(model_cfg: ModelConfig, local_only: bool) -> dict:
+    """Arguments every ``from_pretrained`` call of a run shares."""
+    return {
+        "revision": model_cfg.revision,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "local_files_only": local_only,
+    }
+
+
 def _load_config(source: str, local_only: bool, model_cfg: ModelConfig):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(
-            source,
-            revision=model_cfg.revision,
-            trust_remote_code=model_cfg.trust_remote_code,
-            local_files_only=local_only,
-        )
+        config = AutoConfig.from_pretrained(source, **_hub_kwargs(model_cfg, local_only))
     except (OSError, ValueError) as err:
         if local_only and not Path(source).is_dir():
             raise UserError(
@@ -210,12 +214,7 @@ def load_tokenizer(model_cfg: ModelConfig, source: str, local_only: bool):
     if embedded.is_embedded(name):
         name, local_only = str(embedded.resolve(name)), True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name,
-            revision=model_cfg.revision,
-            trust_remote_code=model_cfg.trust_remote_code,
-            local_files_only=local_only,
-        )
+        tokenizer = AutoTokenizer.from_pretrained(name, **_hub_kwargs(model_cfg, local_only))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a tokenizer from {name!r}: {str(err).splitlines()[0]}") from err
     if tokenizer.pad_token is None:
@@ -259,6 +258,12 @@ def _peft_lora_config(lora_cfg: LoraConfig, targets: list[str] | str):
     from peft import TaskType
 
     init: bool | str = {"default": True, "gaussian": "gaussian"}.get(lora_cfg.init, lora_cfg.init)
+    extra = {}
+    if lora_cfg.init == "loftq":
+        from peft import LoftQConfig
+
+        # LoftQ initialises A/B against the 4-bit quantization error of the base (one alternating step).
+        extra["loftq_config"] = LoftQConfig(loftq_bits=4, loftq_iter=1)
     return PeftLoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=lora_cfg.r,
@@ -269,6 +274,7 @@ def _peft_lora_config(lora_cfg: LoraConfig, targets: list[str] | str):
         use_dora=lora_cfg.use_dora,
         use_rslora=lora_cfg.use_rslora,
         init_lora_weights=init,
+        **extra,
     )
 
 
@@ -321,9 +327,7 @@ def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, lora_cfg: LoraCo
         base = AutoModelForCausalLM.from_pretrained(
             source,
             config=config,
-            revision=model_cfg.revision,
-            trust_remote_code=model_cfg.trust_remote_code,
-            local_files_only=local_only,
+            **_hub_kwargs(model_cfg, local_only),
             dtype=getattr(torch, quant_cfg.compute_dtype if quantization is not None else model_cfg.dtype),
             quantization_config=quantization,
             attn_implementation=model_cfg.attn_implementation,

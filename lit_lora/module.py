@@ -17,7 +17,6 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from lit_lora.config import OptimConfig
 from lit_lora.data import IGNORE_INDEX, Rendering
-from lit_lora.errors import UserError
 
 
 class LitLoRA(L.LightningModule):
@@ -63,9 +62,7 @@ class LitLoRA(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         cfg = self.optim_cfg
         kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
-        if cfg.name == "paged_adamw_8bit":
-            if not torch.cuda.is_available():
-                raise UserError("optim=paged_adamw_8bit needs a CUDA device; use optim=adamw on CPU")
+        if cfg.name == "paged_adamw_8bit":  # CUDA only; checked with the config
             import bitsandbytes as bnb
 
             optimizer = bnb.optim.PagedAdamW8bit(params, **kwargs)

@@ -28,6 +28,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lit_lora.config import TrainConfig, register_configs, to_train_config
@@ -116,14 +117,18 @@ def train(cfg: DictConfig) -> TrainResult:
     )
     _say(f"data: {data.stats}")
 
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        callbacks=callbacks,
-        logger=loggers or False,
-        default_root_dir=str(out),
-        # Lightning's own checkpoints would hold the frozen base; adapter checkpoints are callbacks' work.
-        enable_checkpointing=False,
-    )
+    try:
+        trainer = L.Trainer(
+            **OmegaConf.to_container(cfg.trainer, resolve=True),
+            callbacks=callbacks,
+            logger=loggers or False,
+            default_root_dir=str(out),
+            # Lightning's own checkpoints would hold the frozen base; adapter checkpoints are callbacks' work.
+            enable_checkpointing=False,
+        )
+    except (MisconfigurationException, ValueError, RuntimeError) as err:
+        # e.g. trainer.devices=4 on a 2-device machine, an unknown accelerator or strategy name
+        raise UserError(f"trainer: {str(err).splitlines()[0]}") from err
     with warnings.catch_warnings():
         # Lightning warns that a 1-worker DataLoader may be a bottleneck; tokenized rows are in memory.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

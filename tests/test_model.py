@@ -126,3 +126,27 @@ def test_dora_and_rslora_build(tmp_path):
 def test_unknown_local_folder_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not a model folder"):
         _build(tmp_path, "model.random_init=false", f"model.name_or_path={tmp_path}/missing")
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "olora", "loftq"])
+def test_every_lora_init_builds_and_trains_only_the_adapter(tmp_path, init):
+    if init == "loftq" and not torch.cuda.is_available():
+        with pytest.raises(UserError, match="loftq needs a CUDA device"):
+            _build(tmp_path, f"lora.init={init}")
+        return
+    built = _build(tmp_path, f"lora.init={init}")
+    assert built.trainable_params > 0
+    lora_b = [p for n, p in built.model.named_parameters() if "lora_B" in n]
+    # Only PEFT's default and gaussian inits start with B = 0; the SVD-based ones start from the base.
+    assert all(torch.count_nonzero(p) == 0 for p in lora_b) == (init in ("default", "gaussian"))
+
+
+def test_cpu_only_options_fail_with_the_fix(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only messages")
+    for override, fix in [
+        ("trainer.precision=16-mixed", "bf16-mixed"),
+        ("optim=paged_adamw_8bit", "optim=adamw"),
+    ]:
+        with pytest.raises(UserError, match=fix):
+            to_train_config(compose_train([override, f"output_dir={tmp_path}"]))
