@@ -228,18 +228,24 @@ def check_cross_fields(cfg: TrainConfig) -> None:
         raise UserError(f"lora.init={cfg.lora.init} needs unquantized or 4-bit base weights, not quant=int8")
     if cfg.lora.init == "loftq" and cfg.quant.enabled:
         raise UserError("lora.init=loftq quantizes the base itself: use it with quant=none")
+
+
+def check_device(cfg: TrainConfig) -> None:
+    """Options this machine cannot serve (CUDA-only features on a CPU machine); each message says the fix.
+
+    Kept apart from :func:`check_cross_fields` so that CUDA presets still compose and validate on CPU.
+    """
     import torch  # here, not at import: composing configs must stay fast
 
-    if not torch.cuda.is_available():
-        if cfg.trainer.precision.startswith("16"):
-            raise UserError(
-                f"trainer.precision={cfg.trainer.precision} needs a CUDA device; on CPU use bf16-mixed, bf16-true or 32"
-            )
-        if cfg.lora.init == "loftq":
-            # PEFT's LoftQ quantizes the base with bitsandbytes on the GPU to fit A/B to the error.
-            raise UserError("lora.init=loftq needs a CUDA device; on CPU use lora.init=pissa or default")
-        if cfg.optim.name == "paged_adamw_8bit":
-            raise UserError("optim=paged_adamw_8bit needs a CUDA device; use optim=adamw on CPU")
+    if torch.cuda.is_available():
+        return
+    if cfg.trainer.precision.startswith("16"):
+        raise UserError(
+            f"trainer.precision={cfg.trainer.precision} needs a CUDA device; on CPU use bf16-mixed, bf16-true or 32"
+        )
+    # lora.init=loftq is checked by the model builder, which needs it without a whole TrainConfig.
+    if cfg.optim.name == "paged_adamw_8bit":
+        raise UserError("optim=paged_adamw_8bit needs a CUDA device; use optim=adamw on CPU")
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:

@@ -297,6 +297,13 @@ def check_only_adapter_trainable(model: nn.Module) -> None:
         raise RuntimeError(f"parameters outside the adapter require grad: {stray[:5]}")
 
 
+def check_device_lora(lora_cfg: LoraConfig) -> None:
+    """PEFT's LoftQ quantizes the base with bitsandbytes on the GPU to fit A/B to the quantization error:
+    fail with the fix instead of a CUDA assertion."""
+    if lora_cfg.init == "loftq" and not torch.cuda.is_available():
+        raise UserError("lora.init=loftq needs a CUDA device; on CPU use lora.init=pissa or default")
+
+
 def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, lora_cfg: LoraConfig) -> BuiltModel:
     """Load the base, quantize it if asked, and wrap it with a LoRA adapter. Only the adapter trains.
 
@@ -306,6 +313,7 @@ def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, lora_cfg: LoraCo
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
+    check_device_lora(lora_cfg)
     # 1. Targets, on a weightless skeleton, when the architecture is known without a download.
     targets = check_targets_early(model_cfg, lora_cfg)
     quantization = bnb_config(quant_cfg) if quant_cfg.enabled else None

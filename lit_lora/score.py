@@ -61,7 +61,8 @@ def demo_exact_match(
 ) -> dict:
     """Exact match (in %) of the demo task on ``rows``, with the adapter on or off.
 
-    Returns ``{"exact_match": float, "n": int, "examples": [first three (answer, reference) pairs]}``.
+    Returns ``{"exact_match": float, "n": int, "examples": [...], "misses": [...]}`` where examples are the
+    first three (answer, reference) pairs and misses up to ten wrong ones.
     """
     context = contextlib.nullcontext() if use_adapter else model.disable_adapter()
     with context:

@@ -31,7 +31,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from lit_lora.config import TrainConfig, register_configs, to_train_config
+from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
 from lit_lora.data import InstructionDataModule
 from lit_lora.errors import UserError
 from lit_lora.model import build_model
@@ -90,6 +90,7 @@ def train(cfg: DictConfig) -> TrainResult:
     """
     started = time.perf_counter()
     tc: TrainConfig = to_train_config(cfg)
+    check_device(tc)
     out = Path(tc.output_dir)
     _check_fresh(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from lit_lora.config import to_train_config
+from lit_lora.config import check_device, to_train_config
 from lit_lora.data import Rendering, collate, encode
 from lit_lora.demo import make_rows
 from lit_lora.errors import UserError
@@ -148,5 +148,20 @@ def test_cpu_only_options_fail_with_the_fix(tmp_path):
         ("trainer.precision=16-mixed", "bf16-mixed"),
         ("optim=paged_adamw_8bit", "optim=adamw"),
     ]:
+        typed = to_train_config(compose_train([override, f"output_dir={tmp_path}"]))  # composes on CPU
         with pytest.raises(UserError, match=fix):
-            to_train_config(compose_train([override, f"output_dir={tmp_path}"]))
+            check_device(typed)
+
+
+@pytest.mark.bnb
+@pytest.mark.parametrize(("quant", "layer"), [("fp4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_other_quantizations_train_the_adapter_on_cpu(tmp_path, quant, layer):
+    pytest.importorskip("bitsandbytes")
+    built = _build(tmp_path, f"quant={quant}", "lora.init=gaussian")
+    assert any(type(m).__name__ == layer for m in built.model.modules())
+    lora = [p for p in built.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in lora]
+    opt = torch.optim.AdamW(lora, lr=1e-2)
+    _loss(built.model, _batch(built.tokenizer)).backward()
+    opt.step()
+    assert any(not torch.equal(p, b) for p, b in zip(lora, before, strict=True))
