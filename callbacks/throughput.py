@@ -42,7 +42,7 @@ class Throughput(L.Callback):
     def on_train_batch_end(
         self, trainer, pl_module, outputs, batch: dict[str, torch.Tensor], batch_idx: int
     ) -> None:
-        tokens = int(batch["attention_mask"].sum())
+        tokens = int(batch["token_mask"].sum())
         trained = int((batch["labels"][:, 1:] != -100).sum())
         self.tokens += tokens
         self.trained += trained

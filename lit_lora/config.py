@@ -10,6 +10,7 @@ and nowhere else; the YAML files only say what differs. Single-field checks run 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -115,30 +116,80 @@ class LoraConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where the instruction rows come from and how they are batched.
+class FieldsConfig:
+    """Column / key names in the rows, per format. Defaults follow each format's usual names."""
 
-    ``source=demo`` writes the built-in demo task (see :mod:`lit_lora.demo`) into the run folder;
-    any other value is a folder holding ``train.jsonl``, ``val.jsonl`` and ``test.jsonl`` rows with
-    ``instruction``, ``input`` and ``output`` fields.
+    instruction: str = "instruction"  # alpaca
+    input: str = "input"  # alpaca, optional in a row
+    output: str = "output"  # alpaca
+    prompt: str = "prompt"  # prompt_completion
+    completion: str = "completion"  # prompt_completion
+    system: str = "system"  # alpaca / prompt_completion: optional per-row system prompt
+    messages: str = "messages"  # chat (OpenAI style)
+    role: str = "role"
+    content: str = "content"
+    conversations: str = "conversations"  # ShareGPT
+    speaker: str = "from"
+    value: str = "value"
+    text: str = "text"  # raw text for continued pre-training
+
+
+@dataclass
+class DataConfig:
+    """Where rows come from, how they are rendered, masked, validated and batched (see :mod:`lit_lora.data`).
+
+    ``source`` is ``demo`` (the built-in task, written into the run folder), a file, a glob or a list of
+    them (``.jsonl .json .csv .parquet``), a ``save_to_disk`` folder, a folder of ``train/val/test`` files,
+    or ``hf:<dataset id>``. Validation rows come from ``val_source`` or, failing that, a seeded
+    ``val_fraction`` of the training rows; test rows (scored after training) likewise.
     """
 
-    source: str = "demo"
-    seed: int = 1234
-    train_size: int = 2000
-    val_size: int = 64
-    test_size: int = 100
+    source: Any = "demo"
+    val_source: Any = None
+    test_source: Any = None
+    val_fraction: float = 0.05
+    test_fraction: float = 0.0
+    hub_split: str = "train"
+    hub_subset: str | None = None
+    format: str = "alpaca"
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+    template: str = "auto"  # auto (the tokenizer's own, else chatml) | tokenizer | chatml | alpaca
     system_prompt: str | None = None
+    train_on_inputs: bool = False
     max_seq_len: int = 256
+    too_long_factor: float | None = 4.0  # a row over factor * max_seq_len tokens is a bad row; null: never
+    on_bad_row: str = "fail"  # fail | skip
+    packing: bool = False
+    group_by_length: bool = False
+    cache: bool = True  # reuse tokenized splits keyed on files, tokenizer and rendering
+    seed: int = 1234
+    train_size: int = 2000  # demo only
+    val_size: int = 64  # demo only
+    test_size: int = 100  # demo only
     batch_size: int = 8
     eval_batch_size: int = 16
     num_workers: int = 0
     score_max_new_tokens: int = 64  # generation budget when scoring the held-out split
 
     def __post_init__(self) -> None:
+        from lit_lora.rendering import TEMPLATES
+        from lit_lora.rows import FORMATS
+
         for key in ("train_size", "val_size", "test_size", "max_seq_len", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise UserError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        _one_of("data", "format", self.format, FORMATS)
+        _one_of("data", "template", self.template, TEMPLATES)
+        _one_of("data", "on_bad_row", self.on_bad_row, ("fail", "skip"))
+        for key in ("val_fraction", "test_fraction"):
+            if not 0 <= getattr(self, key) < 1:
+                raise UserError(f"data.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise UserError("data.val_fraction + data.test_fraction must leave training rows")
+        if self.too_long_factor is not None and self.too_long_factor < 1:
+            raise UserError(f"data.too_long_factor must be >= 1 or null, got {self.too_long_factor}")
+        if self.source in (None, ""):
+            raise UserError("data.source is empty; give a file, a glob, a folder, hf:<id> or demo")
 
 
 @dataclass
@@ -212,9 +263,25 @@ class TrainConfig:
     score_base: bool = True  # include the base model in that comparison
 
 
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+
+
+def sample_path(name: str) -> str:
+    """Absolute path of a sample data file shipped with lit-lora (``${sample:<name>}`` in configs)."""
+    path = SAMPLES_DIR / name
+    if not path.is_file():
+        raise UserError(
+            f"no sample file {name!r}; the samples are: {', '.join(sorted(p.name for p in SAMPLES_DIR.iterdir()))}"
+        )
+    return str(path)
+
+
 def register_configs() -> None:
-    """Register the schema as ``train_schema`` (used first in ``conf/train.yaml``'s defaults)."""
+    """Register the schema as ``train_schema`` (used first in ``conf/train.yaml``'s defaults) and the
+    ``${sample:...}`` resolver that data presets use to find the sample files wherever lit-lora is installed."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("sample"):
+        OmegaConf.register_new_resolver("sample", sample_path)
 
 
 def check_cross_fields(cfg: TrainConfig) -> None:

@@ -1,131 +1,246 @@
-"""Instruction rows -> chat rendering -> token ids with a completion-only loss mask -> padded batches.
+"""The data module: sources -> validated rows -> splits -> token ids with loss masks -> batches.
 
-A row holds ``instruction``, ``input`` (may be empty) and ``output``. It is rendered as a chat
-(optional system message, one user turn, one assistant turn) with the tokenizer's own chat template,
-and only the assistant's answer, up to and including the EOS token that closes it, is trained:
-every other position carries label ``-100``. The same :class:`Rendering` is saved with the adapter
-so that generation later builds prompts exactly as training did.
+Reading and row validation live in :mod:`lit_lora.rows`, rendering and masking in
+:mod:`lit_lora.rendering`, padding / packing / sampling in :mod:`lit_lora.batching`; this module
+plans the splits, enforces the length rules and caches the result.
+
+Length rules: an example over ``data.max_seq_len`` tokens is truncated (counted); one left with no
+trained token is dropped (counted, its location reported), never trained on; a row over
+``too_long_factor * max_seq_len`` tokens is a bad row (probably the wrong column or a whole document).
+
+Splits: ``train`` from ``source``; ``val`` from ``val_source``, from a split folder's ``val.*``, or a
+``val_fraction`` of the training rows drawn with ``data.seed``; ``test`` likewise (``test_fraction``).
+
+Cache: tokenized splits are saved under ``<lit-lora cache>/data/<key>`` where the key hashes the
+source files' bytes, the tokenizer's vocabulary and special tokens, the rendering and every option
+that changes the result, so a second run with the same inputs starts training without tokenizing.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from lit_lora import demo
+from lit_lora.batching import LengthGroupedSampler, collate, pack, padding_fraction
 from lit_lora.config import DataConfig
+from lit_lora.embedded import cache_root
 from lit_lora.errors import UserError
+from lit_lora.rendering import IGNORE_INDEX, Rendering, count_trained, encode_conversation, encode_text
+from lit_lora.rows import (
+    HUB_PREFIX,
+    BadRows,
+    Row,
+    expand_files,
+    is_saved_dataset,
+    read_file,
+    read_hub,
+    read_saved,
+    source_list,
+    split_files,
+    to_row,
+)
 
-IGNORE_INDEX = -100
 SPLITS = ("train", "val", "test")
-RENDERING_FILE = "rendering.json"
+CACHE_VERSION = 1  # bump when encoding changes, so old caches are not reused
+__all__ = ["IGNORE_INDEX", "DataModule", "Rendering", "collate"]
 
 
-@dataclass
-class Rendering:
-    """How rows become chat prompts; saved as ``rendering.json`` beside the adapter."""
-
-    system_prompt: str | None = None
-    format: str = "alpaca"
-
-    def messages(self, row: dict, with_answer: bool) -> list[dict[str, str]]:
-        user = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
-        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        msgs.append({"role": "user", "content": user})
-        if with_answer:
-            msgs.append({"role": "assistant", "content": row["output"]})
-        return msgs
-
-    def save(self, folder: Path) -> None:
-        (folder / RENDERING_FILE).write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, folder: Path) -> Rendering:
-        return cls(**json.loads((folder / RENDERING_FILE).read_text()))
+# ----------------------------------------------------------------------------------------- planning
+Origin = tuple[str, str]  # ("file", path) | ("saved", folder) | ("hub", "hf:<id>")
 
 
-def _ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True).
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+def plan_sources(cfg: DataConfig, data_dir: Path) -> dict[str, list[Origin]]:
+    """Where each split's rows come from; splits not listed are drawn from train by fraction."""
+    if cfg.source == "demo":
+        paths = demo.write_splits(data_dir, cfg.train_size, cfg.val_size, cfg.test_size, cfg.seed)
+        return {split: [("file", str(path))] for split, path in paths.items()}
+    plan: dict[str, list[Origin]] = {}
+    for split, spec in (("train", cfg.source), ("val", cfg.val_source), ("test", cfg.test_source)):
+        for item in source_list(spec):
+            folder = Path(item).expanduser()
+            if item.startswith(HUB_PREFIX):
+                plan.setdefault(split, []).append(("hub", item))
+            elif folder.is_dir() and is_saved_dataset(folder):
+                plan.setdefault(split, []).append(("saved", str(folder)))
+            elif folder.is_dir():
+                found = split_files(folder)
+                if "train" not in found and split == "train":
+                    raise UserError(
+                        f"data.source={item}: the folder holds no train.jsonl/.json/.csv/.parquet"
+                    )
+                for sub, paths in found.items():
+                    target = split if split != "train" else sub
+                    plan.setdefault(target, []).extend(("file", str(p)) for p in paths)
+            else:
+                plan.setdefault(split, []).extend(("file", str(p)) for p in expand_files(item))
+    return plan
 
 
-def prompt_ids(tokenizer, rendering: Rendering, row: dict) -> list[int]:
-    """Token ids of the prompt a model answers (ends with the assistant header)."""
-    return _ids(tokenizer, rendering.messages(row, with_answer=False), add_generation_prompt=True)
+def _fingerprint_file(path: Path, digest) -> None:
+    digest.update(str(path.resolve()).encode())
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
 
 
-def encode(tokenizer, rendering: Rendering, row: dict, max_seq_len: int) -> dict[str, list[int]] | None:
-    """``input_ids`` and ``labels`` for one row, or None if truncation leaves no trained token.
-
-    ``labels`` equals ``input_ids`` on the answer and its closing EOS, ``-100`` elsewhere. Tokens the
-    template adds after the EOS (SmolLM2's newline) are cut: the model must learn to stop at EOS.
-    """
-    prompt = prompt_ids(tokenizer, rendering, row)
-    full = _ids(tokenizer, rendering.messages(row, with_answer=True), add_generation_prompt=False)
-    if full[: len(prompt)] != prompt:
-        raise UserError("the chat template renders the prompt differently with and without the answer")
-    eos = tokenizer.eos_token_id
-    end = len(full)
-    while end > len(prompt) and full[end - 1] != eos:
-        end -= 1
-    if end == len(prompt):  # template without EOS after the answer: append one
-        full, end = [*full, eos], len(full) + 1
-    full = full[: min(end, max_seq_len)]
-    labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt) :]
-    labels = labels[: len(full)]
-    if all(label == IGNORE_INDEX for label in labels):
-        return None
-    return {"input_ids": full, "labels": labels}
-
-
-def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example of the batch: ``input_ids``, ``attention_mask``, ``labels`` (B, T)."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def cache_key(plan: dict[str, list[Origin]], tokenizer, rendering: Rendering, cfg: DataConfig) -> str:
+    """Hash of everything a tokenized split depends on (see the module docstring)."""
+    digest = hashlib.sha256(f"lit-lora-data-v{CACHE_VERSION}".encode())
+    for split in sorted(plan):
+        for kind, where in plan[split]:
+            digest.update(f"{split}:{kind}:{where}".encode())
+            if kind == "file":
+                _fingerprint_file(Path(where), digest)
+            elif kind == "saved":
+                for path in sorted(Path(where).rglob("*")):
+                    if path.is_file():
+                        _fingerprint_file(path, digest)
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest.update(json.dumps([type(tokenizer).__name__, vocab, tokenizer.eos_token_id]).encode())
+    digest.update(json.dumps(asdict(rendering), sort_keys=True).encode())
+    options = {
+        k: getattr(cfg, k)
+        for k in ("max_seq_len", "too_long_factor", "on_bad_row", "val_fraction", "test_fraction", "seed")
+    }
+    options.update(hub=(cfg.hub_split, cfg.hub_subset))
+    digest.update(json.dumps(options, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a malformed line or a row without the needed fields is a :class:`UserError`."""
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("instruction"), str)
-            or not isinstance(row.get("output"), str)
-        ):
-            raise UserError(f"{path}:{number}: a row needs string fields 'instruction' and 'output'")
-        if not isinstance(row.get("input", ""), str):
-            raise UserError(f"{path}:{number}: field 'input' must be a string")
-        rows.append(row)
+# ------------------------------------------------------------------------------------------ reading
+def read_rows(plan: dict[str, list[Origin]], cfg: DataConfig, bad: BadRows) -> dict[str, list[Row]]:
+    """Validated rows of every split (bad rows raise or are counted, per ``cfg.on_bad_row``)."""
+    fields = asdict(cfg.fields)
+    raw: dict[str, list[tuple[str, dict]]] = {}
+    for split, origins in plan.items():
+        for kind, where in origins:
+            if kind == "file":
+                raw.setdefault(split, []).extend(read_file(Path(where), bad))
+            elif kind == "hub":
+                raw.setdefault(split, []).extend(read_hub(where, cfg.hub_split, cfg.hub_subset))
+            else:
+                for sub, items in read_saved(Path(where)).items():
+                    raw.setdefault(sub if split == "train" else split, []).extend(items)
+    rows: dict[str, list[Row]] = {}
+    for split, items in raw.items():
+        converted = (to_row(obj, loc, cfg.format, fields, bad) for loc, obj in items)
+        rows[split] = [row for row in converted if row is not None]
+    return _draw_splits(rows, cfg)
+
+
+def _draw_splits(rows: dict[str, list[Row]], cfg: DataConfig) -> dict[str, list[Row]]:
+    """Fill missing val / test splits with seeded fractions of the training rows."""
+    train = rows.get("train", [])
+    wanted = {
+        s: f for s, f in (("val", cfg.val_fraction), ("test", cfg.test_fraction)) if s not in rows and f > 0
+    }
+    if wanted:
+        order = list(range(len(train)))
+        random.Random(cfg.seed).shuffle(order)
+        taken: set[int] = set()
+        start = 0
+        for split, fraction in wanted.items():
+            n = max(1, round(fraction * len(train))) if len(train) > 1 else 0
+            picked = order[start : start + n]
+            rows[split] = [train[i] for i in sorted(picked)]
+            taken.update(picked)
+            start += n
+        rows["train"] = [row for i, row in enumerate(train) if i not in taken]
+    for split in SPLITS:
+        rows.setdefault(split, [])
     return rows
 
 
-class InstructionDataModule(L.LightningDataModule):
-    """Train / val / test splits of instruction rows, tokenized once in :meth:`setup`.
+# ----------------------------------------------------------------------------------------- encoding
+def encode_rows(
+    rows: list[Row], tokenizer, rendering: Rendering, cfg: DataConfig, bad: BadRows, desc: str
+) -> tuple[list[dict[str, list[int]]], list[Row], dict[str, int]]:
+    """Examples and the rows they came from, with ``truncated`` / ``dropped`` counts.
 
-    Writes the demo splits into ``data_dir`` when ``cfg.source == "demo"``. After setup,
-    ``self.rows[split]`` holds the raw rows and ``self.stats`` the counts of dropped and truncated rows.
+    Dropped: no trained token left after truncation. Reported to ``bad`` as ``too_long``: rows over
+    ``too_long_factor * max_seq_len`` tokens.
+    """
+    examples, kept = [], []
+    counts = {"truncated": 0, "dropped_no_trained_token": 0}
+    limit = cfg.max_seq_len
+    for row in tqdm(rows, desc=desc, unit="row", disable=len(rows) < 500, mininterval=1.0):
+        ids, labels = (
+            encode_text(tokenizer, row.text)
+            if row.text is not None
+            else encode_conversation(tokenizer, rendering, row.messages)
+        )
+        if cfg.too_long_factor is not None and len(ids) > cfg.too_long_factor * limit:
+            bad.add(
+                row.loc,
+                "too_long",
+                f"{len(ids)} tokens, over {cfg.too_long_factor:g} x data.max_seq_len={limit}",
+            )
+            continue
+        if len(ids) > limit:
+            ids, labels = ids[:limit], labels[:limit]
+            counts["truncated"] += 1
+        if count_trained(labels) == 0:
+            counts["dropped_no_trained_token"] += 1
+            bad.first.setdefault(
+                "dropped_no_trained_token", f"{row.loc}: no answer token left within max_seq_len"
+            )
+            continue
+        examples.append({"input_ids": ids, "labels": labels})
+        kept.append(row)
+    return examples, kept, counts
+
+
+# -------------------------------------------------------------------------------------------- cache
+def _save_cache(folder: Path, examples: dict, rows: dict, stats: dict) -> None:
+    import datasets
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    try:
+        for split, items in examples.items():
+            columns = {"input_ids": [e["input_ids"] for e in items], "labels": [e["labels"] for e in items]}
+            datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / split))
+            with (tmp / f"{split}.rows.jsonl").open("w", encoding="utf-8") as f:
+                for row in rows[split]:
+                    f.write(json.dumps(row.to_json(), ensure_ascii=False) + "\n")
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+        os.replace(tmp, folder)  # atomic: a cache folder is complete or absent
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another run wrote it first, or the disk is full: not fatal
+
+
+def _load_cache(folder: Path) -> tuple[dict, dict, dict] | None:
+    import datasets
+
+    if not (folder / "stats.json").is_file():
+        return None
+    examples, rows = {}, {}
+    for split in SPLITS:
+        examples[split] = datasets.load_from_disk(str(folder / split)).to_list()
+        lines = (folder / f"{split}.rows.jsonl").read_text(encoding="utf-8").splitlines()
+        rows[split] = [Row(**json.loads(line)) for line in lines]
+    return examples, rows, json.loads((folder / "stats.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------- module
+class DataModule(L.LightningDataModule):
+    """Train / val / test splits, prepared once in :meth:`setup`.
+
+    After setup: ``rows[split]`` (the :class:`~lit_lora.rows.Row` objects kept), ``examples[split]``
+    (token ids and labels), ``train_set`` (the examples, packed when ``data.packing``) and ``stats``
+    (counts of rows, examples, bad rows by reason, truncated and dropped rows, padding fraction).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, data_dir: Path, rendering: Rendering | None = None):
@@ -133,65 +248,110 @@ class InstructionDataModule(L.LightningDataModule):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.data_dir = Path(data_dir)
-        self.rendering = rendering or Rendering(system_prompt=cfg.system_prompt)
-        self.rows: dict[str, list[dict]] = {}
+        self.rendering = rendering or Rendering.resolve(
+            tokenizer,
+            cfg.template,
+            system_prompt=cfg.system_prompt,
+            train_on_inputs=cfg.train_on_inputs,
+            format=cfg.format,
+            fields=asdict(cfg.fields),
+        )
+        self.rows: dict[str, list[Row]] = {}
         self.examples: dict[str, list[dict[str, list[int]]]] = {}
-        self.stats: dict[str, int] = {}
-
-    def _paths(self) -> dict[str, Path]:
-        if self.cfg.source == "demo":
-            return demo.write_splits(
-                self.data_dir, self.cfg.train_size, self.cfg.val_size, self.cfg.test_size, self.cfg.seed
-            )
-        folder = Path(self.cfg.source).expanduser()
-        paths = {split: folder / f"{split}.jsonl" for split in SPLITS}
-        missing = [str(p) for p in paths.values() if not p.is_file()]
-        if missing:
-            raise UserError(f"data.source={self.cfg.source}: missing {', '.join(missing)}")
-        return paths
+        self.train_set: list[dict[str, list[int]]] = []
+        self.stats: dict = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.examples:
             return
-        dropped = truncated = 0
-        for split, path in self._paths().items():
-            self.rows[split] = read_rows(path)
-            encoded = []
-            for row in self.rows[split]:
-                example = encode(self.tokenizer, self.rendering, row, self.cfg.max_seq_len)
-                if example is None:
-                    dropped += 1
-                    continue
-                truncated += example["labels"][-1] != self.tokenizer.eos_token_id
-                encoded.append(example)
-            self.examples[split] = encoded
+        plan = plan_sources(self.cfg, self.data_dir)
+        folder = cache_root() / "data" / cache_key(plan, self.tokenizer, self.rendering, self.cfg)
+        cached = (
+            _load_cache(folder)
+            if self.cfg.cache and not any(k == "hub" for o in plan.values() for k, _ in o)
+            else None
+        )
+        if cached:
+            self.examples, self.rows, self.stats = cached
+            self.stats["cache"] = "hit"
+        else:
+            self._prepare(plan)
+            self.stats["cache"] = "miss"
+            if self.cfg.cache:
+                _save_cache(folder, self.examples, self.rows, self.stats)
         if not self.examples["train"]:
             raise UserError(
-                f"no training example has a trained token left at data.max_seq_len={self.cfg.max_seq_len}"
+                f"no training example left (data.max_seq_len={self.cfg.max_seq_len}; see the counts: {self.stats})"
             )
-        self.stats = {"dropped": dropped, "truncated": int(truncated)}
-        self.stats.update({f"{split}_examples": len(ex) for split, ex in self.examples.items()})
-
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.examples[split],
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.cfg.num_workers,
-            collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_token_id),
-            drop_last=False,
+        self.train_set = (
+            pack(self.examples["train"], self.cfg.max_seq_len) if self.cfg.packing else self.examples["train"]
+        )
+        self.stats["packed_rows"] = len(self.train_set) if self.cfg.packing else None
+        self.stats["padding_fraction"] = round(
+            padding_fraction(self._ordered_train(), self.cfg.batch_size), 4
         )
 
+    def _prepare(self, plan: dict[str, list[Origin]]) -> None:
+        bad = BadRows(self.cfg.on_bad_row)
+        rows = read_rows(plan, self.cfg, bad)
+        counts = {"truncated": 0, "dropped_no_trained_token": 0}
+        for split in SPLITS:
+            examples, kept, c = encode_rows(
+                rows[split], self.tokenizer, self.rendering, self.cfg, bad, desc=f"tokenizing {split}"
+            )
+            self.examples[split], self.rows[split] = examples, kept
+            for key in counts:
+                counts[key] += c[key]
+        self.stats = {
+            "rows_read": sum(len(r) for r in rows.values()) + sum(bad.counts.values()),
+            "examples": {split: len(self.examples[split]) for split in SPLITS},
+            "bad_rows": dict(sorted(bad.counts.items())),
+            **counts,
+            "first_of_each": bad.first,
+            "notes": bad.notes,
+        }
+
+    def _ordered_train(self) -> list[dict[str, list[int]]]:
+        """Training examples in a representative batching order (for the padding fraction)."""
+        if self.cfg.group_by_length:
+            lengths = [len(e["input_ids"]) for e in self.train_set]
+            order = list(LengthGroupedSampler(lengths, self.cfg.batch_size, self.cfg.seed))
+        else:
+            order = list(range(len(self.train_set)))
+            random.Random(self.cfg.seed).shuffle(order)
+        return [self.train_set[i] for i in order]
+
+    def _collate(self):
+        return functools.partial(collate, pad_id=self.tokenizer.pad_token_id)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.cfg.batch_size, shuffle=True)
+        sampler = None
+        if self.cfg.group_by_length:
+            lengths = [len(e["input_ids"]) for e in self.train_set]
+            sampler = LengthGroupedSampler(lengths, self.cfg.batch_size, self.cfg.seed)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.cfg.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            num_workers=self.cfg.num_workers,
+            collate_fn=self._collate(),
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.cfg.eval_batch_size, shuffle=False)
-
-    def trained_tokens_per_example(self) -> float:
-        ex = self.examples["train"]
-        return sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in ex) / len(ex)
+        # Validation is never packed: its loss stays comparable between packed and unpacked runs.
+        return DataLoader(
+            self.examples["val"],
+            batch_size=self.cfg.eval_batch_size,
+            shuffle=False,
+            num_workers=self.cfg.num_workers,
+            collate_fn=self._collate(),
+        )
 
     def tokens_per_example(self) -> float:
         ex = self.examples["train"]
         return sum(len(e["input_ids"]) for e in ex) / len(ex)
+
+    def trained_tokens_per_example(self) -> float:
+        ex = self.examples["train"]
+        return sum(count_trained(e["labels"]) for e in ex) / len(ex)

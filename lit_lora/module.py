@@ -1,9 +1,9 @@
 """The LightningModule: a PEFT-wrapped causal LM, its loss, validation perplexity and optimizer.
 
-Batches are dicts of ``input_ids``, ``attention_mask`` and ``labels`` (B, T) from
-:func:`lit_lora.data.collate`; positions with label ``-100`` do not count in the loss.
-Logged keys: ``train/loss``, ``train/lr``, ``val/loss``, ``val/ppl`` (token-weighted over the whole
-validation set, through torchmetrics).
+Batches come from :func:`lit_lora.batching.collate`: ``input_ids``, ``labels``, ``token_mask`` and
+either ``attention_mask`` (padded) or ``position_ids`` (packed) (B, T); positions with label ``-100``
+do not count in the loss. Logged keys: ``train/loss``, ``train/pad_frac`` (share of padded positions),
+``val/loss``, ``val/ppl`` (token-weighted over the whole validation set, through torchmetrics).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 from torchmetrics.text import Perplexity
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from lit_lora.batching import MODEL_KEYS
 from lit_lora.config import OptimConfig
-from lit_lora.data import IGNORE_INDEX, Rendering
+from lit_lora.rendering import IGNORE_INDEX, Rendering
 
 
 class LitLoRA(L.LightningModule):
@@ -38,18 +39,22 @@ class LitLoRA(L.LightningModule):
         self.rendering = rendering
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
-    ):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    def forward(self, batch: dict[str, torch.Tensor], with_labels: bool = True):
+        """The model's output for a batch; only model inputs are passed (not ``token_mask``)."""
+        keys = MODEL_KEYS if with_labels else tuple(k for k in MODEL_KEYS if k != "labels")
+        # use_cache=False: a KV cache is useless in training, and with one transformers ignores the
+        # position-id resets that keep packed examples from attending to each other.
+        return self.model(**{k: batch[k] for k in keys if k in batch}, use_cache=False)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        loss = self(batch).loss
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/pad_frac", 1 - batch["token_mask"].float().mean(), batch_size=size)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"]).logits
+        logits = self(batch, with_labels=False).logits
         # Position t predicts token t+1.
         self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
 

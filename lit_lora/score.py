@@ -1,6 +1,8 @@
-"""Held-out scoring: greedy answers of a model for instruction rows, and the demo task's exact match.
+"""Held-out scoring: greedy answers of a model for conversations, and their exact match with the reference.
 
-Generation uses the same :class:`~lit_lora.data.Rendering` as training and stops at EOS.
+Generation uses the same :class:`~lit_lora.rendering.Rendering` as training and stops at EOS. The
+reference of a row is its last assistant turn; the prompt is everything before it. Exact match parses
+JSON answers (the demo task) and otherwise compares stripped text.
 """
 
 from __future__ import annotations
@@ -11,14 +13,21 @@ import torch
 from tqdm.auto import tqdm
 
 from lit_lora import demo
-from lit_lora.data import Rendering, prompt_ids
+from lit_lora.rendering import Rendering, prompt_ids
+from lit_lora.rows import Row
 
 
 @torch.no_grad()
 def generate_answers(
-    model, tokenizer, rendering: Rendering, rows: list[dict], max_new_tokens: int, batch_size: int, desc: str
+    model,
+    tokenizer,
+    rendering: Rendering,
+    conversations: list[list[dict]],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str,
 ) -> list[str]:
-    """Greedy (deterministic) answers, one string per row, special tokens removed.
+    """Greedy (deterministic) answers, one string per conversation (which ends before the answer).
 
     Prompts are left-padded so that every row of a batch continues from its own last token.
     """
@@ -26,8 +35,8 @@ def generate_answers(
     model.eval()
     device = next(model.parameters()).device
     answers: list[str] = []
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
-        prompts = [prompt_ids(tokenizer, rendering, row) for row in rows[start : start + batch_size]]
+    for start in tqdm(range(0, len(conversations), batch_size), desc=desc, unit="batch", leave=False):
+        prompts = [prompt_ids(tokenizer, rendering, c) for c in conversations[start : start + batch_size]]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -50,16 +59,16 @@ def generate_answers(
     return answers
 
 
-def demo_exact_match(
+def exact_match_score(
     model,
     tokenizer,
     rendering: Rendering,
-    rows: list[dict],
+    rows: list[Row],
     max_new_tokens: int,
     batch_size: int,
     use_adapter: bool,
 ) -> dict:
-    """Exact match (in %) of the demo task on ``rows``, with the adapter on or off.
+    """Exact match (in %) of the answers to ``rows`` (conversations) with the adapter on or off.
 
     Returns ``{"exact_match": float, "n": int, "examples": [...], "misses": [...]}`` where examples are the
     first three (answer, reference) pairs and misses up to ten wrong ones.
@@ -70,16 +79,22 @@ def demo_exact_match(
             model,
             tokenizer,
             rendering,
-            rows,
+            [row.messages[:-1] for row in rows],
             max_new_tokens,
             batch_size,
             desc="scoring fine-tuned" if use_adapter else "scoring base",
         )
-    hits = demo.exact_match(answers, [row["output"] for row in rows])
+    references = [row.messages[-1]["content"] for row in rows]
+    hits = demo.exact_match(answers, references)
     return {
         "exact_match": 100.0 * sum(hits) / max(len(hits), 1),
         "n": len(hits),
         "examples": [
-            {"answer": a, "reference": r["output"]} for a, r in zip(answers[:3], rows[:3], strict=False)
+            {"answer": a, "reference": r} for a, r in zip(answers[:3], references[:3], strict=False)
         ],
+        "misses": [
+            {"loc": row.loc, "answer": a, "reference": r}
+            for a, r, row, hit in zip(answers, references, rows, hits, strict=True)
+            if not hit
+        ][:10],
     }

@@ -32,11 +32,11 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
-from lit_lora.data import InstructionDataModule
+from lit_lora.data import DataModule
 from lit_lora.errors import UserError
 from lit_lora.model import build_model
 from lit_lora.module import LitLoRA
-from lit_lora.score import demo_exact_match
+from lit_lora.score import exact_match_score
 
 log = logging.getLogger("lit_lora")
 SUMMARY_FILE = "summary.json"
@@ -98,7 +98,7 @@ def train(cfg: DictConfig) -> TrainResult:
     L.seed_everything(tc.seed, workers=True, verbose=False)
 
     built = build_model(tc.model, tc.quant, tc.lora)
-    data = InstructionDataModule(tc.data, built.tokenizer, out / "data")
+    data = DataModule(tc.data, built.tokenizer, out / "data")
     data.setup()
     module = LitLoRA(built.model, tc.optim, tokenizer=built.tokenizer, rendering=data.rendering)
     callbacks = _instantiate_all("callbacks", cfg.callbacks)
@@ -116,11 +116,14 @@ def train(cfg: DictConfig) -> TrainResult:
         f"{tc.trainer.accumulate_grad_batches} accum x {world} devices; ~{effective_batch * data.tokens_per_example():.0f} tokens "
         f"({effective_batch * data.trained_tokens_per_example():.0f} trained) per optimizer step"
     )
-    _say(f"data: {data.stats}")
+    _report_data(data.stats, tc.data.on_bad_row)
 
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not data.examples["val"]:
+        trainer_kwargs["limit_val_batches"] = 0  # no validation rows: data.val_fraction=0 and no val_source
     try:
         trainer = L.Trainer(
-            **OmegaConf.to_container(cfg.trainer, resolve=True),
+            **trainer_kwargs,
             callbacks=callbacks,
             logger=loggers or False,
             default_root_dir=str(out),
@@ -153,7 +156,7 @@ def train(cfg: DictConfig) -> TrainResult:
         if hasattr(callback, "summary_metrics"):
             summary.update(callback.summary_metrics())
 
-    if tc.score and trainer.is_global_zero:
+    if tc.score and trainer.is_global_zero and data.rows["test"] and tc.data.format != "text":
         args = (
             built.model,
             built.tokenizer,
@@ -163,14 +166,35 @@ def train(cfg: DictConfig) -> TrainResult:
             tc.data.eval_batch_size,
         )
         if tc.score_base:
-            summary["score_base"] = demo_exact_match(*args, use_adapter=False)
-        summary["score_tuned"] = demo_exact_match(*args, use_adapter=True)
+            summary["score_base"] = exact_match_score(*args, use_adapter=False)
+        summary["score_tuned"] = exact_match_score(*args, use_adapter=True)
     summary["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     summary["wall_time_s"] = round(time.perf_counter() - started, 1)
     if trainer.is_global_zero:
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         _print_report(summary, out)
     return TrainResult(summary, out, built.model, built.tokenizer)
+
+
+def _report_data(stats: dict, policy: str) -> None:
+    examples = stats["examples"]
+    _say(
+        f"data: {stats['rows_read']} rows read; examples train {examples['train']}, val {examples['val']}, "
+        f"test {examples['test']} (tokenized cache: {stats['cache']})"
+    )
+    if stats.get("packed_rows"):
+        _say(f"packing: {examples['train']} examples in {stats['packed_rows']} rows")
+    _say(
+        f"truncated {stats['truncated']}, dropped with no trained token left {stats['dropped_no_trained_token']}, "
+        f"padding {100 * stats['padding_fraction']:.1f}% of batch positions"
+    )
+    if stats["bad_rows"]:
+        counts = ", ".join(f"{reason} {n}" for reason, n in stats["bad_rows"].items())
+        _say(f"skipped bad rows (data.on_bad_row={policy}): {counts}")
+    for reason, first in stats.get("first_of_each", {}).items():
+        _say(f"  first {reason}: {first}")
+    for note in stats.get("notes", []):
+        _say(f"note: {note}")
 
 
 def _print_report(summary: dict, out: Path) -> None:

@@ -11,7 +11,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from lit_lora.batching import MODEL_KEYS, collate
 from lit_lora.config import register_configs
+from lit_lora.rendering import Rendering, encode_conversation
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -60,3 +62,20 @@ def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subpro
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def alpaca_messages(row: dict) -> list[dict[str, str]]:
+    """The conversation of an alpaca-style demo row (as :func:`lit_lora.rows.to_row` builds it)."""
+    user = f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+
+
+def demo_batch(tokenizer, rows: list[dict], max_len: int = 256) -> dict:
+    """A padded batch of alpaca-style rows, rendered with the tokenizer's own template; model keys only."""
+    rendering = Rendering.resolve(tokenizer)
+    examples = []
+    for row in rows:
+        ids, labels = encode_conversation(tokenizer, rendering, alpaca_messages(row))
+        examples.append({"input_ids": ids[:max_len], "labels": labels[:max_len]})
+    batch = collate(examples, tokenizer.pad_token_id)
+    return {k: v for k, v in batch.items() if k in MODEL_KEYS}

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from lit_lora.config import check_device, to_train_config
-from lit_lora.data import Rendering, collate, encode
 from lit_lora.demo import make_rows
 from lit_lora.errors import UserError
 from lit_lora.model import build_model, resolve_targets
-from tests.conftest import TINY, compose_train
+from tests.conftest import TINY, compose_train, demo_batch
 
 
 def _build(tmp_path, *overrides):
@@ -22,7 +21,7 @@ def _build(tmp_path, *overrides):
 
 def _batch(tokenizer, n=4):
     rows = make_rows(n, seed=7, held_out_names=False)
-    return collate([encode(tokenizer, Rendering(), r, 128) for r in rows], tokenizer.pad_token_id)
+    return demo_batch(tokenizer, rows, 128)
 
 
 def _loss(model, batch):

@@ -11,11 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lit_lora.data import Rendering, collate, encode
 from lit_lora.demo import make_rows
 from lit_lora.errors import UserError
 from lit_lora.train import train
-from tests.conftest import ROOT, TINY, compose_train
+from tests.conftest import ROOT, TINY, compose_train, demo_batch
 
 
 def test_tiny_run_writes_the_run_folder(tmp_path):
@@ -90,9 +89,7 @@ def test_real_model_adapter_reproduces_logits_through_plain_peft(tmp_path):
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().max() > 0 for p in lora_b), "training must move LoRA B off zero"
     rows = make_rows(3, seed=99, held_out_names=True)
-    batch = collate(
-        [encode(result.tokenizer, Rendering(), r, 256) for r in rows], result.tokenizer.pad_token_id
-    )
+    batch = demo_batch(result.tokenizer, rows)
     with torch.no_grad():
         expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         with model.disable_adapter():

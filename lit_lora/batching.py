@@ -1,0 +1,129 @@
+"""Batches: dynamic padding, length-grouped sampling and sequence packing.
+
+An example is ``{"input_ids": [...], "labels": [...]}``. :func:`collate` right-pads a list of them to
+the longest one. :func:`pack` fills rows of ``max_seq_len`` tokens with whole examples; a packed
+example also carries ``position_ids`` that restart at 0 for each example it holds.
+
+Packed batches carry ``position_ids`` and no ``attention_mask``: transformers then builds a
+block-diagonal causal mask from the position resets (``masking_utils.find_packed_sequence_indices``),
+so an example never attends to its neighbours. The first label of each packed example is masked:
+unpacked, position 0 is never predicted, and packed it would be predicted from the previous
+example's last token. The loss over a packed batch is therefore the same sum over the same tokens.
+
+Every batch has ``token_mask`` (1 on real tokens, 0 on padding), used for throughput and the padding
+fraction; it is not a model input.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+from lit_lora.rendering import IGNORE_INDEX
+
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "labels")
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example of the batch. Keys (B, T): ``input_ids``, ``labels``,
+    ``token_mask``, and ``attention_mask`` (plain) or ``position_ids`` (packed)."""
+    packed = "position_ids" in examples[0]
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    # Padding of a packed row is its own segment (positions restart at 0) so real tokens never see it.
+    positions = torch.arange(width).repeat(len(examples), 1)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+        if packed:
+            positions[i, :n] = torch.tensor(e["position_ids"])
+            positions[i, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "labels": labels, "token_mask": mask}
+    if packed:
+        batch["position_ids"] = positions
+    else:
+        batch["attention_mask"] = mask
+    return batch
+
+
+def pack(examples: list[dict[str, list[int]]], capacity: int) -> list[dict[str, list[int]]]:
+    """Whole examples packed into rows of at most ``capacity`` tokens (first-fit decreasing).
+
+    Deterministic for a given input order. Every example lands in exactly one row, unchanged except
+    for its first label, which is masked (see the module docstring).
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        if n > capacity:
+            raise ValueError(f"example of {n} tokens does not fit a packed row of {capacity}")
+        slot = next((r for r, room in enumerate(free) if room >= n), None)
+        if slot is None:
+            rows.append([])
+            free.append(capacity)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        free[slot] -= n
+    packed = []
+    for members in rows:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in sorted(members):  # original order inside a row
+            e = examples[i]
+            ids += e["input_ids"]
+            labels += [IGNORE_INDEX, *e["labels"][1:]]
+            positions += range(len(e["input_ids"]))
+        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return packed
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Random order in which neighbours have similar lengths, so that batches carry little padding.
+
+    Indices are shuffled, cut into mega-batches of ``batch_size * group`` and each is sorted by length,
+    longest first; the order changes each epoch (``set_epoch``, called by Lightning) and is
+    deterministic for a seed.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int = 50):
+        self.lengths = lengths
+        self.chunk = batch_size * group
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(range(len(self.lengths)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        for start in range(0, len(order), self.chunk):
+            yield from sorted(order[start : start + self.chunk], key=lambda i: -self.lengths[i])
+
+
+def padding_fraction(examples: list[dict[str, list[int]]], batch_size: int) -> float:
+    """Share of padded positions when ``examples`` are batched in this order by :func:`collate`."""
+    cells = real = 0
+    for start in range(0, len(examples), batch_size):
+        lengths = [len(e["input_ids"]) for e in examples[start : start + batch_size]]
+        cells += max(lengths) * len(lengths)
+        real += sum(lengths)
+    return 0.0 if cells == 0 else 1 - real / cells
+
+
+def n_batches(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
