@@ -162,6 +162,7 @@ class DataConfig:
     packing: bool = False
     group_by_length: bool = False
     cache: bool = True  # reuse tokenized splits keyed on files, tokenizer and rendering
+    cache_dir: str | None = None  # default: <lit-lora cache>/data
     seed: int = 1234
     train_size: int = 2000  # demo only
     val_size: int = 64  # demo only

@@ -120,8 +120,12 @@ def cache_key(plan: dict[str, list[Origin]], tokenizer, rendering: Rendering, cf
 
 
 # ------------------------------------------------------------------------------------------ reading
-def read_rows(plan: dict[str, list[Origin]], cfg: DataConfig, bad: BadRows) -> dict[str, list[Row]]:
-    """Validated rows of every split (bad rows raise or are counted, per ``cfg.on_bad_row``)."""
+def read_rows(
+    plan: dict[str, list[Origin]], cfg: DataConfig, bad: BadRows
+) -> tuple[dict[str, list[Row]], int]:
+    """Validated rows of every split, and how many rows were read in all, good or bad.
+
+    Bad rows raise or are counted in ``bad``, per ``cfg.on_bad_row``."""
     fields = asdict(cfg.fields)
     raw: dict[str, list[tuple[str, dict]]] = {}
     for split, origins in plan.items():
@@ -133,11 +137,12 @@ def read_rows(plan: dict[str, list[Origin]], cfg: DataConfig, bad: BadRows) -> d
             else:
                 for sub, items in read_saved(Path(where)).items():
                     raw.setdefault(sub if split == "train" else split, []).extend(items)
+    n_read = sum(len(items) for items in raw.values()) + sum(bad.counts.values())  # + unparseable lines
     rows: dict[str, list[Row]] = {}
     for split, items in raw.items():
         converted = (to_row(obj, loc, cfg.format, fields, bad) for loc, obj in items)
         rows[split] = [row for row in converted if row is not None]
-    return _draw_splits(rows, cfg)
+    return _draw_splits(rows, cfg), n_read
 
 
 def _draw_splits(rows: dict[str, list[Row]], cfg: DataConfig) -> dict[str, list[Row]]:
@@ -211,7 +216,8 @@ def _save_cache(folder: Path, examples: dict, rows: dict, stats: dict) -> None:
     try:
         for split, items in examples.items():
             columns = {"input_ids": [e["input_ids"] for e in items], "labels": [e["labels"] for e in items]}
-            datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / split))
+            if items:  # datasets cannot read back an empty saved dataset
+                datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / split))
             with (tmp / f"{split}.rows.jsonl").open("w", encoding="utf-8") as f:
                 for row in rows[split]:
                     f.write(json.dumps(row.to_json(), ensure_ascii=False) + "\n")
@@ -228,7 +234,8 @@ def _load_cache(folder: Path) -> tuple[dict, dict, dict] | None:
         return None
     examples, rows = {}, {}
     for split in SPLITS:
-        examples[split] = datasets.load_from_disk(str(folder / split)).to_list()
+        saved = folder / split
+        examples[split] = datasets.load_from_disk(str(saved)).to_list() if saved.is_dir() else []
         lines = (folder / f"{split}.rows.jsonl").read_text(encoding="utf-8").splitlines()
         rows[split] = [Row(**json.loads(line)) for line in lines]
     return examples, rows, json.loads((folder / "stats.json").read_text())
@@ -265,7 +272,8 @@ class DataModule(L.LightningDataModule):
         if self.examples:
             return
         plan = plan_sources(self.cfg, self.data_dir)
-        folder = cache_root() / "data" / cache_key(plan, self.tokenizer, self.rendering, self.cfg)
+        root = Path(self.cfg.cache_dir).expanduser() if self.cfg.cache_dir else cache_root() / "data"
+        folder = root / cache_key(plan, self.tokenizer, self.rendering, self.cfg)
         cached = (
             _load_cache(folder)
             if self.cfg.cache and not any(k == "hub" for o in plan.values() for k, _ in o)
@@ -293,7 +301,7 @@ class DataModule(L.LightningDataModule):
 
     def _prepare(self, plan: dict[str, list[Origin]]) -> None:
         bad = BadRows(self.cfg.on_bad_row)
-        rows = read_rows(plan, self.cfg, bad)
+        rows, n_read = read_rows(plan, self.cfg, bad)
         counts = {"truncated": 0, "dropped_no_trained_token": 0}
         for split in SPLITS:
             examples, kept, c = encode_rows(
@@ -303,7 +311,7 @@ class DataModule(L.LightningDataModule):
             for key in counts:
                 counts[key] += c[key]
         self.stats = {
-            "rows_read": sum(len(r) for r in rows.values()) + sum(bad.counts.values()),
+            "rows_read": n_read,
             "examples": {split: len(self.examples[split]) for split in SPLITS},
             "bad_rows": dict(sorted(bad.counts.items())),
             **counts,

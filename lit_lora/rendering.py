@@ -134,13 +134,14 @@ def encode_conversation(
             continue
         before = _ids(tokenizer, rendering, messages[:i], add_generation_prompt=True)
         upto = _ids(tokenizer, rendering, messages[: i + 1], add_generation_prompt=False)
-        if full[: len(upto)] != upto:
+        start = _common_prefix(before, upto)
+        end = next((j + 1 for j in range(start, len(upto)) if upto[j] == eos), len(upto))
+        # Tokens after the answer's EOS may merge differently once more text follows; up to it they must not.
+        if full[:end] != upto[:end]:
             raise UserError(
                 "the chat template renders an earlier turn differently once later turns follow; "
                 "choose data.template=chatml or alpaca"
             )
-        start = _common_prefix(before, upto)
-        end = next((j + 1 for j in range(start, len(upto)) if upto[j] == eos), len(upto))
         spans.append((start, end))
     if spans:
         start, end = spans[-1]

@@ -215,45 +215,54 @@ def _dataset_rows(dataset, origin: str) -> list[tuple[str, dict]]:
 def read_csv(path: Path, bad: BadRows) -> list[tuple[str, dict]]:
     """Rows of a CSV file with a header, every column read as text (``007`` stays ``007``).
 
-    Located as ``file:line`` counting the header as line 1 (exact unless a quoted field spans lines).
-    Lines with invalid UTF-8 are reported, then left out of what ``datasets`` reads.
+    Lines are checked here (UTF-8, number of fields, with Python's csv parser, so a row is located
+    by its ``file:line``); the checked records are then read by ``datasets``.
     """
+    import tempfile
+
     import datasets
 
-    raw_data = path.read_bytes()
-    data = _text_of(path, bad)
-    good_lines, bad_lines = [], 0
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    lines, numbers = [], []
+    for number, raw in enumerate(_text_of(path, bad).split(b"\n"), start=1):
         try:
-            good_lines.append(raw.rstrip(b"\r").decode("utf-8"))
+            lines.append(raw.rstrip(b"\r").decode("utf-8"))
+            numbers.append(number)
         except UnicodeDecodeError as err:
             bad.add(f"{path}:{number}", "invalid_utf8", f"invalid UTF-8 byte 0x{raw[err.start]:02x}")
-            bad_lines += 1
-    header = next(csv.reader(io.StringIO(good_lines[0] if good_lines else "")), [])
-    if not header:
-        raise UserError(f"{path}: a CSV file needs a header row naming its columns")
-    source = path
-    if bad_lines or data != raw_data or b"\r\n" in data:
-        # Hand datasets a clean copy: no BOM, no undecodable lines.
-        import tempfile
-
-        clean = Path(tempfile.mkdtemp(prefix="lit_lora_csv_")) / path.name
-        clean.write_text("\n".join(good_lines), encoding="utf-8")
-        source = clean
-    skipped: list[int] = []
-    kwargs: dict[str, Any] = {
-        "features": datasets.Features({name: datasets.Value("string") for name in header}),
-        "keep_default_na": False,
-    }
-    if bad.policy == "skip":
-        kwargs.update(engine="python", on_bad_lines=lambda fields: skipped.append(1))
+    reader = csv.reader(io.StringIO("\n".join(lines)))
     try:
-        dataset = datasets.load_dataset("csv", data_files=str(source), split="train", **kwargs)
-    except Exception as err:  # pandas and arrow errors of many types; the first line says what and where
+        header = next(reader, [])
+        if not header:
+            raise UserError(f"{path}: a CSV file needs a header row naming its columns")
+        records, locs = [], []
+        for record in reader:
+            loc = f"{path}:{numbers[reader.line_num - 1]}"
+            if not record:
+                continue
+            if len(record) != len(header):
+                bad.add(
+                    loc,
+                    "bad_csv_line",
+                    f"expected {len(header)} fields ({','.join(header)}), got {len(record)}",
+                )
+                continue
+            records.append(record)
+            locs.append(loc)
+    except csv.Error as err:
+        raise UserError(
+            f"{path}:{numbers[min(reader.line_num, len(numbers)) - 1]}: not valid CSV ({err})"
+        ) from err
+    clean = Path(tempfile.mkdtemp(prefix="lit_lora_csv_")) / path.name
+    with clean.open("w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([header, *records])
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    try:
+        dataset = datasets.load_dataset(
+            "csv", data_files=str(clean), split="train", features=features, keep_default_na=False
+        )
+    except Exception as err:  # pandas and arrow raise many types; the last line says what
         raise UserError(f"{path}: cannot be read as CSV: {str(err).strip().splitlines()[-1]}") from err
-    for _ in skipped:
-        bad.add(f"{path}", "bad_csv_line", "a line with the wrong number of fields")
-    return [(f"{path}:{i + 2}", row) for i, row in enumerate(dataset)]
+    return list(zip(locs, dataset, strict=True))
 
 
 def read_parquet(path: Path) -> list[tuple[str, dict]]:

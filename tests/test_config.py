@@ -36,7 +36,7 @@ def test_config_files_found():
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: str(p.relative_to(CONF)))
 def test_every_config_file_composes(path, tmp_path):
     overrides = [_override_for(path), f"output_dir={tmp_path}"]
-    if path.parent.name == "data" and path.stem == "jsonl":
+    if path.parent.name == "data" and path.stem == "files":
         overrides.append(f"data.source={tmp_path}")
     cfg = compose_train(overrides)
     typed = to_train_config(cfg)
