@@ -14,7 +14,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format clean-venv
+.PHONY: help install train test test-fast bench lint format clean-venv
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ test: $(STAMP)  ## run the test suite (CPU, offline)
 
 test-fast: $(STAMP)  ## run the tests that do not load the real model
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+bench: $(STAMP)  ## benchmarks (CPU): packing vs padding, trained tokens/s -> experiments/packing/results.json
+	$(BIN)/python experiments/packing/bench.py $(ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -16,7 +16,6 @@ fraction; it is not a model input.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator
 
@@ -123,7 +122,3 @@ def padding_fraction(examples: list[dict[str, list[int]]], batch_size: int) -> f
         cells += max(lengths) * len(lengths)
         real += sum(lengths)
     return 0.0 if cells == 0 else 1 - real / cells
-
-
-def n_batches(n: int, batch_size: int) -> int:
-    return math.ceil(n / batch_size)

@@ -357,9 +357,11 @@ class DataModule(L.LightningDataModule):
         )
 
     def tokens_per_example(self) -> float:
-        ex = self.examples["train"]
+        """Mean tokens of one batch item: an example, or a packed row when ``data.packing``."""
+        ex = self.train_set
         return sum(len(e["input_ids"]) for e in ex) / len(ex)
 
     def trained_tokens_per_example(self) -> float:
-        ex = self.examples["train"]
+        """Mean trained tokens of one batch item (as :meth:`tokens_per_example`)."""
+        ex = self.train_set
         return sum(count_trained(e["labels"]) for e in ex) / len(ex)

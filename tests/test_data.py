@@ -258,7 +258,7 @@ def test_exact_match_parses_json_and_rejects_near_misses():
 def test_cli_bad_row_is_one_line_and_exit_2(tmp_path, cli):
     mixed_corpus(tmp_path / "corpus")
     out = tmp_path / "run"
-    done = cli(*TINY, "data=files", f"data.source={tmp_path}/corpus/a_rows.jsonl", f"hydra.run.dir={out}")
+    done = cli(*TINY, "data=files", f"data.source={tmp_path}/corpus/a_rows.jsonl", f"output_dir={out}")
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert f"{tmp_path}/corpus/a_rows.jsonl:2: not valid JSON" in done.stderr
