@@ -17,10 +17,10 @@ fraction; it is not a model input.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from lit_lora.rendering import IGNORE_INDEX
 
@@ -85,6 +85,70 @@ def pack(examples: list[dict[str, list[int]]], capacity: int) -> list[dict[str, 
             positions += range(len(e["input_ids"]))
         packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     return packed
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded training order, new each epoch, that can start part-way into an epoch (resume).
+
+    The order of epoch ``e`` depends only on ``seed`` and ``e`` (a plain shuffle, or the length-grouped
+    order of :class:`LengthGroupedSampler`), never on the global RNG, so a resumed run sees exactly the
+    batches an uninterrupted run would. ``start_at(epoch, n)`` makes the next pass over that epoch skip
+    its first ``n`` indices.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = False):
+        self.lengths = lengths
+        self.seed = seed
+        self.grouped = LengthGroupedSampler(lengths, batch_size, seed) if group_by_length else None
+        self.epoch = 0
+        self._skip: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def start_at(self, epoch: int, n: int) -> None:
+        self._skip = (epoch, n)
+
+    def order(self, epoch: int) -> list[int]:
+        if self.grouped is not None:
+            self.grouped.set_epoch(epoch)
+            return list(self.grouped)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.lengths), generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order(self.epoch)
+        skip, self._skip = self._skip, None
+        if skip is not None and skip[0] == self.epoch:
+            order = order[skip[1] :]
+        yield from order
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader that Lightning saves and restores with the checkpoint (its data position).
+
+    ``position`` returns how many batches of the current epoch the training loop has consumed
+    (Lightning prefetches a batch, so counting what this loader yielded would be one too many).
+    Lightning calls :meth:`state_dict` when it writes a checkpoint and :meth:`load_state_dict` before
+    iterating again on resume; the next pass then starts with the first unseen batch.
+    """
+
+    def __init__(self, dataset, sampler: EpochSampler, position: Callable[[], int], **kwargs):
+        # Own generator: creating an iterator must not draw from the global RNG (dropout's stream).
+        super().__init__(
+            dataset, sampler=sampler, generator=torch.Generator().manual_seed(sampler.seed), **kwargs
+        )
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": int(self.position())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.start_at(state["epoch"], state["batches"] * self.batch_size)
 
 
 class LengthGroupedSampler(Sampler[int]):

@@ -262,6 +262,9 @@ class TrainConfig:
     seed: int = 42
     score: bool = True  # score base and fine-tuned model on the held-out split at the end
     score_base: bool = True  # include the base model in that comparison
+    # null: start fresh; auto: continue from the newest complete checkpoint in <output_dir>/checkpoints
+    # (from step 0 if there is none); or the path of a checkpoint folder.
+    resume: str | None = None
 
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"

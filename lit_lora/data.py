@@ -29,11 +29,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lit_lora import demo
-from lit_lora.batching import LengthGroupedSampler, collate, pack, padding_fraction
+from lit_lora.batching import EpochSampler, ResumableLoader, collate, pack, padding_fraction
 from lit_lora.config import DataConfig
 from lit_lora.embedded import cache_root
 from lit_lora.errors import UserError
@@ -321,27 +322,27 @@ class DataModule(L.LightningDataModule):
 
     def _ordered_train(self) -> list[dict[str, list[int]]]:
         """Training examples in a representative batching order (for the padding fraction)."""
-        if self.cfg.group_by_length:
-            lengths = [len(e["input_ids"]) for e in self.train_set]
-            order = list(LengthGroupedSampler(lengths, self.cfg.batch_size, self.cfg.seed))
-        else:
-            order = list(range(len(self.train_set)))
-            random.Random(self.cfg.seed).shuffle(order)
-        return [self.train_set[i] for i in order]
+        lengths = [len(e["input_ids"]) for e in self.train_set]
+        sampler = EpochSampler(lengths, self.cfg.batch_size, self.cfg.seed, self.cfg.group_by_length)
+        return [self.train_set[i] for i in sampler.order(0)]
 
     def _collate(self):
         return functools.partial(collate, pad_id=self.tokenizer.pad_token_id)
 
-    def train_dataloader(self) -> DataLoader:
-        sampler = None
-        if self.cfg.group_by_length:
-            lengths = [len(e["input_ids"]) for e in self.train_set]
-            sampler = LengthGroupedSampler(lengths, self.cfg.batch_size, self.cfg.seed)
-        return DataLoader(
+    def _batches_consumed(self) -> int:
+        """Batches of the current epoch the training loop has finished (the resume position)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> ResumableLoader:
+        lengths = [len(e["input_ids"]) for e in self.train_set]
+        sampler = EpochSampler(lengths, self.cfg.batch_size, self.cfg.seed, self.cfg.group_by_length)
+        return ResumableLoader(
             self.train_set,
+            sampler,
+            self._batches_consumed,
             batch_size=self.cfg.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
             num_workers=self.cfg.num_workers,
             collate_fn=self._collate(),
         )
@@ -354,6 +355,7 @@ class DataModule(L.LightningDataModule):
             shuffle=False,
             num_workers=self.cfg.num_workers,
             collate_fn=self._collate(),
+            generator=torch.Generator(),  # iterating must not draw from the global RNG (resume exactness)
         )
 
     def tokens_per_example(self) -> float:

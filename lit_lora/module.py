@@ -8,16 +8,25 @@ do not count in the loss. Logged keys: ``train/loss``, ``train/pad_frac`` (share
 
 from __future__ import annotations
 
+import json
 import math
 
 import lightning as L
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torchmetrics.text import Perplexity
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from lit_lora.batching import MODEL_KEYS
 from lit_lora.config import OptimConfig
+from lit_lora.errors import UserError
 from lit_lora.rendering import IGNORE_INDEX, Rendering
+
+
+def _json_default(value):
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return str(value)
 
 
 class LitLoRA(L.LightningModule):
@@ -38,6 +47,62 @@ class LitLoRA(L.LightningModule):
         self.tokenizer = tokenizer
         self.rendering = rendering
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        # Checkpoints hold the adapter, not Lightning's full state_dict (see on_save_checkpoint).
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------ checkpoints: the adapter only
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Replace Lightning's full ``state_dict`` with the adapter (PEFT names and config).
+
+        Raises :class:`UserError` if an adapter weight is NaN or infinite: such a checkpoint would only
+        resume a broken run.
+        """
+        weights = get_peft_model_state_dict(self.model)
+        broken = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
+        if broken:
+            raise UserError(
+                f"step {self.trainer.global_step}: adapter weights are not finite ({broken[0]} and "
+                f"{len(broken) - 1} more); no checkpoint saved. Lower optim.lr or set trainer.gradient_clip_val"
+            )
+        config = self.model.peft_config[self.model.active_adapter]
+        checkpoint["adapter"] = {
+            "weights": {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()},
+            "config": json.loads(json.dumps(config.to_dict(), default=_json_default)),
+        }
+        checkpoint["state_dict"] = {}  # the frozen base is never stored
+        checkpoint["trainable_params"] = self.trainable_count()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Load the adapter of a checkpoint; its keys must be exactly this model's adapter keys."""
+        adapter = checkpoint.get("adapter")
+        if adapter is None:
+            raise UserError(
+                "the checkpoint holds no adapter weights; resume from a lit-lora checkpoint folder"
+            )
+        own = get_peft_model_state_dict(self.model)
+        expected, given = set(own), set(adapter["weights"])
+        if given != expected:
+            missing, unexpected = sorted(expected - given), sorted(given - expected)
+            raise UserError(
+                f"the checkpoint's adapter does not fit this model: {len(missing)} missing keys "
+                f"{missing[:2]}, {len(unexpected)} unexpected keys {unexpected[:2]} "
+                "(same model and lora settings as the run that saved it?)"
+            )
+        for name, tensor in adapter["weights"].items():
+            if tensor.shape != own[name].shape:
+                raise UserError(
+                    f"the checkpoint's adapter does not fit this model: {name} is {tuple(tensor.shape)} there, "
+                    f"{tuple(own[name].shape)} here (same lora.r and target modules as the run that saved it?)"
+                )
+        before = self.trainable_count()
+        set_peft_model_state_dict(self.model, adapter["weights"])
+        if self.trainable_count() != before or before != checkpoint.get("trainable_params", before):
+            raise UserError(
+                f"trainable parameters changed on resume: {checkpoint.get('trainable_params')} saved, {before} now"
+            )
 
     def forward(self, batch: dict[str, torch.Tensor], with_labels: bool = True):
         """The model's output for a batch; only model inputs are passed (not ``token_mask``)."""

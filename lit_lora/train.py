@@ -29,8 +29,10 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, find_resumable
 from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
 from lit_lora.data import DataModule
 from lit_lora.errors import UserError
@@ -40,6 +42,7 @@ from lit_lora.score import exact_match_score
 
 log = logging.getLogger("lit_lora")
 SUMMARY_FILE = "summary.json"
+CHECKPOINTS = "checkpoints"
 
 
 def _say(message: str) -> None:
@@ -72,6 +75,31 @@ def _check_fresh(out: Path) -> None:
             raise UserError(f"{out / name} exists from an earlier run; choose another output_dir")
 
 
+def _resume_from(resume: str | None, out: Path) -> Path | None:
+    """The checkpoint folder to resume from (None: start at step 0); see ``TrainConfig.resume``."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = find_resumable(out / CHECKPOINTS)
+        if found is None:
+            _say(f"resume=auto: no complete checkpoint in {out / CHECKPOINTS}; starting at step 0")
+        return found
+    path = Path(resume).expanduser()
+    if checkpoint_step(path) is None:
+        raise UserError(
+            f"resume={resume}: not a complete lit-lora checkpoint folder (step-<NNNNNN>.ckpt or last.ckpt)"
+        )
+    return path
+
+
+def _keep_earlier_files(out: Path, step: int) -> None:
+    """On resume in the same folder, keep what the interrupted run wrote: Lightning's CSV logger would
+    truncate metrics.csv, so it is renamed first."""
+    metrics = out / "metrics.csv"
+    if metrics.exists():
+        metrics.rename(out / f"metrics.until-step-{step}.csv")
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns: the summary written to ``summary.json`` and the live objects."""
@@ -94,7 +122,14 @@ def train(cfg: DictConfig) -> TrainResult:
     out = Path(tc.output_dir)
     _check_fresh(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resume_from = _resume_from(tc.resume, out)
+    if resume_from is not None:
+        _keep_earlier_files(out, checkpoint_step(resume_from))
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if not (out / "config.yaml").exists():
+        (out / "config.yaml").write_text(config_yaml)
+    elif (out / "config.yaml").read_text() != config_yaml:
+        (out / f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml").write_text(config_yaml)
     L.seed_everything(tc.seed, workers=True, verbose=False)
 
     built = build_model(tc.model, tc.quant, tc.lora)
@@ -127,8 +162,10 @@ def train(cfg: DictConfig) -> TrainResult:
             callbacks=callbacks,
             logger=loggers or False,
             default_root_dir=str(out),
-            # Lightning's own checkpoints would hold the frozen base; adapter checkpoints are callbacks' work.
-            enable_checkpointing=False,
+            # Checkpoints hold the adapter only, as safetensors + JSON (lit_lora.checkpoint_io); Lightning
+            # writes none of its own unless a checkpoint callback (callbacks/adapter_checkpoint) is on.
+            plugins=[SafetensorsCheckpointIO()],
+            enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         )
     except (MisconfigurationException, ValueError, RuntimeError) as err:
         # e.g. trainer.devices=4 on a 2-device machine, an unknown accelerator or strategy name
@@ -136,7 +173,9 @@ def train(cfg: DictConfig) -> TrainResult:
     with warnings.catch_warnings():
         # Lightning warns that a 1-worker DataLoader may be a bottleneck; tokenized rows are in memory.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(module, datamodule=data)
+        if resume_from is not None:
+            _say(f"resuming from {resume_from} (step {checkpoint_step(resume_from)})")
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
 
     summary: dict = {
         "status": "completed" if not trainer.interrupted else "interrupted",

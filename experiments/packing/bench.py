@@ -1,8 +1,13 @@
 """Benchmark: trained tokens per second with sequence packing vs plain dynamic padding.
 
-Same model (embedded SmolLM2-135M, default LoRA), same examples (the four application presets'
-training splits together: short sentiment rows to long summarization rows), same batch size and
-``max_seq_len``; only ``data.packing`` differs. Runs are interleaved (plain, packed, plain, packed, ...)
+Same model (embedded SmolLM2-135M, default LoRA), same examples, same batch size and ``max_seq_len``;
+only packing differs. Two corpora (``--corpus``):
+
+- ``presets``: the four application presets' training splits together (sentiment rows of ~50 tokens to
+  summarization rows of ~200), ``max_seq_len`` 256;
+- ``longtail``: demo-task rows whose input holds a log-normally distributed number of sentences
+  (median 1 extra sentence, a tail to 20), the long-tailed length profile of typical instruction data, ``max_seq_len`` 512.
+ Runs are interleaved (plain, packed, plain, packed, ...)
 because these machines are shared and noisy: only figures from the same invocation are compared.
 Throughput is the project's own :class:`callbacks.throughput.Throughput` measurement inside a
 Lightning fit. Each run is one epoch over the same examples, so plain and packed runs train exactly
@@ -64,6 +69,25 @@ def corpus(max_seq_len: int, scratch: Path) -> tuple[list[dict], object]:
         examples += module.examples["train"]
     random.Random(0).shuffle(examples)
     return examples, built.tokenizer
+
+
+def longtail_corpus(tokenizer, n: int = 160) -> list[dict]:
+    """Alpaca-style demo rows with long-tailed input lengths, rendered and masked by the project's code."""
+    from lit_lora.demo import make_rows
+    from lit_lora.rendering import Rendering, encode_conversation
+
+    rng = random.Random(0)
+    rendering = Rendering.resolve(tokenizer)
+    pool = make_rows(n * 8 + 20, seed=1, held_out_names=False)
+    examples = []
+    for i, row in enumerate(make_rows(n, seed=2, held_out_names=False)):
+        k = min(20, int(rng.lognormvariate(0.5, 1.1)))  # extra sentences: median 1, a few near 20
+        extra = " ".join(p["input"] for p in pool[i * 8 : i * 8 + k])
+        user = f"{row['instruction']}\n\n{row['input']} {extra}".strip()
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+        ids, labels = encode_conversation(tokenizer, rendering, messages)
+        examples.append({"input_ids": ids[:512], "labels": labels[:512]})
+    return examples
 
 
 def one_run(examples: list[dict], tokenizer, packing: bool, args) -> dict:
@@ -133,13 +157,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-seq-len", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--corpus", choices=("presets", "longtail"), default="presets")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="256 for presets, 512 for longtail")
+    parser.add_argument("--out", type=Path, default=None, help="default: results-<corpus>.json here")
     args = parser.parse_args()
+    args.out = args.out or HERE / f"results-{args.corpus}.json"
 
+    args.max_seq_len = args.max_seq_len or (256 if args.corpus == "presets" else 512)
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         examples, tokenizer = corpus(args.max_seq_len, Path(scratch))
+    if args.corpus == "longtail":
+        examples = longtail_corpus(tokenizer)
     lengths = [len(e["input_ids"]) for e in examples]
     print(
         f"corpus: {len(examples)} examples, length {min(lengths)}-{max(lengths)} (mean {statistics.mean(lengths):.0f})"
