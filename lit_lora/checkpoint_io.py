@@ -42,7 +42,14 @@ def _flatten(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     """A JSON-able copy of ``value``; tensors and arrays move to ``tensors`` and leave a reference."""
     if isinstance(value, torch.Tensor):
         key = f"t{len(tensors)}"
-        tensors[key] = value.detach().cpu().contiguous()
+        tensor = value.detach().cpu().contiguous()
+        if any(
+            t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values()
+        ):
+            tensor = (
+                tensor.clone()
+            )  # safetensors refuses tensors that share memory (e.g. one score kept twice)
+        tensors[key] = tensor
         return {"__tensor__": key}
     if isinstance(value, np.ndarray):
         key = f"t{len(tensors)}"

@@ -49,6 +49,7 @@ class LitLoRA(L.LightningModule):
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         # Checkpoints hold the adapter, not Lightning's full state_dict (see on_save_checkpoint).
         self.strict_loading = False
+        self.best_val_loss: float | None = None  # lowest val/loss of this process (summary.json)
 
     # ------------------------------------------------------------------ checkpoints: the adapter only
     def trainable_count(self) -> int:
@@ -126,7 +127,11 @@ class LitLoRA(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         ppl = self.val_ppl.compute()
         self.val_ppl.reset()
-        self.log_dict({"val/ppl": ppl, "val/loss": torch.log(ppl)}, prog_bar=True, sync_dist=True)
+        loss = torch.log(ppl)
+        self.log_dict({"val/ppl": ppl, "val/loss": loss}, prog_bar=True, sync_dist=True)
+        if not self.trainer.sanity_checking and torch.isfinite(loss):
+            value = float(loss)
+            self.best_val_loss = value if self.best_val_loss is None else min(self.best_val_loss, value)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -39,6 +39,7 @@ from lit_lora.errors import UserError
 from lit_lora.model import build_model
 from lit_lora.module import LitLoRA
 from lit_lora.score import exact_match_score
+from lit_lora.wandb_logging import finish_runs, flat_config
 
 log = logging.getLogger("lit_lora")
 SUMMARY_FILE = "summary.json"
@@ -137,7 +138,22 @@ def train(cfg: DictConfig) -> TrainResult:
     data.setup()
     module = LitLoRA(built.model, tc.optim, tokenizer=built.tokenizer, rendering=data.rendering)
     callbacks = _instantiate_all("callbacks", cfg.callbacks)
-    loggers = _instantiate_all("logger", cfg.logger)
+    loggers = [lg for lg in _instantiate_all("logger", cfg.logger) if lg is not None]
+    summary: dict | None = None
+    try:
+        summary = _fit_and_summarise(
+            cfg, tc, out, built, data, module, callbacks, loggers, resume_from, started
+        )
+    finally:
+        # One W&B run per job, finished even when training failed; the summary goes with it.
+        finish_runs(loggers, summary, out / "adapter", failed=summary is None, say=_say)
+    return TrainResult(summary, out, built.model, built.tokenizer)
+
+
+def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, resume_from, started) -> dict:
+    """Fit, score the held-out split, write summary.json; returns the summary."""
+    for logger in loggers:
+        logger.log_hyperparams(flat_config(OmegaConf.to_container(cfg, resolve=True)))
 
     world = tc.trainer.num_nodes * (tc.trainer.devices if isinstance(tc.trainer.devices, int) else 1)
     effective_batch = tc.data.batch_size * tc.trainer.accumulate_grad_batches * world
@@ -191,9 +207,7 @@ def train(cfg: DictConfig) -> TrainResult:
     summary["final_train_loss"] = metrics.get("train/loss")
     summary["val_loss"] = metrics.get("val/loss")
     summary["val_ppl"] = metrics.get("val/ppl")
-    for callback in callbacks:
-        if hasattr(callback, "summary_metrics"):
-            summary.update(callback.summary_metrics())
+    summary["best_val_loss"] = module.best_val_loss
 
     if tc.score and trainer.is_global_zero and data.rows["test"] and tc.data.format != "text":
         args = (
@@ -207,12 +221,16 @@ def train(cfg: DictConfig) -> TrainResult:
         if tc.score_base:
             summary["score_base"] = exact_match_score(*args, use_adapter=False)
         summary["score_tuned"] = exact_match_score(*args, use_adapter=True)
+    # Callback summaries last, so that memory peaks include held-out generation.
+    for callback in callbacks:
+        if hasattr(callback, "summary_metrics"):
+            summary.update(callback.summary_metrics())
     summary["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     summary["wall_time_s"] = round(time.perf_counter() - started, 1)
     if trainer.is_global_zero:
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         _print_report(summary, out)
-    return TrainResult(summary, out, built.model, built.tokenizer)
+    return summary
 
 
 def _report_data(stats: dict, policy: str) -> None:

@@ -15,7 +15,8 @@ GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF)
 
 def _override_for(path) -> str:
     group = path.parent.relative_to(CONF).as_posix()
-    return f"{group}={path.stem}"
+    # callbacks/default is loaded by train.yaml as a plain config, so that +callbacks=<name> adds one more.
+    return f"+{group}={path.stem}" if group == "callbacks" else f"{group}={path.stem}"
 
 
 def test_config_files_found():
