@@ -9,8 +9,12 @@ Run folder (``output_dir``), the contract with later commands:
 - ``data/``                the rows used (the demo task writes its splits here)
 - ``adapter/``             PEFT adapter (``adapter_model.safetensors``, ``adapter_config.json``),
                            tokenizer and ``rendering.json``
+- ``checkpoints/``         adapter-only checkpoints (``step-NNNNNN.ckpt/``, ``last.ckpt/``), see
+                           :mod:`lit_lora.checkpoint_io`; ``resume=auto`` continues from the newest
 - ``metrics.csv``          per-step metrics (Lightning's CSV logger)
-- ``summary.json``         trainable params, losses, held-out scores, tokens/s, peak memory, wall time, status
+- ``wandb/``, ``tensorboard/``  with ``logger=wandb`` / ``logger=tensorboard``
+- ``summary.json``         data counts, trainable params, losses, held-out scores, tokens/s, memory,
+                           wall time, status
 """
 
 from __future__ import annotations

@@ -166,3 +166,18 @@ def test_your_own_callback_needs_one_module_and_one_yaml(tmp_path):
         config.unlink()
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(marker.read_text()) == {"steps": 4}
+
+
+def test_tensorboard_logger_writes_events_beside_the_csv(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_lora.train", *TINY, "logger=tensorboard", f"output_dir={out}", "score=false"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert "train/loss" in (out / "metrics.csv").read_text().splitlines()[0]
