@@ -171,7 +171,15 @@ def test_your_own_callback_needs_one_module_and_one_yaml(tmp_path):
 def test_tensorboard_logger_writes_events_beside_the_csv(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "lit_lora.train", *TINY, "logger=tensorboard", f"output_dir={out}", "score=false"],
+        [
+            sys.executable,
+            "-m",
+            "lit_lora.train",
+            *TINY,
+            "logger=tensorboard",
+            f"output_dir={out}",
+            "score=false",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
