@@ -31,6 +31,8 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -43,6 +45,7 @@ from lit_lora.errors import UserError
 from lit_lora.model import build_model
 from lit_lora.module import LitLoRA
 from lit_lora.score import exact_match_score
+from lit_lora.sweep import record_failure
 from lit_lora.wandb_logging import finish_runs, flat_config
 
 log = logging.getLogger("lit_lora")
@@ -281,13 +284,29 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point: user mistakes end as one line on stderr and exit status 2."""
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns the best validation loss (the objective of sweepers such as Optuna).
+
+    A single run ends a user mistake with one line on stderr and exit status 2. Under ``-m`` a failed
+    job is recorded (``failed.json``) and the sweep goes on; see :mod:`lit_lora.sweep`.
+    """
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        train(cfg)
+        result = train(cfg)
     except UserError as err:
         print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        if not multirun:
+            sys.exit(2)
+        record_failure(cfg.output_dir, err)
+        return float("nan")
+    except Exception as err:
+        if not multirun:
+            raise  # not a user mistake: the traceback is what a bug report needs
+        log.exception("job failed")
+        record_failure(cfg.output_dir, err)
+        return float("nan")
+    best = result.summary.get("best_val_loss")
+    return float("nan") if best is None else best
 
 
 if __name__ == "__main__":

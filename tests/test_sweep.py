@@ -1,0 +1,150 @@
+"""Hydra multirun sweeps: failures reported without stopping the sweep, W&B groups, and lit_lora.compare."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+FAST = [
+    "model=tiny",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.precision=32",
+    "trainer.enable_progress_bar=false",
+    "data.train_size=16",
+    "data.val_size=4",
+    "data.test_size=2",
+    "data.score_max_new_tokens=2",
+]
+
+
+def multirun(
+    sweep_dir: Path, *overrides: str, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lit_lora.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lit_lora.compare", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def sweep_with_a_failure(tmp_path_factory):
+    sweep = tmp_path_factory.mktemp("sweep") / "s"
+    done = multirun(sweep, *FAST, "lora.r=0,4,2")
+    return sweep, done
+
+
+def test_a_failing_job_does_not_stop_the_others(sweep_with_a_failure):
+    sweep, done = sweep_with_a_failure
+    assert done.returncode == 1, "the sweep exits non-zero because a job failed"
+    assert "Traceback" not in done.stderr
+    assert "sweep" in done.stdout and "2 of 3 jobs completed" in done.stdout
+    assert "FAILED lora.r=0: lora.r must be >= 1, got 0" in done.stdout
+    for job in ("1", "2"):
+        assert json.loads((sweep / job / "summary.json").read_text())["status"] == "completed"
+        assert (sweep / job / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((sweep / "0" / "failed.json").read_text())["type"] == "UserError"
+
+
+def test_compare_reads_the_sweep_offline(sweep_with_a_failure, tmp_path):
+    sweep, _ = sweep_with_a_failure
+    done = compare(str(sweep), "--out", str(tmp_path))
+    assert done.returncode == 1, "a failed run in the table makes compare exit non-zero"
+    with (tmp_path / "compare.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["overrides"] for r in rows] == ["lora.r=0", "lora.r=4", "lora.r=2"]
+    assert rows[0]["status"].startswith("failed: lora.r must be >= 1")
+    assert int(rows[1]["trainable_params"]) == 2 * int(rows[2]["trainable_params"]), (
+        "r=4 has twice r=2's parameters"
+    )
+    assert float(rows[1]["adapter_mb"]) > float(rows[2]["adapter_mb"]) > 0
+    assert all(float(r["best_val_loss"]) > 0 for r in rows[1:])
+    for name in ("compare.md", "loss_curves.png", "memory.png", "throughput.png", "score.png"):
+        assert (tmp_path / name).stat().st_size > 1000 or name == "compare.md"
+    assert (tmp_path / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "lora.r=4" in done.stdout and "| run |" in (tmp_path / "compare.md").read_text()
+
+
+def test_offline_wandb_sweep_runs_share_the_sweep_group(tmp_path):
+    sweep = tmp_path / "wb-sweep"
+    env = {k: "" for k in os.environ if k.startswith("WANDB_")} | {"WANDB_API_KEY": "", "HOME": str(tmp_path)}
+    done = multirun(sweep, *FAST, "logger=wandb", "lora.r=2,4", "score=false", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    wandb_cli = os.path.join(os.path.dirname(sys.executable), "wandb")
+    groups, names = set(), set()
+    for job in ("0", "1"):
+        (run_dir,) = (sweep / job / "wandb").glob("offline-run-*")
+        records = subprocess.run(
+            [wandb_cli, "leet", "inspect", "--json", str(run_dir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        run = next(json.loads(line)["run"] for line in records.stdout.splitlines() if '"type":"run"' in line)
+        summary = json.loads(
+            subprocess.run(
+                [wandb_cli, "leet", "inspect", "--summary", "--json", str(run_dir)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            ).stdout
+        )
+        assert summary["state"] == "finished" and summary["exit_code"] == 0
+        assert summary["config"]["lora.r"] == (2 if job == "0" else 4)
+        groups.add(run["run_group"])
+        names.add(run["display_name"])
+    assert groups == {"sweep-wb-sweep"}
+    assert len(names) == 2 and all(f"lora.r={r}" in " ".join(names) for r in (2, 4))
+
+
+@pytest.mark.slow
+def test_two_by_two_sweep_of_the_embedded_model(tmp_path):
+    sweep = tmp_path / "grid"
+    small = [
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "data.train_size=16",
+        "data.val_size=4",
+        "data.test_size=2",
+        "data.score_max_new_tokens=8",
+    ]
+    done = multirun(sweep, *small, "lora.r=4,8", "quant=none,nf4", timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 of 4 jobs completed" in done.stdout
+    table = compare(str(sweep))
+    assert table.returncode == 0, table.stderr
+    with (sweep / "compare.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["overrides"] for r in rows} == {
+        "lora.r=4 quant=none",
+        "lora.r=4 quant=nf4",
+        "lora.r=8 quant=none",
+        "lora.r=8 quant=nf4",
+    }
+    for name in ("loss_curves.png", "memory.png", "throughput.png", "score.png"):
+        assert (sweep / name).read_bytes()[:4] == b"\x89PNG"
