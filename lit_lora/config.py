@@ -95,6 +95,9 @@ class LoraConfig:
     use_dora: bool = False
     use_rslora: bool = False
     init: str = "default"  # PEFT's init_lora_weights: default (B=0), gaussian, pissa, olora, loftq
+    # Continue from an existing PEFT LoRA adapter folder (lit-lora's or any other tool's); its own
+    # r / alpha / targets then apply and the keys above are ignored.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -284,6 +287,9 @@ def register_configs() -> None:
     """Register the schema as ``train_schema`` (used first in ``conf/train.yaml``'s defaults) and the
     ``${sample:...}`` resolver that data presets use to find the sample files wherever lit-lora is installed."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    from lit_lora.app_config import register_app_configs  # here: app_config imports this module
+
+    register_app_configs()
     if not OmegaConf.has_resolver("sample"):
         OmegaConf.register_new_resolver("sample", sample_path)
 

@@ -304,30 +304,17 @@ def check_device_lora(lora_cfg: LoraConfig) -> None:
         raise UserError("lora.init=loftq needs a CUDA device; on CPU use lora.init=pissa or default")
 
 
-def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, lora_cfg: LoraConfig) -> BuiltModel:
-    """Load the base, quantize it if asked, and wrap it with a LoRA adapter. Only the adapter trains.
+def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig):
+    """``(model, tokenizer, source, config)``: the base model, quantized on load when ``quant`` asks.
 
-    Raises :class:`UserError` for every mistake a user can fix: unknown model, unreachable hub,
-    target modules that match nothing, quantization bitsandbytes cannot run here.
+    Shared by training, merge, generate and evaluate. The hub check happens before any weight is read.
     """
-    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    check_device_lora(lora_cfg)
-    # 1. Targets, on a weightless skeleton, when the architecture is known without a download.
-    targets = check_targets_early(model_cfg, lora_cfg)
     quantization = bnb_config(quant_cfg) if quant_cfg.enabled else None
-
-    # 2. Source and config (the hub check happens here, before any weight is read).
     source, local_only = resolve_source(model_cfg)
     config = _load_config(source, local_only, model_cfg)
-    if targets is None:
-        targets = resolve_targets(
-            lora_cfg.target_modules, config.model_type, linear_module_paths(_skeleton(config))
-        )
     tokenizer = load_tokenizer(model_cfg, source, local_only)
-
-    # 3. Weights, quantized on load when asked.
     device_map = (
         {"": torch.cuda.current_device()} if quantization is not None and torch.cuda.is_available() else None
     )
@@ -343,8 +330,60 @@ def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, lora_cfg: LoraCo
         )
     except OSError as err:
         raise UserError(f"cannot load the weights of {source!r}: {str(err).splitlines()[0]}") from err
+    return base, tokenizer, source, config
 
-    # 4. k-bit preparation: norms to fp32, input grads on, optional non-reentrant checkpointing.
+
+def check_adapter_folder(folder: str | Path) -> Path:
+    """A PEFT adapter folder (``adapter_config.json`` + weights), or a :class:`UserError` saying what is missing."""
+    path = Path(folder).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
+    if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise UserError(f"{folder} holds no adapter weights (adapter_model.safetensors)")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise UserError(f"{folder}: only adapter_model.bin (pickle) found; lit-lora reads safetensors only")
+    return path
+
+
+def attach_adapter(base, folder: str | Path, trainable: bool = False):
+    """``PeftModel`` of ``base`` with the adapter in ``folder`` (any PEFT LoRA adapter, not only lit-lora's)."""
+    from peft import PeftModel
+
+    path = check_adapter_folder(folder)
+    try:
+        return PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as err:  # shape mismatch, unknown target modules...
+        raise UserError(
+            f"the adapter in {folder} does not fit this base model: {str(err).splitlines()[0]}"
+        ) from err
+
+
+def _continue_adapter(base, folder: str):
+    model = attach_adapter(base, folder, trainable=True)
+    targets = sorted(model.peft_config[model.active_adapter].target_modules)
+    return model, targets
+
+
+def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, lora_cfg: LoraConfig) -> BuiltModel:
+    """Load the base, quantize it if asked, and wrap it with a LoRA adapter. Only the adapter trains.
+
+    Raises :class:`UserError` for every mistake a user can fix: unknown model, unreachable hub,
+    target modules that match nothing, quantization bitsandbytes cannot run here.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    check_device_lora(lora_cfg)
+    # 1. Targets, on a weightless skeleton, when the architecture is known without a download.
+    targets = check_targets_early(model_cfg, lora_cfg)
+    quantization = bnb_config(quant_cfg) if quant_cfg.enabled else None  # fails early if bnb cannot
+
+    base, tokenizer, source, config = load_base(model_cfg, quant_cfg)
+    if targets is None:
+        targets = resolve_targets(
+            lora_cfg.target_modules, config.model_type, linear_module_paths(_skeleton(config))
+        )
+
+    # 2. k-bit preparation: norms to fp32, input grads on, optional non-reentrant checkpointing.
     gc_kwargs = {"use_reentrant": False}
     if quantization is not None:
         base = prepare_model_for_kbit_training(
@@ -357,8 +396,11 @@ def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, lora_cfg: LoraCo
         # Without this, checkpointed blocks see inputs that do not require grad and LoRA B never trains.
         base.enable_input_require_grads()
 
-    # 5. The adapter.
-    model = get_peft_model(base, _peft_lora_config(lora_cfg, targets))
+    # 3. The adapter: a new one, or an existing PEFT adapter folder to continue from (lora.init_from).
+    if lora_cfg.init_from:
+        model, targets = _continue_adapter(base, lora_cfg.init_from)
+    else:
+        model = get_peft_model(base, _peft_lora_config(lora_cfg, targets))
     check_only_adapter_trainable(model)
     trainable, total = count_params(model)
     return BuiltModel(model, tokenizer, source, trainable, total, targets)

@@ -1,0 +1,78 @@
+"""Typed configs of the commands that follow training: merge, generate, evaluate.
+
+They share the ``model``, ``quant`` and ``data`` groups (and their schema) with ``lit_lora.train``, so
+the same overrides work: ``python -m lit_lora.evaluate model=... quant=nf4 data=sentiment adapters=[...]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from lit_lora.config import DTYPES, DataConfig, ModelConfig, QuantConfig, _one_of
+from lit_lora.errors import UserError
+
+
+@dataclass
+class MergeConfig:
+    """``adapter`` folder + base -> a plain Hugging Face model folder ``output_dir`` in ``dtype``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    adapter: str = MISSING
+    output_dir: str = MISSING
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _one_of("merge", "dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class GenerateConfig:
+    """One ``prompt`` (or, without one, an interactive chat) with the base plus an optional ``adapter``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    adapter: str | None = None
+    prompt: str | None = None
+    system_prompt: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy, deterministic
+    top_p: float = 1.0
+    seed: int = 0
+    stream: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise UserError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+@dataclass
+class EvaluateConfig:
+    """Perplexity and task metrics of the base and of each adapter on one split of ``data``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapters: list[str] = field(default_factory=list)
+    base: bool = True  # evaluate the base model too
+    split: str = "test"
+    output: str | None = None  # JSON file; default <work_dir>/evaluation.json
+    work_dir: str = MISSING
+    generate: bool = True  # task metrics need generation; perplexity alone does not
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _one_of("evaluate", "split", self.split, ("train", "val", "test"))
+
+
+def register_app_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="merge_schema", node=MergeConfig)
+    store.store(name="generate_schema", node=GenerateConfig)
+    store.store(name="evaluate_schema", node=EvaluateConfig)

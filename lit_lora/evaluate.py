@@ -1,0 +1,158 @@
+"""Measure models: ``python -m lit_lora.evaluate adapters=[<folder>,...] [data=...] [split=test]``.
+
+For the base model (``base=true``) and each adapter, on one split of any dataset the data module reads:
+
+- perplexity over the split's trained tokens (token-weighted, fp32);
+- task metrics of greedy answers against the reference (the last assistant turn), through torchmetrics:
+  exact match (JSON-aware, as in training's held-out score), SQuAD-style token F1 and ROUGE-L.
+
+Each adapter is rendered with its own saved rendering, so its prompts are exactly those of its
+training; the base model uses the first adapter's (or the data config's). The table is printed and
+written as JSON (``output``, default ``<work_dir>/evaluation.json``). Adapters from any PEFT tool load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torchmetrics.functional.text import rouge_score, squad
+
+from lit_lora import demo
+from lit_lora.app_config import EvaluateConfig
+from lit_lora.batching import MODEL_KEYS, collate
+from lit_lora.config import register_configs
+from lit_lora.data import DataModule
+from lit_lora.errors import UserError
+from lit_lora.merge import _typed, rendering_for
+from lit_lora.model import attach_adapter, check_adapter_folder, load_base
+from lit_lora.rendering import IGNORE_INDEX, encode_conversation
+from lit_lora.score import generate_answers
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, rendering, rows, max_seq_len: int, batch_size: int) -> float:
+    """Token-weighted perplexity of the answers (trained tokens) of ``rows`` under ``rendering``."""
+    model.eval()
+    total = count = 0.0
+    examples = []
+    for row in rows:
+        ids, labels = encode_conversation(tokenizer, rendering, row.messages)
+        examples.append({"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len]})
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
+        logits = model(
+            **{k: v for k, v in batch.items() if k in MODEL_KEYS and k != "labels"}, use_cache=False
+        ).logits
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        total += float(losses)
+        count += int((labels != IGNORE_INDEX).sum())
+    return math.exp(total / max(count, 1))
+
+
+def task_metrics(answers: list[str], references: list[str]) -> dict[str, float]:
+    hits = demo.exact_match(answers, references)
+    preds = [{"prediction_text": a.strip(), "id": str(i)} for i, a in enumerate(answers)]
+    targets = [
+        {"answers": {"answer_start": [0], "text": [r]}, "id": str(i)} for i, r in enumerate(references)
+    ]
+    f1 = float(squad(preds, targets)["f1"])
+    rouge = float(
+        rouge_score([a.strip() for a in answers], references, rouge_keys="rougeL")["rougeL_fmeasure"]
+    )
+    return {
+        "exact_match": round(100.0 * sum(hits) / max(len(hits), 1), 2),
+        "f1": round(f1, 2),
+        "rouge_l": round(100.0 * rouge, 2),
+    }
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Evaluate the base and the adapters; returns (and writes) ``{"split", "n", "models": [...]}``."""
+    if not cfg.adapters and not cfg.base:
+        raise UserError("nothing to evaluate: give adapters=[...] or base=true")
+    folders = [check_adapter_folder(a) for a in cfg.adapters]
+    base, tokenizer, source, _ = load_base(cfg.model, cfg.quant)
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    first_rendering = rendering_for(folders[0], tokenizer) if folders else None
+    data = DataModule(cfg.data, tokenizer, work / "data", rendering=first_rendering)
+    data.setup()
+    rows = data.rows[cfg.split]
+    if not rows:
+        raise UserError(
+            f"split {cfg.split!r} of this data has no rows (set data.test_fraction or data.test_source)"
+        )
+    scored = [r for r in rows if r.messages]
+    batch = cfg.data.eval_batch_size
+    results = []
+    for name, folder in [("base", None)] * cfg.base + [(str(f), f) for f in folders]:
+        model = attach_adapter(base, folder) if folder is not None else base
+        rendering = rendering_for(folder, tokenizer) if folder is not None else data.rendering
+        entry = {
+            "model": name,
+            "perplexity": round(
+                perplexity(model, tokenizer, rendering, rows, cfg.data.max_seq_len, batch), 4
+            ),
+        }
+        if cfg.generate and scored:
+            answers = generate_answers(
+                model,
+                tokenizer,
+                rendering,
+                [r.messages[:-1] for r in scored],
+                cfg.data.score_max_new_tokens,
+                batch,
+                desc=f"generating ({Path(name).parent.name or name})",
+            )
+            entry.update(task_metrics(answers, [r.messages[-1]["content"] for r in scored]))
+            entry["examples"] = [
+                {"answer": a, "reference": r.messages[-1]["content"]}
+                for a, r in zip(answers[:3], scored[:3], strict=False)
+            ]
+        results.append(entry)
+        if folder is not None:
+            base = model.unload()  # take the adapter's layers out before the next one goes in
+    report = {"base_model": source, "split": cfg.split, "n": len(rows), "models": results}
+    out = Path(cfg.output) if cfg.output else work / "evaluation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    _print_table(report, out)
+    return report
+
+
+def _print_table(report: dict, out: Path) -> None:
+    keys = ["perplexity", "exact_match", "f1", "rouge_l"]
+    width = max(len(m["model"]) for m in report["models"])
+    print(f"lit-lora: {report['split']} split, {report['n']} rows, base {report['base_model']}")
+    print("  ".join(["model".ljust(width), *(k.rjust(11) for k in keys)]))
+    for m in report["models"]:
+        print("  ".join([m["model"].ljust(width), *(str(m.get(k, "-")).rjust(11) for k in keys)]))
+    print(f"lit-lora: written {out}", flush=True)
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate(_typed(cfg, EvaluateConfig))
+    except UserError as err:
+        print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

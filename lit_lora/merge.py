@@ -1,0 +1,143 @@
+"""Merge an adapter into its base: ``python -m lit_lora.merge adapter=<folder> output_dir=<new folder>``.
+
+The output is a plain Hugging Face model folder (safetensors weights, config, tokenizer whose chat
+template is the one used in training, and ``rendering.json``) that loads with
+``AutoModelForCausalLM.from_pretrained`` and nothing else. Weights are merged in ``dtype``
+(float32, bfloat16, float16) with PEFT's safe merge, which refuses NaN results.
+
+A base loaded 4-bit (``quant=nf4`` / ``fp4``, as in training) is first dequantized to float32 module by
+module with bitsandbytes, then merged: the adapter's update lands on the dequantized weights it was
+trained against, never on re-quantized 4-bit weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lit_lora.app_config import MergeConfig
+from lit_lora.config import register_configs
+from lit_lora.errors import UserError
+from lit_lora.model import attach_adapter, check_adapter_folder, load_base
+from lit_lora.rendering import RENDERING_FILE, Rendering
+
+
+def dequantize_linear4bit(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every bitsandbytes ``Linear4bit`` by an fp32 ``nn.Linear`` holding its dequantized weight.
+
+    Must run before the model's first forward pass: on CPU, bitsandbytes repacks 4-bit weights then.
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                linear.weight.data = F.dequantize_4bit(child.weight.data, child.weight.quant_state).float()
+                if child.bias is not None:
+                    linear.bias.data = child.bias.data.float()
+                setattr(module, name, linear)
+    # The model is a plain one now: it must save and load without any quantization config.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    for attr in ("quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def tokenizer_for(adapter: Path, fallback):
+    """The tokenizer saved with the adapter (lit-lora saves one), else the base model's."""
+    if (adapter / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(adapter))
+    return fallback
+
+
+def rendering_for(folder: Path, tokenizer) -> Rendering:
+    """The rendering saved with an adapter or merged model; else the tokenizer's own chat template."""
+    if (folder / RENDERING_FILE).is_file():
+        return Rendering.load(folder)
+    return Rendering.resolve(tokenizer)
+
+
+def merge(cfg: MergeConfig) -> Path:
+    """Write the merged model folder; returns its path. Refuses an existing, non-empty ``output_dir``."""
+    adapter = check_adapter_folder(cfg.adapter)
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; lit-lora never overwrites it")
+    base, tokenizer, source, _ = load_base(cfg.model, cfg.quant)
+    if cfg.quant.enabled:
+        base = dequantize_linear4bit(base) if cfg.quant.method in ("nf4", "fp4") else base.dequantize()
+    base = base.to(getattr(torch, cfg.dtype))
+    model = attach_adapter(base, adapter)
+    try:
+        merged = model.merge_and_unload(safe_merge=True)
+    except ValueError as err:  # PEFT's safe merge found NaNs
+        raise UserError(f"merging {adapter} gives non-finite weights: {err}") from err
+    tokenizer = tokenizer_for(adapter, tokenizer)
+    rendering = rendering_for(adapter, tokenizer)
+    tokenizer.chat_template = rendering.chat_template  # serving renders exactly as training did
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        rendering.save(tmp)
+        info = {
+            "adapter": str(adapter.resolve()),
+            "base": source,
+            "quant": cfg.quant.method,
+            "dtype": cfg.dtype,
+        }
+        (tmp / "lit_lora_merge.json").write_text(json.dumps(info, indent=2))
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"lit-lora: merged {adapter} into {source} ({cfg.dtype}) -> {out}", flush=True)
+    return out
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="merge")
+def main(cfg: DictConfig) -> None:
+    try:
+        merge(_typed(cfg, MergeConfig))
+    except UserError as err:
+        print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _typed(cfg: DictConfig, kind: type):
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"invalid config: {err}".splitlines()[0]) from err
+    if not isinstance(obj, kind):
+        raise UserError(f"the config does not use the {kind.__name__} schema")
+    return obj
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""merge / generate / evaluate, with an adapter written by plain PEFT code (not lit-lora) on the embedded
+model: round trips through plain transformers in a new process, and continued training from it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lit_lora.app_config import EvaluateConfig, GenerateConfig, MergeConfig
+from lit_lora.config import ModelConfig, QuantConfig
+from lit_lora.embedded import resolve
+from lit_lora.errors import UserError
+from lit_lora.evaluate import evaluate
+from lit_lora.generate import Session
+from lit_lora.merge import dequantize_linear4bit, merge
+from lit_lora.train import train
+from tests.conftest import ROOT, TINY, compose_train
+
+EMBEDDED = ModelConfig(name_or_path="embedded:smollm2-135m")
+NF4 = QuantConfig(method="nf4", compute_dtype="float32")
+IDS = torch.tensor([[1, 504, 3458, 314, 4649, 28, 638, 2, 30, 7]])
+
+# Run in a new process: plain transformers only.
+LOAD_MERGED = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = model(input_ids=load_file(sys.argv[2])["ids"]).logits
+save_file({"logits": logits.contiguous()}, sys.argv[3])
+"""
+
+
+def foreign_adapter(folder: Path, base_dir: str, targets=("q_proj", "v_proj"), r: int = 4) -> Path:
+    # The tokenizer is SmolLM2's for the embedded model and for the tiny test model alike.
+    """What another tool (TRL, axolotl...) leaves: plain PEFT save_pretrained, with non-zero B."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(
+        base, LoraConfig(r=r, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0)
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(resolve("embedded:smollm2-135m"))).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    return foreign_adapter(
+        tmp_path_factory.mktemp("foreign") / "adapter", str(resolve("embedded:smollm2-135m"))
+    )
+
+
+def _merged_logits_in_new_process(folder: Path, tmp_path: Path) -> torch.Tensor:
+    save_file({"ids": IDS}, str(tmp_path / "ids.safetensors"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD_MERGED,
+            str(folder),
+            str(tmp_path / "ids.safetensors"),
+            str(tmp_path / "out.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(str(tmp_path / "out.safetensors"))["logits"]
+
+
+@pytest.mark.slow
+def test_merge_round_trip_through_plain_transformers(adapter, tmp_path):
+    out = merge(
+        MergeConfig(
+            model=EMBEDDED, quant=QuantConfig(), adapter=str(adapter), output_dir=str(tmp_path / "merged")
+        )
+    )
+    assert {"model.safetensors", "config.json", "tokenizer.json", "rendering.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert "<|im_start|>" in AutoTokenizer.from_pretrained(str(out)).chat_template
+    base = AutoModelForCausalLM.from_pretrained(str(resolve("embedded:smollm2-135m")), dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(input_ids=IDS).logits
+        expected = PeftModel.from_pretrained(base, str(adapter)).eval()(input_ids=IDS).logits
+    assert (expected - plain).abs().max() > 1e-2, "the adapter must change the logits"
+    merged = _merged_logits_in_new_process(out, tmp_path)
+    assert (merged - expected).abs().max() < 1e-4
+    with pytest.raises(UserError, match="not empty"):
+        merge(MergeConfig(model=EMBEDDED, quant=QuantConfig(), adapter=str(adapter), output_dir=str(out)))
+
+
+@pytest.mark.slow
+def test_merge_of_a_4bit_trained_adapter_uses_the_dequantized_base(adapter, tmp_path):
+    out = merge(
+        MergeConfig(model=EMBEDDED, quant=NF4, adapter=str(adapter), output_dir=str(tmp_path / "merged"))
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config, "a plain model folder, no 4-bit weights"
+    from transformers import BitsAndBytesConfig
+
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(resolve("embedded:smollm2-135m")),
+        dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+    )
+    reference = PeftModel.from_pretrained(dequantize_linear4bit(quantized), str(adapter)).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=IDS).logits
+    merged = _merged_logits_in_new_process(out, tmp_path)
+    assert (merged - expected).abs().max() < 1e-4
+    full = AutoModelForCausalLM.from_pretrained(str(resolve("embedded:smollm2-135m")), dtype=torch.float32)
+    with torch.no_grad():
+        unquantized = PeftModel.from_pretrained(full, str(adapter)).eval()(input_ids=IDS).logits
+    assert (merged - unquantized).abs().max() > 1e-3, (
+        "merged into the dequantized 4-bit base, not the original"
+    )
+
+
+def test_foreign_adapter_is_evaluated_and_continued(tmp_path):
+    tiny = compose_train([*TINY, f"output_dir={tmp_path / 'x'}"]).model
+    from lit_lora.model import resolve_source
+
+    tiny_model = ModelConfig(**{k: v for k, v in dict(tiny).items()})
+    base_dir = resolve_source(tiny_model)[0]
+    folder = foreign_adapter(tmp_path / "foreign", base_dir, targets=("q_proj", "k_proj"), r=2)
+
+    report = evaluate(
+        EvaluateConfig(
+            model=tiny_model, adapters=[str(folder)], work_dir=str(tmp_path / "eval"), data=_tiny_data()
+        )
+    )
+    assert [m["model"] for m in report["models"]] == ["base", str(folder)]
+    assert report["models"][0]["perplexity"] != report["models"][1]["perplexity"]
+    assert {"exact_match", "f1", "rouge_l"} <= set(report["models"][1])
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["n"] == 4
+
+    before = load_file(str(folder / "adapter_model.safetensors"))
+    result = train(
+        compose_train([*TINY, f"output_dir={tmp_path / 'run'}", f"lora.init_from={folder}", "score=false"])
+    )
+    after = load_file(str(result.output_dir / "adapter" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys(), "the continued adapter keeps the foreign adapter's targets and rank"
+    assert all(k.split(".")[-3] in ("q_proj", "k_proj") for k in after if "lora_" in k)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "training moved the weights"
+    assert result.summary["trainable_params"] == sum(t.numel() for t in before.values())
+
+
+def _tiny_data():
+    from lit_lora.config import DataConfig
+
+    return DataConfig(train_size=32, val_size=8, test_size=4, score_max_new_tokens=4, eval_batch_size=4)
+
+
+def test_generate_is_deterministic_and_reports_why_it_stopped(tmp_path):
+    tiny = compose_train([*TINY, f"output_dir={tmp_path / 'x'}"]).model
+    cfg = GenerateConfig(model=ModelConfig(**dict(tiny)), max_new_tokens=6)
+    session = Session(cfg)
+    messages = [{"role": "user", "content": "Hello there"}]
+    first, second = session.reply(messages), session.reply(messages)
+    assert first == second and first.new_tokens <= 6
+    assert first.stopped_at_eos == (first.new_tokens < 6)
+
+
+def test_cli_bad_adapter_folder_is_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_lora.merge", f"adapter={tmp_path}", f"output_dir={tmp_path / 'out'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        done.returncode == 2
+        and "is not a PEFT adapter folder" in done.stderr
+        and "Traceback" not in done.stderr
+    )
