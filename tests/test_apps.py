@@ -195,3 +195,23 @@ def test_cli_bad_adapter_folder_is_one_line(tmp_path):
         and "is not a PEFT adapter folder" in done.stderr
         and "Traceback" not in done.stderr
     )
+
+
+def test_interactive_chat_reads_turns_until_an_empty_line(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lit_lora.generate",
+            *[o for o in TINY if o.startswith("model=")],
+            "max_new_tokens=3",
+        ],
+        cwd=ROOT,
+        input="Hello\nAnd again\n\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("model> ") == 2
+    assert done.stderr.count("stopped at") == 2
