@@ -123,3 +123,31 @@ def test_cli_unknown_group_option(cli, tmp_path):
     assert proc.returncode != 0
     assert "model/foo" in proc.stderr and "smollm2-135m" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("app", "overrides", "kind"),
+    [
+        ("merge", ["adapter=/a", "output_dir=/b", "quant=nf4", "dtype=bfloat16"], "MergeConfig"),
+        ("generate", ["adapter=/a", "prompt=hi", "model=tiny"], "GenerateConfig"),
+        ("evaluate", ["adapters=[/a,/b]", "data=sentiment", "work_dir=/tmp/w"], "EvaluateConfig"),
+    ],
+)
+def test_after_training_apps_compose_with_the_training_groups(app, overrides, kind):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from lit_lora.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        typed = OmegaConf.to_object(compose(config_name=app, overrides=overrides))
+    assert type(typed).__name__ == kind
+    assert typed.model.name_or_path
+    with (
+        pytest.raises(ConfigCompositionException),
+        initialize_config_dir(config_dir=str(CONF), version_base="1.3"),
+    ):
+        compose(config_name=app, overrides=[*overrides, "no_such_key=1"])
