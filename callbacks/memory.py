@@ -41,6 +41,25 @@ def process_memory_mb() -> dict[str, float]:
     return {k: round(v, 1) for k, v in values.items()}
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window for this process (Linux: ``/proc/self/clear_refs``); False elsewhere.
+
+    Jobs of a sweep run one after another in one process: without this, a job's peak would be the
+    largest of all jobs before it.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def weights_mb(module: torch.nn.Module) -> float:
+    """Bytes of the module's parameters and buffers as stored (4-bit weights count as packed bytes), in MiB."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return round(sum(t.numel() * t.element_size() for t in tensors) / MB, 1)
+
+
 def cuda_memory_mb(device: torch.device) -> dict[str, float]:
     """Current and peak (since the last reset) allocated / reserved / active memory of ``device``, in MiB."""
     stats = torch.cuda.memory_stats(device)
@@ -79,7 +98,7 @@ class MemoryTracker(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.device = pl_module.device
-        self.phases["model_load"] = self._read()  # the model is loaded and placed before fit starts
+        self.phases["model_load"] = {**self._read(), "weights_mb": weights_mb(pl_module)}  # loaded before fit
         if self._cuda():
             torch.cuda.reset_peak_memory_stats(self.device)
 

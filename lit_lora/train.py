@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import sys
 import time
 import warnings
@@ -38,6 +37,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.memory import process_memory_mb, reset_peak_rss
 from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, find_resumable
 from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
 from lit_lora.data import DataModule
@@ -72,8 +72,8 @@ def _instantiate_all(group: str, nodes: DictConfig) -> list:
 
 
 def _peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory since this job started (see :func:`callbacks.memory.reset_peak_rss`)."""
+    return process_memory_mb()["peak_rss_mb"]
 
 
 def _check_fresh(out: Path) -> None:
@@ -125,6 +125,7 @@ def train(cfg: DictConfig) -> TrainResult:
     Raises :class:`UserError` for mistakes in the config, data or environment.
     """
     started = time.perf_counter()
+    reset_peak_rss()  # this job's own peak, also when a sweep runs jobs one after another in one process
     tc: TrainConfig = to_train_config(cfg)
     check_device(tc)
     out = Path(tc.output_dir)
