@@ -82,12 +82,14 @@ def merge(cfg: MergeConfig) -> Path:
     base, tokenizer, source, _ = load_base(cfg.model, cfg.quant)
     if cfg.quant.enabled:
         base = dequantize_linear4bit(base) if cfg.quant.method in ("nf4", "fp4") else base.dequantize()
-    base = base.to(getattr(torch, cfg.dtype))
+    # W + scale * B @ A is formed in float64 and rounded once to the output dtype.
+    base = base.to(torch.float64)
     model = attach_adapter(base, adapter)
     try:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as err:  # PEFT's safe merge found NaNs
         raise UserError(f"merging {adapter} gives non-finite weights: {err}") from err
+    merged = merged.to(getattr(torch, cfg.dtype))
     tokenizer = tokenizer_for(adapter, tokenizer)
     rendering = rendering_for(adapter, tokenizer)
     tokenizer.chat_template = rendering.chat_template  # serving renders exactly as training did

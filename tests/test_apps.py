@@ -94,10 +94,11 @@ def test_merge_round_trip_through_plain_transformers(adapter, tmp_path):
         p.name for p in out.iterdir()
     }
     assert "<|im_start|>" in AutoTokenizer.from_pretrained(str(out)).chat_template
-    base = AutoModelForCausalLM.from_pretrained(str(resolve("embedded:smollm2-135m")), dtype=torch.float32)
+    # The reference, base + adapter unmerged, in float64: what fp32 should round to.
+    base = AutoModelForCausalLM.from_pretrained(str(resolve("embedded:smollm2-135m")), dtype=torch.float64)
     with torch.no_grad():
         plain = base(input_ids=IDS).logits
-        expected = PeftModel.from_pretrained(base, str(adapter)).eval()(input_ids=IDS).logits
+        expected = PeftModel.from_pretrained(base, str(adapter)).eval()(input_ids=IDS).logits.float()
     assert (expected - plain).abs().max() > 1e-2, "the adapter must change the logits"
     merged = _merged_logits_in_new_process(out, tmp_path)
     assert (merged - expected).abs().max() < 1e-4
@@ -124,9 +125,11 @@ def test_merge_of_a_4bit_trained_adapter_uses_the_dequantized_base(adapter, tmp_
             bnb_4bit_compute_dtype=torch.float32,
         ),
     )
-    reference = PeftModel.from_pretrained(dequantize_linear4bit(quantized), str(adapter)).eval()
+    reference = PeftModel.from_pretrained(
+        dequantize_linear4bit(quantized).to(torch.float64), str(adapter)
+    ).eval()
     with torch.no_grad():
-        expected = reference(input_ids=IDS).logits
+        expected = reference(input_ids=IDS).logits.float()
     merged = _merged_logits_in_new_process(out, tmp_path)
     assert (merged - expected).abs().max() < 1e-4
     full = AutoModelForCausalLM.from_pretrained(str(resolve("embedded:smollm2-135m")), dtype=torch.float32)
