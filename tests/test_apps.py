@@ -28,12 +28,13 @@ EMBEDDED = ModelConfig(name_or_path="embedded:smollm2-135m")
 NF4 = QuantConfig(method="nf4", compute_dtype="float32")
 IDS = torch.tensor([[1, 504, 3458, 314, 4649, 28, 638, 2, 30, 7]])
 
-# Run in a new process: plain transformers only.
+# Run in a new process: plain transformers only. The merged fp32 weights are evaluated in float64, so
+# that the comparison measures the merge, not fp32 round-off of a 30-layer forward (about 1e-4 itself).
 LOAD_MERGED = """
 import sys, torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float64).eval()
 with torch.no_grad():
     logits = model(input_ids=load_file(sys.argv[2])["ids"]).logits
 save_file({"logits": logits.contiguous()}, sys.argv[3])
@@ -98,10 +99,14 @@ def test_merge_round_trip_through_plain_transformers(adapter, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(str(resolve("embedded:smollm2-135m")), dtype=torch.float64)
     with torch.no_grad():
         plain = base(input_ids=IDS).logits
-        expected = PeftModel.from_pretrained(base, str(adapter)).eval()(input_ids=IDS).logits.float()
+        expected = PeftModel.from_pretrained(base, str(adapter)).eval()(input_ids=IDS).logits
     assert (expected - plain).abs().max() > 1e-2, "the adapter must change the logits"
     merged = _merged_logits_in_new_process(out, tmp_path)
+    print(f"merge: max |merged - reference| = {(merged - expected).abs().max():.3e}")
     assert (merged - expected).abs().max() < 1e-4
+    assert (
+        merged.dtype == torch.float64 and json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    )
     with pytest.raises(UserError, match="not empty"):
         merge(MergeConfig(model=EMBEDDED, quant=QuantConfig(), adapter=str(adapter), output_dir=str(out)))
 
@@ -129,12 +134,13 @@ def test_merge_of_a_4bit_trained_adapter_uses_the_dequantized_base(adapter, tmp_
         dequantize_linear4bit(quantized).to(torch.float64), str(adapter)
     ).eval()
     with torch.no_grad():
-        expected = reference(input_ids=IDS).logits.float()
+        expected = reference(input_ids=IDS).logits
     merged = _merged_logits_in_new_process(out, tmp_path)
+    print(f"nf4 merge: max |merged - reference| = {(merged - expected).abs().max():.3e}")
     assert (merged - expected).abs().max() < 1e-4
     full = AutoModelForCausalLM.from_pretrained(str(resolve("embedded:smollm2-135m")), dtype=torch.float32)
     with torch.no_grad():
-        unquantized = PeftModel.from_pretrained(full, str(adapter)).eval()(input_ids=IDS).logits
+        unquantized = PeftModel.from_pretrained(full, str(adapter)).eval()(input_ids=IDS).logits.double()
     assert (merged - unquantized).abs().max() > 1e-3, (
         "merged into the dequantized 4-bit base, not the original"
     )
