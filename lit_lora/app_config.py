@@ -6,11 +6,13 @@ the same overrides work: ``python -m lit_lora.evaluate model=... quant=nf4 data=
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lit_lora.config import DTYPES, DataConfig, ModelConfig, QuantConfig, _one_of
 from lit_lora.errors import UserError
@@ -76,3 +78,25 @@ def register_app_configs() -> None:
     store.store(name="merge_schema", node=MergeConfig)
     store.store(name="generate_schema", node=GenerateConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
+
+
+def typed(cfg: DictConfig, kind: type):
+    """``cfg`` as its schema dataclass ``kind``; bad values become a :class:`UserError`."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except UserError:
+        raise
+    except Exception as err:  # omegaconf raises several types for missing / mistyped values
+        raise UserError(f"invalid config: {err}".splitlines()[0]) from err
+    if not isinstance(obj, kind):
+        raise UserError(f"the config does not use the {kind.__name__} schema")
+    return obj
+
+
+def run_app(command: Callable, cfg: DictConfig, kind: type) -> None:
+    """Run ``command`` on the typed config; a user mistake ends as one line on stderr and exit status 2."""
+    try:
+        command(typed(cfg, kind))
+    except UserError as err:
+        print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)

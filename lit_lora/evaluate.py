@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import hydra
@@ -24,12 +23,12 @@ from omegaconf import DictConfig
 from torchmetrics.functional.text import rouge_score, squad
 
 from lit_lora import demo
-from lit_lora.app_config import EvaluateConfig
+from lit_lora.app_config import EvaluateConfig, run_app
 from lit_lora.batching import MODEL_KEYS, collate
 from lit_lora.config import register_configs
 from lit_lora.data import DataModule
 from lit_lora.errors import UserError
-from lit_lora.merge import _typed, rendering_for
+from lit_lora.merge import rendering_for
 from lit_lora.model import attach_adapter, check_adapter_folder, load_base
 from lit_lora.rendering import IGNORE_INDEX, encode_conversation
 from lit_lora.score import generate_answers
@@ -147,11 +146,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(_typed(cfg, EvaluateConfig))
-    except UserError as err:
-        print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_app(evaluate, cfg, EvaluateConfig)
 
 
 if __name__ == "__main__":

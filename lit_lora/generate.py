@@ -15,10 +15,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from lit_lora.app_config import GenerateConfig
+from lit_lora.app_config import GenerateConfig, run_app
 from lit_lora.config import register_configs
-from lit_lora.errors import UserError
-from lit_lora.merge import _typed, rendering_for, tokenizer_for
+from lit_lora.merge import rendering_for, tokenizer_for
 from lit_lora.model import attach_adapter, load_base, resolve_source
 from lit_lora.rendering import prompt_ids
 
@@ -114,11 +113,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(_typed(cfg, GenerateConfig))
-    except UserError as err:
-        print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_app(run, cfg, GenerateConfig)
 
 
 if __name__ == "__main__":

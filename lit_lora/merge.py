@@ -15,15 +15,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lit_lora.app_config import MergeConfig
+from lit_lora.app_config import MergeConfig, run_app
 from lit_lora.config import register_configs
 from lit_lora.errors import UserError
 from lit_lora.model import attach_adapter, check_adapter_folder, load_base
@@ -122,23 +121,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="merge")
 def main(cfg: DictConfig) -> None:
-    try:
-        merge(_typed(cfg, MergeConfig))
-    except UserError as err:
-        print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-def _typed(cfg: DictConfig, kind: type):
-    try:
-        obj = OmegaConf.to_object(cfg)
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f"invalid config: {err}".splitlines()[0]) from err
-    if not isinstance(obj, kind):
-        raise UserError(f"the config does not use the {kind.__name__} schema")
-    return obj
+    run_app(merge, cfg, MergeConfig)
 
 
 if __name__ == "__main__":
