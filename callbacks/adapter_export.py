@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 
 
 class AdapterExport(L.Callback):
@@ -28,8 +28,14 @@ class AdapterExport(L.Callback):
         if self.dirpath.exists():
             raise FileExistsError(f"{self.dirpath} already exists; lit-lora never overwrites an adapter")
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Under FSDP the adapter is gathered on every rank (a collective); rank zero writes it.
+        gather = getattr(pl_module, "full_params", contextlib.nullcontext)
+        with gather():
+            if trainer.is_global_zero:
+                self._write(pl_module)
+
+    def _write(self, pl_module: L.LightningModule) -> None:
         self.dirpath.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.dirpath.name}.", dir=self.dirpath.parent))
         try:

@@ -46,6 +46,8 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
             positions[i, :n] = torch.tensor(e["position_ids"])
             positions[i, n:] = torch.arange(width - n)
     batch = {"input_ids": ids, "labels": labels, "token_mask": mask}
+    if "step_tokens" in examples[0]:  # from StepBatchSampler: trained tokens of the optimizer step
+        batch["step_tokens"] = torch.tensor(examples[0]["step_tokens"], dtype=torch.long)
     if packed:
         batch["position_ids"] = positions
     else:
@@ -127,28 +129,128 @@ class EpochSampler(Sampler[int]):
         yield from order
 
 
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This rank's micro-batches, cut along optimizer steps, each index tagged with its step's token count.
+
+    An optimizer step takes the next ``micro * accum * world`` examples of the epoch order
+    (:class:`EpochSampler`: seeded, optionally length-grouped); rank ``r`` gets micro-batch ``j`` of it
+    from offset ``(j * world + r) * micro``. Every index comes as ``(index, step_tokens)``, the number
+    of trained tokens in the whole step on all ranks, which the loss divides by (see
+    :meth:`lit_lora.module.LitLoRA.training_step`): the step's gradient is then that of the mean over
+    its trained tokens, whatever the split into micro-batches and ranks. Each rank computes every
+    rank's share itself, so no communication is needed.
+
+    A last step smaller than ``micro * accum * world`` is trained on one process and dropped on
+    several (all ranks must run the same number of micro-batches). ``start_at(epoch, n)`` makes the
+    next pass over that epoch skip its first ``n`` examples (whole steps; resume).
+    """
+
+    def __init__(
+        self,
+        order: EpochSampler,
+        trained: list[int],
+        micro: int,
+        accum: int = 1,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
+        self.source = order
+        self.trained = trained
+        self.micro, self.accum, self.rank, self.world = micro, accum, rank, world
+        self._skip: tuple[int, int] | None = None
+
+    @property
+    def step_size(self) -> int:
+        """Examples per optimizer step, all ranks together."""
+        return self.micro * self.accum * self.world
+
+    @property
+    def epoch(self) -> int:
+        return self.source.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.source.set_epoch(epoch)
+
+    def start_at(self, epoch: int, examples: int) -> None:
+        self._skip = (epoch, examples)
+
+    def steps(self, epoch: int) -> list[list[list[tuple[int, int]]]]:
+        """Every optimizer step of ``epoch``: the list of this rank's tagged micro-batches."""
+        order = self.source.order(epoch)
+        size = self.step_size
+        out = []
+        for start in range(0, len(order), size):
+            step = order[start : start + size]
+            if len(step) < size and self.world > 1:
+                break
+            tokens = sum(self.trained[i] for i in step)
+            mine = [
+                [(i, tokens) for i in step[o : o + self.micro]]
+                for o in range(self.rank * self.micro, len(step), self.micro * self.world)
+            ]
+            out.append(mine)
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(step) for step in self.steps(self.epoch))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        steps = self.steps(self.epoch)
+        skip, self._skip = self._skip, None
+        if skip is not None and skip[0] == self.epoch:
+            steps = steps[skip[1] // self.step_size :]
+        for step in steps:
+            yield from step
+
+
+class TaggedExamples(torch.utils.data.Dataset):
+    """``examples`` indexed by :class:`StepBatchSampler`'s ``(index, step_tokens)`` pairs."""
+
+    def __init__(self, examples: list[dict[str, list[int]]]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, step_tokens = key
+        return {**self.examples[index], "step_tokens": step_tokens}
+
+
 class ResumableLoader(DataLoader):
     """A training DataLoader that Lightning saves and restores with the checkpoint (its data position).
 
-    ``position`` returns how many batches of the current epoch the training loop has consumed
+    ``position`` returns how many batches of the current epoch this rank's training loop has consumed
     (Lightning prefetches a batch, so counting what this loader yielded would be one too many).
     Lightning calls :meth:`state_dict` when it writes a checkpoint and :meth:`load_state_dict` before
-    iterating again on resume; the next pass then starts with the first unseen batch.
+    iterating again on resume; the next pass then starts with the first unseen optimizer step. The
+    position is saved in examples of the epoch order, so it means the same under another world size
+    or micro-batch size (with the same examples per optimizer step).
     """
 
-    def __init__(self, dataset, sampler: EpochSampler, position: Callable[[], int], **kwargs):
+    def __init__(self, examples, sampler: StepBatchSampler, position: Callable[[], int], **kwargs):
         # Own generator: creating an iterator must not draw from the global RNG (dropout's stream).
         super().__init__(
-            dataset, sampler=sampler, generator=torch.Generator().manual_seed(sampler.seed), **kwargs
+            TaggedExamples(examples),
+            batch_sampler=sampler,
+            generator=torch.Generator().manual_seed(sampler.source.seed),
+            **kwargs,
         )
         self.position = position
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": int(self.position())}
+        sampler = self.batch_sampler
+        batches = int(self.position())
+        steps = batches // sampler.accum
+        return {"epoch": sampler.epoch, "batches": batches, "examples": steps * sampler.step_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.set_epoch(state["epoch"])
-        self.sampler.start_at(state["epoch"], state["batches"] * self.batch_size)
+        sampler = self.batch_sampler
+        sampler.set_epoch(state["epoch"])
+        examples = state.get("examples", state["batches"] * sampler.micro)
+        sampler.start_at(state["epoch"], examples)
 
 
 class LengthGroupedSampler(Sampler[int]):

@@ -50,6 +50,9 @@ class ModelConfig:
     dtype: str = "float32"  # storage dtype of unquantized frozen weights
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    # Training loss over trained positions only, in chunks, never full-vocabulary logits for the whole
+    # batch (lit_lora.loss); false: transformers' own loss. Models it cannot serve fall back by themselves.
+    chunked_loss: bool = True
 
     def __post_init__(self) -> None:
         _one_of("model", "dtype", self.dtype, DTYPES)

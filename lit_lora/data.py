@@ -34,7 +34,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lit_lora import demo
-from lit_lora.batching import EpochSampler, ResumableLoader, collate, pack, padding_fraction
+from lit_lora.batching import (
+    EpochSampler,
+    ResumableLoader,
+    StepBatchSampler,
+    collate,
+    pack,
+    padding_fraction,
+)
 from lit_lora.config import DataConfig
 from lit_lora.embedded import cache_root
 from lit_lora.errors import UserError
@@ -335,14 +342,31 @@ class DataModule(L.LightningDataModule):
             return 0
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
-    def train_dataloader(self) -> ResumableLoader:
+    def step_sampler(self) -> StepBatchSampler:
+        """This rank's micro-batches by optimizer step (rank, world size and accumulation from the trainer).
+
+        The sampler shards by rank itself (the trainer runs with ``use_distributed_sampler=False``), so
+        that every rank knows the trained-token count of each whole optimizer step.
+        """
         lengths = [len(e["input_ids"]) for e in self.train_set]
-        sampler = EpochSampler(lengths, self.cfg.batch_size, self.cfg.seed, self.cfg.group_by_length)
+        order = EpochSampler(lengths, self.cfg.batch_size, self.cfg.seed, self.cfg.group_by_length)
+        trained = [count_trained(e["labels"]) for e in self.train_set]
+        trainer = self.trainer
+        accum = trainer.accumulate_grad_batches if trainer is not None else 1
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return StepBatchSampler(order, trained, self.cfg.batch_size, accum, rank, world)
+
+    def train_dataloader(self) -> ResumableLoader:
+        sampler = self.step_sampler()
+        if len(sampler) == 0:
+            raise UserError(
+                f"{len(self.train_set)} training items are fewer than one optimizer step of "
+                f"{sampler.step_size} (data.batch_size x trainer.accumulate_grad_batches x devices)"
+            )
         return ResumableLoader(
             self.train_set,
             sampler,
             self._batches_consumed,
-            batch_size=self.cfg.batch_size,
             num_workers=self.cfg.num_workers,
             collate_fn=self._collate(),
         )

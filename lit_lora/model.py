@@ -22,6 +22,7 @@ from torch import nn
 from lit_lora import embedded
 from lit_lora.config import LoraConfig, ModelConfig, QuantConfig
 from lit_lora.errors import UserError
+from lit_lora.strategies import local_rank
 
 # The attention projections of each architecture, as PEFT target names (suffixes of module paths).
 ATTENTION_TARGETS = {
@@ -315,9 +316,9 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig):
     source, local_only = resolve_source(model_cfg)
     config = _load_config(source, local_only, model_cfg)
     tokenizer = load_tokenizer(model_cfg, source, local_only)
-    device_map = (
-        {"": torch.cuda.current_device()} if quantization is not None and torch.cuda.is_available() else None
-    )
+    # bitsandbytes quantizes on load, on this process's own GPU (one per rank under DDP/FSDP; the
+    # model is loaded before Lightning sets the device, so the rank comes from the environment).
+    device_map = {"": local_rank()} if quantization is not None and torch.cuda.is_available() else None
     try:
         base = AutoModelForCausalLM.from_pretrained(
             source,

@@ -8,18 +8,24 @@ do not count in the loss. Logged keys: ``train/loss``, ``train/pad_frac`` (share
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torchmetrics.text import Perplexity
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from lit_lora.attention import segments_from_positions
 from lit_lora.batching import MODEL_KEYS
 from lit_lora.config import OptimConfig
 from lit_lora.errors import UserError
+from lit_lora.loss import supports_chunked_loss, trained_token_loss
 from lit_lora.rendering import IGNORE_INDEX, Rendering
 
 
@@ -37,10 +43,16 @@ class LitLoRA(L.LightningModule):
     """
 
     def __init__(
-        self, model: torch.nn.Module, optim: OptimConfig, tokenizer=None, rendering: Rendering | None = None
+        self,
+        model: torch.nn.Module,
+        optim: OptimConfig,
+        tokenizer=None,
+        rendering: Rendering | None = None,
+        chunked_loss: bool = False,
     ):
         super().__init__()
         self.model = model
+        self.chunked_loss = chunked_loss and supports_chunked_loss(model)
         # from_pretrained returns the model in eval mode; LoRA dropout only acts in train mode.
         self.model.train()
         self.optim_cfg = optim
@@ -50,10 +62,23 @@ class LitLoRA(L.LightningModule):
         # Checkpoints hold the adapter, not Lightning's full state_dict (see on_save_checkpoint).
         self.strict_loading = False
         self.best_val_loss: float | None = None  # lowest val/loss of this process (summary.json)
+        self._step_loss: torch.Tensor | None = None  # the running optimizer step's loss (this rank)
+        self.last_step_loss: float | None = None  # of the last optimizer step, all ranks
 
     # ------------------------------------------------------------------ checkpoints: the adapter only
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    @contextlib.contextmanager
+    def full_params(self, writeback: bool = False) -> Iterator[None]:
+        """Inside, every parameter is whole on every rank: FSDP's shards are gathered (a collective:
+        enter it on every rank); with any other strategy it does nothing. ``writeback`` keeps changes."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy) and isinstance(strategy.model, FSDP):
+            with FSDP.summon_full_params(strategy.model, writeback=writeback):
+                yield
+        else:
+            yield
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Replace Lightning's full ``state_dict`` with the adapter (PEFT names and config).
@@ -61,7 +86,8 @@ class LitLoRA(L.LightningModule):
         Raises :class:`UserError` if an adapter weight is NaN or infinite: such a checkpoint would only
         resume a broken run.
         """
-        weights = get_peft_model_state_dict(self.model)
+        with self.full_params():
+            weights = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
         broken = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
         if broken:
             raise UserError(
@@ -70,7 +96,7 @@ class LitLoRA(L.LightningModule):
             )
         config = self.model.peft_config[self.model.active_adapter]
         checkpoint["adapter"] = {
-            "weights": {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()},
+            "weights": {name: tensor.contiguous() for name, tensor in weights.items()},
             "config": json.loads(json.dumps(config.to_dict(), default=_json_default)),
         }
         checkpoint["state_dict"] = {}  # the frozen base is never stored
@@ -99,25 +125,70 @@ class LitLoRA(L.LightningModule):
                     f"{tuple(own[name].shape)} here (same lora.r and target modules as the run that saved it?)"
                 )
         before = self.trainable_count()
-        set_peft_model_state_dict(self.model, adapter["weights"])
+        with self.full_params(writeback=True):
+            set_peft_model_state_dict(self.model, adapter["weights"])
         if self.trainable_count() != before or before != checkpoint.get("trainable_params", before):
             raise UserError(
                 f"trainable parameters changed on resume: {checkpoint.get('trainable_params')} saved, {before} now"
             )
 
-    def forward(self, batch: dict[str, torch.Tensor], with_labels: bool = True):
-        """The model's output for a batch; only model inputs are passed (not ``token_mask``)."""
+    def forward(self, batch: dict[str, torch.Tensor], with_labels: bool = True, **kwargs):
+        """The model's output for a batch; only model inputs are passed (not ``token_mask``).
+
+        ``kwargs`` go to the model (e.g. ``num_items_in_batch``, the loss's divisor)."""
         keys = MODEL_KEYS if with_labels else tuple(k for k in MODEL_KEYS if k != "labels")
+        inputs = {k: batch[k] for k in keys if k in batch}
+        if "position_ids" in batch:
+            # Read only by lit_lora.attention's segment attention (other implementations ignore it).
+            inputs["packed_segments"] = segments_from_positions(batch["position_ids"])
         # use_cache=False: a KV cache is useless in training, and with one transformers ignores the
         # position-id resets that keep packed examples from attending to each other.
-        return self.model(**{k: batch[k] for k in keys if k in batch}, use_cache=False)
+        return self.model(**inputs, **kwargs, use_cache=False)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
+        """Summed token loss of the micro-batch over the trained tokens of its whole optimizer step.
+
+        ``batch["step_tokens"]`` (from :class:`lit_lora.batching.StepBatchSampler`) counts the trained
+        tokens of every micro-batch of this optimizer step on every rank. Lightning divides the returned
+        loss by ``accumulate_grad_batches`` and DDP/FSDP average gradients over ranks, so the divisor
+        passed to transformers' loss is ``step_tokens / (accum * world)``: the step's gradient is that of
+        the mean loss over all its trained tokens, the same for 8 x 1, 4 x 2 or 2 x 4 micro-batches and
+        for one or several processes. (Averaging per micro-batch instead over-weights the tokens of
+        short micro-batches.) A batch without ``step_tokens`` is weighted as a micro-batch mean.
+        """
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        if "step_tokens" in batch:
+            divisor = batch["step_tokens"].float() / scale
+        else:
+            divisor = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+        loss = self._loss(batch, divisor)
+        # This micro-batch's share of the optimizer step's mean loss; summed in on_before_optimizer_step.
+        share = loss.detach() / scale
+        self._step_loss = share if self._step_loss is None else self._step_loss + share
         size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/pad_frac", 1 - batch["token_mask"].float().mean(), batch_size=size)
         return loss
+
+    def _loss(self, batch: dict[str, torch.Tensor], divisor: torch.Tensor) -> torch.Tensor:
+        """Summed token loss / ``divisor``: chunked over trained positions (lit_lora.loss) or transformers'.
+
+        FSDP takes transformers' path: the chunked one calls the decoder directly, past the root
+        FSDP unit that holds the embeddings and the output layer."""
+        if self.chunked_loss and not isinstance(self.trainer.strategy, FSDPStrategy):
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            if "position_ids" in batch:
+                inputs["packed_segments"] = segments_from_positions(batch["position_ids"])
+            return trained_token_loss(self.model, inputs, batch["labels"], divisor)
+        return self(batch, num_items_in_batch=divisor).loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log ``train/loss``: the token-weighted mean loss of the optimizer step, all ranks together."""
+        if self._step_loss is None:
+            return
+        total = self.trainer.strategy.reduce(self._step_loss, reduce_op="sum")
+        self._step_loss = None
+        self.last_step_loss = float(total)
+        self.log("train/loss", total, prog_bar=True, rank_zero_only=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch, with_labels=False).logits

@@ -35,9 +35,11 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.memory import process_memory_mb, reset_peak_rss
+from lit_lora.attention import use_packed_attention
 from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, find_resumable
 from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
 from lit_lora.data import DataModule
@@ -45,6 +47,7 @@ from lit_lora.errors import UserError
 from lit_lora.model import build_model
 from lit_lora.module import LitLoRA
 from lit_lora.score import exact_match_score
+from lit_lora.strategies import align_quant_storage, build_strategy
 from lit_lora.sweep import record_failure
 from lit_lora.wandb_logging import finish_runs, flat_config
 
@@ -54,7 +57,9 @@ CHECKPOINTS = "checkpoints"
 
 
 def _say(message: str) -> None:
-    print(f"lit-lora: {message}", flush=True)
+    """A progress line on stdout, from rank zero only (other ranks run the same code)."""
+    if rank_zero_only.rank == 0:
+        print(f"lit-lora: {message}", flush=True)
 
 
 def _instantiate_all(group: str, nodes: DictConfig) -> list:
@@ -141,10 +146,21 @@ def train(cfg: DictConfig) -> TrainResult:
         (out / f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml").write_text(config_yaml)
     L.seed_everything(tc.seed, workers=True, verbose=False)
 
+    storage_note = align_quant_storage(tc)
+    if storage_note:
+        _say(storage_note)
     built = build_model(tc.model, tc.quant, tc.lora)
     data = DataModule(tc.data, built.tokenizer, out / "data")
     data.setup()
-    module = LitLoRA(built.model, tc.optim, tokenizer=built.tokenizer, rendering=data.rendering)
+    if tc.data.packing and use_packed_attention(built.model):
+        _say("packing: attention runs per packed example (segment attention, lit_lora.attention)")
+    module = LitLoRA(
+        built.model,
+        tc.optim,
+        tokenizer=built.tokenizer,
+        rendering=data.rendering,
+        chunked_loss=tc.model.chunked_loss,
+    )
     callbacks = _instantiate_all("callbacks", cfg.callbacks)
     loggers = [lg for lg in _instantiate_all("logger", cfg.logger) if lg is not None]
     summary: dict | None = None
@@ -163,21 +179,15 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
     for logger in loggers:
         logger.log_hyperparams(flat_config(OmegaConf.to_container(cfg, resolve=True)))
 
-    world = tc.trainer.num_nodes * (tc.trainer.devices if isinstance(tc.trainer.devices, int) else 1)
-    effective_batch = tc.data.batch_size * tc.trainer.accumulate_grad_batches * world
     _say(f"model {built.source} ({type(built.model.base_model.model).__name__}), quant={tc.quant.method}")
     _say(
         f"trainable params {built.trainable_params:,} of {built.total_params:,} "
         f"({built.trainable_pct:.3f}%), LoRA r={tc.lora.r} alpha={tc.lora.alpha} on {built.target_modules}"
     )
-    _say(
-        f"effective batch {effective_batch} = {tc.data.batch_size} x "
-        f"{tc.trainer.accumulate_grad_batches} accum x {world} devices; ~{effective_batch * data.tokens_per_example():.0f} tokens "
-        f"({effective_batch * data.trained_tokens_per_example():.0f} trained) per optimizer step"
-    )
     _report_data(data.stats, tc.data.on_bad_row)
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["strategy"] = build_strategy(tc, built.model)
     if not data.examples["val"]:
         trainer_kwargs["limit_val_batches"] = 0  # no validation rows: data.val_fraction=0 and no val_source
     try:
@@ -189,11 +199,20 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
             # Checkpoints hold the adapter only, as safetensors + JSON (lit_lora.checkpoint_io); Lightning
             # writes none of its own unless a checkpoint callback (callbacks/adapter_checkpoint) is on.
             plugins=[SafetensorsCheckpointIO()],
+            # The training sampler shards by rank itself (lit_lora.batching.StepBatchSampler).
+            use_distributed_sampler=False,
             enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         )
     except (MisconfigurationException, ValueError, RuntimeError) as err:
         # e.g. trainer.devices=4 on a 2-device machine, an unknown accelerator or strategy name
         raise UserError(f"trainer: {str(err).splitlines()[0]}") from err
+    world = trainer.world_size
+    effective_batch = tc.data.batch_size * tc.trainer.accumulate_grad_batches * world
+    _say(
+        f"effective batch {effective_batch} = {tc.data.batch_size} x "
+        f"{tc.trainer.accumulate_grad_batches} accum x {world} devices; ~{effective_batch * data.tokens_per_example():.0f} tokens "
+        f"({effective_batch * data.trained_tokens_per_example():.0f} trained) per optimizer step"
+    )
     with warnings.catch_warnings():
         # Lightning warns that a 1-worker DataLoader may be a bottleneck; tokenized rows are in memory.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

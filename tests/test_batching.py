@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lit_lora.attention import segments_from_positions, use_packed_attention
 from lit_lora.batching import MODEL_KEYS, LengthGroupedSampler, collate, pack, padding_fraction
 from lit_lora.config import ModelConfig
 from lit_lora.demo import make_rows
@@ -86,6 +87,38 @@ def test_packed_loss_and_logits_equal_unpacked_on_the_real_model(examples, token
         for s, e in itertools.pairwise(starts):
             alone = model(input_ids=torch.tensor([row["input_ids"][s:e]]), use_cache=False).logits[0]
             assert (logits[s:e] - alone).abs().max() < 1e-3
+
+
+def test_segment_attention_equals_the_masked_sdpa_path_in_loss_logits_and_gradients(examples, tokenizer):
+    """lit_lora.attention runs SDPA per packed segment; it must compute what the block mask computes."""
+    model = AutoModelForCausalLM.from_pretrained(resolve("embedded:smollm2-135m"), dtype=torch.float32)
+    model.train()  # dropout is 0 in this config; gradients are compared too
+    packed = collate(pack(examples, 256), tokenizer.pad_token_id)
+    inputs = _model_inputs(packed)
+    segments = segments_from_positions(packed["position_ids"])
+    assert max(len(s) for s in segments) > 2, "rows must hold several examples"
+
+    def run():
+        model.zero_grad()
+        out = model(**inputs, packed_segments=segments, use_cache=False)
+        out.loss.backward()
+        grad = model.model.layers[3].self_attn.q_proj.weight.grad.clone()
+        return out.loss.detach(), out.logits.detach(), grad
+
+    loss_mask, logits_mask, grad_mask = run()  # sdpa: packed_segments is ignored, the block mask acts
+    assert use_packed_attention(model)
+    loss_seg, logits_seg, grad_seg = run()
+    real = packed["token_mask"].bool()
+    assert abs(loss_mask.item() - loss_seg.item()) < 1e-5
+    assert (logits_mask[real] - logits_seg[real]).abs().max() < 1e-3
+    assert torch.allclose(grad_mask, grad_seg, rtol=1e-3, atol=1e-6)
+    # Calls without segments (plain batches, generation) still take SDPA with its padding mask.
+    plain = _model_inputs(collate(examples[:3], tokenizer.pad_token_id))
+    with torch.no_grad():
+        model.eval()
+        switched = model(**plain, use_cache=False).loss
+        model.set_attn_implementation("sdpa")
+        assert abs(switched.item() - model(**plain, use_cache=False).loss.item()) < 1e-6
 
 
 def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():

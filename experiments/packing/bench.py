@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from callbacks.throughput import Throughput
+from lit_lora.attention import use_packed_attention
 from lit_lora.batching import MODEL_KEYS, collate, pack, padding_fraction
 from lit_lora.config import register_configs, to_train_config
 from lit_lora.data import DataModule
@@ -94,6 +95,8 @@ def one_run(examples: list[dict], tokenizer, packing: bool, args) -> dict:
     cfg = _compose(["output_dir=/tmp/unused"])
     L.seed_everything(0, verbose=False)
     built = build_model(cfg.model, cfg.quant, cfg.lora)
+    if packing and args.attention == "segments":
+        use_packed_attention(built.model)  # what lit_lora.train does when data.packing=true
     items = pack(examples, args.max_seq_len) if packing else examples
     loader = DataLoader(
         items,
@@ -116,7 +119,8 @@ def one_run(examples: list[dict], tokenizer, packing: bool, args) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         started = time.perf_counter()
-        trainer.fit(LitLoRA(built.model, cfg.optim), train_dataloaders=loader)
+        module = LitLoRA(built.model, cfg.optim, chunked_loss=cfg.model.chunked_loss)  # as lit_lora.train
+        trainer.fit(module, train_dataloaders=loader)
         wall = time.perf_counter() - started
     out = meter.summary_metrics()
     return {
@@ -159,6 +163,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--corpus", choices=("presets", "longtail"), default="presets")
     parser.add_argument("--max-seq-len", type=int, default=None, help="256 for presets, 512 for longtail")
+    parser.add_argument(
+        "--attention",
+        choices=("segments", "mask"),
+        default="segments",
+        help="packed runs: per-example segment attention (what training uses) or SDPA under a block mask",
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: results-<corpus>.json here")
     args = parser.parse_args()
     args.out = args.out or HERE / f"results-{args.corpus}.json"

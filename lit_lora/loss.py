@@ -1,0 +1,102 @@
+"""Chunked cross-entropy over the trained positions only, without full-vocabulary logits.
+
+transformers' causal-LM loss computes logits for every position of the batch (B x T x vocab; SmolLM2's
+vocabulary is 49,152), upcasts them to fp32 and keeps them for the backward pass, although prompt,
+padding and packed-boundary positions have no label. :func:`trained_token_loss` instead runs the
+decoder, keeps the hidden states of the positions whose next token is trained, and computes the loss
+over them in chunks: each chunk's logits exist only while the chunk is processed, and the gradient
+with respect to the hidden states is formed right away (``softmax - one_hot``, times the output
+weight), so no logits are kept for backward. The output layer must be frozen (it is, unless LoRA
+targets ``lm_head``); :func:`supports_chunked_loss` says when the path applies and callers fall back
+to transformers' loss otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lit_lora.rendering import IGNORE_INDEX
+
+CHUNK_ROWS = 1024  # positions per chunk: 1024 x 49,152 fp32 logits = 192 MiB at a time
+
+
+class _FrozenLinearCrossEntropy(torch.autograd.Function):
+    """``sum_i CE(hidden[i] @ weight.T, targets[i])`` in chunks; the gradient flows to ``hidden`` only."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        device = hidden.device.type
+        # The matmuls run in the autocast dtype when autocast is on (as lm_head would), else as stored.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        w = weight.to(dtype)  # cast once, not per chunk
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(dtype)
+            t = targets[start : start + chunk]
+            logits = (h @ w.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                probs = torch.exp(logits.sub_(lse[:, None]))  # in place: the chunk's only big buffer
+                probs[torch.arange(len(t), device=t.device), t] -= 1
+                grad[start : start + chunk] = (probs.to(dtype) @ w).to(grad.dtype)
+        ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
+def _parts(model):
+    """``(decoder, lm_head)`` of a PEFT or transformers causal LM, or None when they cannot be found."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return (base, decoder, head) if decoder is not None and head is not None else None
+
+
+def supports_chunked_loss(model) -> bool:
+    """True when the model's logits are exactly ``lm_head(decoder(...))`` with a frozen, plain weight.
+
+    Models that scale or soft-cap logits, a bias on the output layer, a LoRA-adapted or quantized
+    ``lm_head``: all take transformers' own loss.
+    """
+    parts = _parts(model)
+    if parts is None:
+        return False
+    base, _, head = parts
+    config = base.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (
+        None,
+        1.0,
+    ):
+        return False
+    weight = getattr(head, "weight", None)
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and weight is not None
+        and not weight.requires_grad
+        and weight.dtype.is_floating_point
+    )
+
+
+def trained_token_loss(
+    model, inputs: dict, labels: torch.Tensor, divisor: torch.Tensor, chunk: int = CHUNK_ROWS, **kwargs
+) -> torch.Tensor:
+    """Summed next-token loss over positions with a label, divided by ``divisor``.
+
+    ``inputs`` are the decoder's inputs (``input_ids`` and ``attention_mask`` or ``position_ids``),
+    ``labels`` (B, T) with ``-100`` where nothing is trained; the result equals transformers'
+    ``ForCausalLMLoss`` with ``num_items_in_batch=divisor`` (within float rounding).
+    """
+    _, decoder, head = _parts(model)
+    hidden = decoder(**inputs, **kwargs, use_cache=False).last_hidden_state
+    shifted = labels[:, 1:]
+    keep = shifted != IGNORE_INDEX
+    rows = hidden[:, :-1][keep]
+    total = _FrozenLinearCrossEntropy.apply(rows, head.weight, shifted[keep], chunk)
+    return total / divisor

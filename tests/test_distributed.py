@@ -1,0 +1,160 @@
+"""Scaling must not change the numbers: gradient accumulation, DDP (real gloo processes), world-size moves.
+
+Every run here trains the tiny random Llama in fp32 with LoRA dropout 0 on demo rows of unequal
+lengths, so that a loss averaged per micro-batch (instead of over the step's trained tokens) would
+show up as a difference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from peft import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from lit_lora.batching import EpochSampler, StepBatchSampler
+from lit_lora.config import to_train_config
+from lit_lora.errors import UserError
+from lit_lora.model import build_model
+from lit_lora.strategies import align_quant_storage, build_strategy
+from lit_lora.train import train
+from tests.conftest import TINY, compose_train, run_cli
+
+EXACT = [*TINY, "lora.dropout=0.0", "score=false", "trainer.limit_val_batches=0"]
+CKPT_EVERY_2 = [
+    "callbacks.adapter_checkpoint.every_n_train_steps=2",
+    "callbacks.adapter_checkpoint.monitor=null",
+    "callbacks.adapter_checkpoint.save_top_k=-1",
+]
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b) and a
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_step_sampler_splits_each_step_over_ranks_and_tags_its_token_count():
+    lengths = list(range(10, 30))
+    trained = [n // 2 for n in lengths]
+    order = EpochSampler(lengths, batch_size=2, seed=3)
+    one = StepBatchSampler(order, trained, micro=4, accum=1)
+    ranks = [StepBatchSampler(order, trained, micro=2, accum=1, rank=r, world=2) for r in (0, 1)]
+    steps_one = one.steps(0)
+    steps_two = [s.steps(0) for s in ranks]
+    assert len(steps_one) == 5 and all(len(s) == 5 for s in steps_two)
+    for k, step in enumerate(steps_one):
+        together = sorted(i for s in steps_two for mb in s[k] for i, _ in mb)
+        assert together == sorted(i for mb in step for i, _ in mb), "same examples per step"
+        tags = {t for s in steps_two for mb in s[k] for _, t in mb} | {t for mb in step for _, t in mb}
+        assert tags == {sum(trained[i] for mb in step for i, _ in mb)}
+    # A ragged last step is trained by one process, dropped by two (ranks must stay in lock-step).
+    assert len(StepBatchSampler(order, trained, micro=3).steps(0)) == 7
+    assert len(StepBatchSampler(order, trained, micro=3, rank=1, world=2).steps(0)) == 3
+
+
+def test_gradient_accumulation_8x1_4x2_2x4_give_the_same_loss_and_adapter(tmp_path):
+    results = {}
+    for micro, accum in ((8, 1), (4, 2), (2, 4)):
+        result = train(
+            compose_train(
+                [
+                    *EXACT,
+                    f"output_dir={tmp_path / f'{micro}x{accum}'}",
+                    "trainer.max_steps=3",
+                    f"data.batch_size={micro}",
+                    f"trainer.accumulate_grad_batches={accum}",
+                ]
+            )
+        )
+        weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(result.model).items()}
+        results[(micro, accum)] = (result.summary["final_train_loss"], weights)
+    loss_ref, weights_ref = results[(8, 1)]
+    assert any(w.abs().max() > 0 for k, w in weights_ref.items() if "lora_B" in k), "B must have moved"
+    for key in ((4, 2), (2, 4)):
+        loss, weights = results[key]
+        assert abs(loss - loss_ref) < 1e-5, (key, loss, loss_ref)
+        assert _max_diff(weights, weights_ref) < 1e-5, key
+
+
+def _ddp(*overrides: str):
+    return ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides)
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    common = [*EXACT, "trainer.max_steps=4"]
+    single = run_cli(*common, f"output_dir={tmp_path / 'single'}", "data.batch_size=8", timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_cli(*_ddp(*common, f"output_dir={tmp_path / 'ddp'}", "data.batch_size=4"), timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "x 2 devices" in ddp.stdout, "the effective batch line counts both processes"
+    assert _max_diff(_adapter(tmp_path / "ddp"), _adapter(tmp_path / "single")) < 1e-6
+    # Rank zero wrote the summary; the memory tracker reports both ranks in it.
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert len(summary["memory"]["per_rank"]) == 2
+    assert ddp.stdout.count("effective batch") == 1, "progress lines come from rank zero only"
+
+
+@pytest.mark.parametrize("name", ["default", "cpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_every_strategy_config_composes_and_maps_to_a_lightning_strategy(tmp_path, name):
+    cfg = to_train_config(compose_train(["model=tiny", f"trainer={name}", f"output_dir={tmp_path}"]))
+    if name.startswith("deepspeed"):
+        if importlib.util.find_spec("deepspeed") is None:
+            with pytest.raises(UserError, match=r"pip install 'lit-lora\[deepspeed\]'"):
+                build_strategy(cfg, None)
+        else:
+            assert build_strategy(cfg, None) == {"deepspeed_zero2": "deepspeed_stage_2"}.get(
+                name, "deepspeed_stage_3"
+            )
+        return
+    model = build_model(cfg.model, cfg.quant, cfg.lora).model
+    strategy = build_strategy(cfg, model)
+    if name == "fsdp":
+        assert isinstance(strategy, FSDPStrategy)
+        wrapped = strategy.kwargs["auto_wrap_policy"]
+        assert {c.__name__ for c in wrapped._module_classes} == {"LlamaDecoderLayer"}
+    else:
+        assert strategy == {"ddp": "ddp"}.get(name, "auto")
+
+
+def test_fsdp_with_qlora_stores_4bit_weights_in_the_compute_dtype(tmp_path):
+    cfg = to_train_config(
+        compose_train(["model=tiny", "trainer=fsdp", "quant=nf4", f"output_dir={tmp_path}"])
+    )
+    assert cfg.quant.storage_dtype == "uint8"
+    assert "bfloat16" in align_quant_storage(cfg)
+    assert cfg.quant.storage_dtype == cfg.quant.compute_dtype == "bfloat16"
+    # Another strategy keeps bitsandbytes' default packing.
+    plain = to_train_config(compose_train(["model=tiny", "quant=nf4", f"output_dir={tmp_path}"]))
+    assert align_quant_storage(plain) is None and plain.quant.storage_dtype == "uint8"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,second", [("ddp", "single"), ("single", "ddp")])
+def test_checkpoint_moves_between_world_sizes_2_and_1(tmp_path, first, second):
+    """The step-2 checkpoint of a 4-step run under one world size, resumed under the other, ends where
+    4 steps in one process end (the first run goes on to step 4 so its LR schedule is the same)."""
+    common = [*EXACT, *CKPT_EVERY_2]
+
+    def launch(kind: str, out: Path, *extra: str):
+        args = [*common, f"output_dir={out}", *extra]
+        args = _ddp(*args, "data.batch_size=4") if kind == "ddp" else (*args, "data.batch_size=8")
+        done = run_cli(*args, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    launch("single", tmp_path / "reference", "trainer.max_steps=4")
+    launch(first, tmp_path / "first", "trainer.max_steps=4")
+    (checkpoint,) = (tmp_path / "first" / "checkpoints").glob("step-000002*")
+    resumed = launch(second, tmp_path / "second", "trainer.max_steps=4", f"resume={checkpoint}")
+    assert "resuming from" in resumed.stdout and "(step 2)" in resumed.stdout
+    assert _max_diff(_adapter(tmp_path / "second"), _adapter(tmp_path / "reference")) < 1e-6

@@ -1,0 +1,111 @@
+"""The chunked trained-position loss equals transformers' loss, in value and in LoRA gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_lora.attention import segments_from_positions, use_packed_attention
+from lit_lora.batching import MODEL_KEYS, collate, pack
+from lit_lora.config import LoraConfig, ModelConfig, QuantConfig, to_train_config
+from lit_lora.demo import make_rows
+from lit_lora.loss import supports_chunked_loss, trained_token_loss
+from lit_lora.model import build_model
+from lit_lora.rendering import IGNORE_INDEX, Rendering, encode_conversation
+from tests.conftest import alpaca_messages, compose_train
+
+
+@pytest.fixture(scope="module")
+def built():
+    model = build_model(
+        ModelConfig(name_or_path="embedded:smollm2-135m"), QuantConfig(), LoraConfig(dropout=0.0)
+    )
+    torch.manual_seed(0)
+    for name, param in model.model.named_parameters():
+        if "lora_B" in name:  # non-zero B: LoRA must change the loss and receive gradients
+            param.data.normal_(0, 0.02)
+    return model
+
+
+def _examples(tokenizer, n=6):
+    rendering = Rendering.resolve(tokenizer)
+    out = []
+    for i, row in enumerate(make_rows(n, seed=4, held_out_names=False)):
+        row = {**row, "input": row["input"] + " More." * (3 * i)}
+        ids, labels = encode_conversation(tokenizer, rendering, alpaca_messages(row))
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_loss_and_gradients_equal_transformers_loss(built, packed):
+    model, tokenizer = built.model, built.tokenizer
+    assert supports_chunked_loss(model)
+    examples = _examples(tokenizer)
+    batch = collate(pack(examples, 256) if packed else examples, tokenizer.pad_token_id)
+    if packed:
+        use_packed_attention(model)
+    divisor = torch.tensor(7.0)  # any divisor, e.g. a step's token count / (accum x world)
+    model.zero_grad()
+    reference = model(
+        **{k: batch[k] for k in MODEL_KEYS if k in batch}, num_items_in_batch=divisor, use_cache=False
+    ).loss
+    reference.backward()
+    grads_ref = _lora_grads(model)
+    model.zero_grad()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    extra = {"packed_segments": segments_from_positions(batch["position_ids"])} if packed else {}
+    chunked = trained_token_loss(model, inputs, batch["labels"], divisor, chunk=37, **extra)
+    chunked.backward()
+    grads = _lora_grads(model)
+    assert (batch["labels"] == IGNORE_INDEX).any() and reference.item() > 0
+    assert abs(chunked.item() - reference.item()) < 1e-4 * reference.item()
+    for name, g in grads_ref.items():
+        assert g.abs().max() > 0, name
+        err = ((grads[name] - g).abs().max() / g.abs().max()).item()  # fp32 noise: ~1e-4
+        assert err < 1e-3, name
+
+
+def test_lora_on_lm_head_takes_transformers_loss():
+    built = build_model(
+        ModelConfig(name_or_path="embedded:smollm2-135m"),
+        QuantConfig(),
+        LoraConfig(target_modules=["q_proj", "lm_head"]),
+    )
+    assert not supports_chunked_loss(built.model)
+
+
+def test_activation_checkpointing_still_trains_lora_with_the_same_gradients():
+    """The known trap: with checkpointing, LoRA B gets no gradient if the inputs do not require grad."""
+    grads = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = to_train_config(
+            compose_train(
+                [
+                    "model=tiny",
+                    "output_dir=/tmp/unused",
+                    "lora.dropout=0.0",
+                    f"model.gradient_checkpointing={str(checkpointing).lower()}",
+                ]
+            )
+        )
+        built = build_model(cfg.model, cfg.quant, cfg.lora)
+        model = built.model
+        model.train()
+        torch.manual_seed(1)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # non-zero B, or A's gradient is zero whatever happens
+                param.data.normal_(0, 0.02)
+        assert model.get_base_model().is_gradient_checkpointing == checkpointing
+        batch = collate(_examples(built.tokenizer, 3), built.tokenizer.pad_token_id)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        trained_token_loss(model, inputs, batch["labels"], torch.tensor(10.0)).backward()
+        grads[checkpointing] = _lora_grads(model)
+    for name, g in grads[False].items():
+        assert g.abs().max() > 0 and grads[True][name].abs().max() > 0, name
+        assert torch.allclose(grads[True][name], g, rtol=1e-4, atol=1e-7), name
