@@ -14,7 +14,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast bench lint format clean-venv
+.PHONY: help install train test test-fast bench bench-scaling bench-packing bench-gpu lint format clean-venv
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -39,8 +39,18 @@ test: $(STAMP)  ## run the test suite (CPU, offline)
 test-fast: $(STAMP)  ## run the tests that do not load the real model
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
-bench: $(STAMP)  ## benchmarks (CPU): packing vs padding, trained tokens/s -> experiments/packing/results.json
-	$(BIN)/python experiments/packing/bench.py $(ARGS)
+bench: $(STAMP)  ## lit-lora vs HF Trainer vs raw loop (interleaved) + scaling table -> bench/results/
+	$(BIN)/python -m bench.run $(ARGS)
+	$(BIN)/python -m bench.scaling
+
+bench-scaling: $(STAMP)  ## step time and memory vs sequence length, rank, batch -> bench/results/*.png
+	$(BIN)/python -m bench.scaling $(ARGS)
+
+bench-packing: $(STAMP)  ## packing vs padding, trained tokens/s -> experiments/packing/results-*.json
+	$(BIN)/python experiments/packing/bench.py --corpus longtail --out experiments/packing/results-longtail-segments.json $(ARGS)
+
+bench-gpu: $(STAMP)  ## QLoRA on a Mistral-7B-shaped model, lit-lora vs HF Trainer (CUDA; ARGS=--dry-run on CPU)
+	$(BIN)/python -m bench.gpu $(ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

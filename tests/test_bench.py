@@ -1,0 +1,55 @@
+"""The benchmarks must keep running: tiny smoke runs of make bench's harness and of make bench-gpu."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.bnb
+def test_bench_gpu_dry_run_trains_both_systems_on_a_tiny_quantized_mistral():
+    done = _run("-m", "bench.gpu", "--dry-run", "--rounds", "1", "--steps", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout[done.stdout.index("{\n") :])["summary"]
+    for system in ("lit", "hf"):
+        assert summary[system]["tokens_per_s"] > 0 and summary[system]["peak_memory_gib"] > 0
+
+
+def test_bench_gpu_refuses_without_cuda_unless_dry_run():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    done = _run("-m", "bench.gpu", timeout=120)
+    assert done.returncode == 2 and "--dry-run" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("system", ["lit", "hf", "raw"])
+def test_each_bench_system_runs_and_reports(system):
+    done = _run(
+        "-m",
+        "bench.systems",
+        "--system",
+        system,
+        "--data",
+        "variable",
+        "--examples",
+        "12",
+        "--batch-size",
+        "4",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    assert result["trained_tokens_per_s"] > 0 and result["peak_memory_mb"] > 0
+    assert result["adapter_bytes"] > 1_000_000  # LoRA r=8 on q/k/v/o of SmolLM2-135M, fp32
