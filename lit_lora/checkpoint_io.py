@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lit_lora import faults
 from lit_lora.errors import UserError
 
 STATE_TENSORS = "state.safetensors"
@@ -123,6 +125,7 @@ def write_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
             save_file(adapter["weights"], str(tmp / ADAPTER_DIR / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             _fsync(tmp / ADAPTER_DIR / ADAPTER_WEIGHTS)
             _write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG, adapter["config"])
+        faults.during_save()
         tensors: dict[str, torch.Tensor] = {}
         skeleton = _flatten(rest, tensors, "checkpoint")
         save_file(tensors, str(tmp / STATE_TENSORS))
@@ -148,14 +151,21 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / STATE_JSON).is_file():
         raise UserError(f"{path} is not a lit-lora checkpoint folder (no {STATE_JSON})")
-    tensors = load_file(str(path / STATE_TENSORS))
-    checkpoint = _unflatten(json.loads((path / STATE_JSON).read_text()), tensors)
-    adapter_dir = path / ADAPTER_DIR
-    if (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        checkpoint["adapter"] = {
-            "weights": load_file(str(adapter_dir / ADAPTER_WEIGHTS)),
-            "config": json.loads((adapter_dir / ADAPTER_CONFIG).read_text()),
-        }
+    try:
+        tensors = load_file(str(path / STATE_TENSORS))
+        checkpoint = _unflatten(json.loads((path / STATE_JSON).read_text()), tensors)
+        adapter_dir = path / ADAPTER_DIR
+        if (adapter_dir / ADAPTER_WEIGHTS).is_file():
+            checkpoint["adapter"] = {
+                "weights": load_file(str(adapter_dir / ADAPTER_WEIGHTS)),
+                "config": json.loads((adapter_dir / ADAPTER_CONFIG).read_text()),
+            }
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        # A pickle (or anything else) in place of safetensors / JSON is refused, never unpickled.
+        raise UserError(
+            f"{path} is not a valid lit-lora checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "lit-lora reads checkpoints only as safetensors and JSON"
+        ) from err
     return checkpoint
 
 
@@ -165,6 +175,14 @@ def checkpoint_step(path: Path) -> int | None:
         return int(json.loads((Path(path) / STATE_JSON).read_text())["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def clean_stale(folder: Path) -> int:
+    """Remove the ``.tmp-*`` leftovers of saves that were killed or failed; returns how many."""
+    stale = list(Path(folder).glob(f"{TMP_PREFIX}*")) if Path(folder).is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
 
 
 def find_resumable(folder: Path) -> Path | None:

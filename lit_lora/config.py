@@ -60,6 +60,11 @@ class ModelConfig:
             raise UserError(
                 "model.random_init=true needs model.model_type (e.g. llama) to build the architecture"
             )
+        if self.trust_remote_code and not self.revision:
+            raise UserError(
+                "model.trust_remote_code=true runs Python code from the model repository: pin the code you "
+                "reviewed with model.revision=<commit sha>"
+            )
 
 
 @dataclass
@@ -271,6 +276,22 @@ class TrainConfig:
     # null: start fresh; auto: continue from the newest complete checkpoint in <output_dir>/checkpoints
     # (from step 0 if there is none); or the path of a checkpoint folder.
     resume: str | None = None
+    # A non-finite loss or gradient: abort (stop at that step, naming it) or skip (leave the weights
+    # unchanged for that step; abort after max_nonfinite_skips consecutive skips).
+    on_nonfinite: str = "abort"
+    max_nonfinite_skips: int = 3
+    # SIGTERM / SIGUSR1: save a checkpoint at the next step boundary and exit (status 143) within this.
+    grace_period_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.on_nonfinite not in ("abort", "skip"):
+            raise UserError(
+                f"on_nonfinite={self.on_nonfinite!r} is not supported; choose one of: abort, skip"
+            )
+        if self.max_nonfinite_skips < 1:
+            raise UserError(f"max_nonfinite_skips must be >= 1, got {self.max_nonfinite_skips}")
+        if self.grace_period_s <= 0:
+            raise UserError(f"grace_period_s must be > 0, got {self.grace_period_s}")
 
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"

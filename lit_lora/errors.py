@@ -1,8 +1,10 @@
-"""The one exception type for user mistakes.
+"""Exceptions that end a run with one message and a dedicated exit status, never a traceback.
 
 Anything the user can fix (a typo, a missing model, an unsupported device) is raised as
-:class:`UserError`. Entry points print its message on one line and exit with status 2, without a
-traceback; every other exception is a bug in lit-lora and keeps its traceback.
+:class:`UserError` (exit 2). Resource failures have their own status so that schedulers and scripts
+can tell them apart: :class:`OutOfMemory` (3), :class:`DiskFull` (4), :class:`Interrupted` (143, a
+signal asked the run to stop and a checkpoint was saved). Every other exception is a bug in lit-lora
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,3 +12,23 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A mistake in the user's config, data or environment, with a message that says what to change."""
+
+    exit_code = 2
+
+
+class OutOfMemory(UserError):
+    """The device ran out of memory; the message gives the batch shape and concrete remedies."""
+
+    exit_code = 3
+
+
+class DiskFull(UserError):
+    """A write failed for lack of space; the previous checkpoint is intact."""
+
+    exit_code = 4
+
+
+class Interrupted(UserError):
+    """SIGTERM / SIGUSR1 stopped the run after saving a checkpoint (resume with ``resume=auto``)."""
+
+    exit_code = 143

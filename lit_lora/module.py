@@ -21,6 +21,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torchmetrics.text import Perplexity
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from lit_lora import faults
 from lit_lora.attention import segments_from_positions
 from lit_lora.batching import MODEL_KEYS
 from lit_lora.config import OptimConfig
@@ -49,6 +50,8 @@ class LitLoRA(L.LightningModule):
         tokenizer=None,
         rendering: Rendering | None = None,
         chunked_loss: bool = False,
+        on_nonfinite: str = "abort",
+        max_nonfinite_skips: int = 3,
     ):
         super().__init__()
         self.model = model
@@ -64,6 +67,11 @@ class LitLoRA(L.LightningModule):
         self.best_val_loss: float | None = None  # lowest val/loss of this process (summary.json)
         self._step_loss: torch.Tensor | None = None  # the running optimizer step's loss (this rank)
         self.last_step_loss: float | None = None  # of the last optimizer step, all ranks
+        self.on_nonfinite = on_nonfinite
+        self.max_nonfinite_skips = max_nonfinite_skips
+        self.nonfinite_skips = 0  # consecutive skipped steps
+        self.skipped_steps: list[int] = []  # every step skipped for a non-finite gradient
+        self._batch_idx = 0
 
     # ------------------------------------------------------------------ checkpoints: the adapter only
     def trainable_count(self) -> int:
@@ -161,7 +169,19 @@ class LitLoRA(L.LightningModule):
             divisor = batch["step_tokens"].float() / scale
         else:
             divisor = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+        step = self.global_step + 1  # the optimizer step this micro-batch belongs to (1-based)
+        self._batch_idx = batch_idx
+        if faults.at("oom", step):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by LIT_LORA_FAULTS)")
         loss = self._loss(batch, divisor)
+        if faults.at("nan_loss", step):
+            loss = loss * float("nan")
+        if not torch.isfinite(loss) and self.on_nonfinite == "abort":
+            raise UserError(
+                f"step {step} (batch {batch_idx} of epoch {self.current_epoch}): the training loss is "
+                f"{loss.item()}; training stopped before the optimizer step. Lower optim.lr, set "
+                "trainer.gradient_clip_val, check that batch's data, or set on_nonfinite=skip"
+            )
         # This micro-batch's share of the optimizer step's mean loss; summed in on_before_optimizer_step.
         share = loss.detach() / scale
         self._step_loss = share if self._step_loss is None else self._step_loss + share
@@ -182,7 +202,36 @@ class LitLoRA(L.LightningModule):
         return self(batch, num_items_in_batch=divisor).loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Log ``train/loss``: the token-weighted mean loss of the optimizer step, all ranks together."""
+        """Check the gradients (``on_nonfinite``) and log ``train/loss``, the token-weighted mean loss of
+        the optimizer step, all ranks together.
+
+        ``skip`` drops every gradient of a step with a non-finite one: AdamW leaves parameters without a
+        gradient untouched, moments included, so the weights stay bitwise what they were.
+        """
+        step = self.global_step + 1
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if faults.at("inf_grad", step) and params:
+            params[0].grad.view(-1)[0] = float("inf")
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all() if params else True
+        if not bool(finite):
+            where = f"step {step} (last batch {self._batch_idx} of epoch {self.current_epoch})"
+            if self.on_nonfinite == "abort":
+                raise UserError(
+                    f"{where}: a gradient is NaN or infinite; training stopped before the optimizer step. "
+                    "Lower optim.lr, set trainer.gradient_clip_val, or set on_nonfinite=skip"
+                )
+            self.nonfinite_skips += 1
+            self.skipped_steps.append(step)
+            for p in params:
+                p.grad = None
+            print(f"lit-lora: {where}: non-finite gradient, step skipped", flush=True)
+            if self.nonfinite_skips >= self.max_nonfinite_skips:
+                raise UserError(
+                    f"{where}: {self.nonfinite_skips} consecutive steps with non-finite gradients "
+                    f"(max_nonfinite_skips={self.max_nonfinite_skips}); training stopped"
+                )
+        else:
+            self.nonfinite_skips = 0
         if self._step_loss is None:
             return
         total = self.trainer.strategy.reduce(self._step_loss, reduce_op="sum")

@@ -19,6 +19,7 @@ Run folder (``output_dir``), the contract with later commands:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -40,10 +41,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.memory import process_memory_mb, reset_peak_rss
 from lit_lora.attention import use_packed_attention
-from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, find_resumable
+from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, clean_stale, find_resumable
 from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
 from lit_lora.data import DataModule
-from lit_lora.errors import UserError
+from lit_lora.errors import DiskFull, OutOfMemory, UserError
+from lit_lora.graceful import GracefulStop
 from lit_lora.model import build_model
 from lit_lora.module import LitLoRA
 from lit_lora.score import exact_match_score
@@ -70,10 +72,54 @@ def _instantiate_all(group: str, nodes: DictConfig) -> list:
         try:
             objects.append(instantiate(node))
         except Exception as err:  # hydra wraps import and argument errors in several types
+            cause = err.__cause__ or err  # hydra's wrapper says where; the cause says what
             raise UserError(
-                f"{group}.{key}: cannot build {node.get('_target_')}: {str(err).splitlines()[0]}"
+                f"{group}.{key}: cannot build {node.get('_target_')}: {str(cause).splitlines()[0]}"
             ) from err
     return objects
+
+
+def _accepted_keys(target: str) -> set[str] | None:
+    """Keyword arguments ``target`` (a class or function path) accepts; None if it takes any."""
+    import importlib
+    import inspect
+
+    module, _, name = target.rpartition(".")
+    obj = getattr(importlib.import_module(module), name)
+    keys: set[str] = set()
+    for owner in obj.__mro__ if inspect.isclass(obj) else (obj,):
+        init = owner.__init__ if inspect.isclass(obj) else owner
+        if inspect.isclass(obj) and "__init__" not in vars(owner):
+            continue
+        params = inspect.signature(init).parameters.values()
+        keys |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return keys
+    return None
+
+
+def check_plugin_keys(cfg: DictConfig) -> None:
+    """Unknown keys of ``callbacks.*`` and ``logger.*`` (free-form groups the schema cannot type) fail
+    here, before the model loads, naming the dotted key and the closest valid one."""
+    import difflib
+
+    for group in ("callbacks", "logger"):
+        for key, node in (cfg.get(group) or {}).items():
+            if node is None or "_target_" not in node:
+                continue
+            try:
+                accepted = _accepted_keys(node["_target_"])
+            except (ImportError, AttributeError, ValueError) as err:
+                raise UserError(
+                    f"{group}.{key}._target_={node['_target_']}: cannot import it ({err})"
+                ) from err
+            if accepted is None:
+                continue
+            for name in node:
+                if not str(name).startswith("_") and name not in accepted:
+                    close = difflib.get_close_matches(str(name), sorted(accepted), n=1)
+                    hint = f"; did you mean {group}.{key}.{close[0]}?" if close else ""
+                    raise UserError(f"unknown key {group}.{key}.{name} ({node['_target_']}){hint}")
 
 
 def _peak_rss_mb() -> float:
@@ -93,6 +139,8 @@ def _resume_from(resume: str | None, out: Path) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
+        if clean_stale(out / CHECKPOINTS):
+            _say("removed the temporary files of a checkpoint save that did not complete")
         found = find_resumable(out / CHECKPOINTS)
         if found is None:
             _say(f"resume=auto: no complete checkpoint in {out / CHECKPOINTS}; starting at step 0")
@@ -103,6 +151,17 @@ def _resume_from(resume: str | None, out: Path) -> Path | None:
             f"resume={resume}: not a complete lit-lora checkpoint folder (step-<NNNNNN>.ckpt or last.ckpt)"
         )
     return path
+
+
+def _oom_message(tc: TrainConfig, out: Path, trainer) -> str:
+    last = find_resumable(out / CHECKPOINTS)
+    return (
+        f"out of device memory at step {trainer.global_step + 1} with micro-batch data.batch_size="
+        f"{tc.data.batch_size} and sequences up to data.max_seq_len={tc.data.max_seq_len}. Try: a smaller "
+        f"data.batch_size with trainer.accumulate_grad_batches={2 * tc.trainer.accumulate_grad_batches} (same "
+        "effective batch), model.gradient_checkpointing=true, quant=nf4, or a smaller data.max_seq_len. "
+        f"Newest complete checkpoint: {last or 'none yet'}"
+    )
 
 
 def _keep_earlier_files(out: Path, step: int) -> None:
@@ -132,6 +191,7 @@ def train(cfg: DictConfig) -> TrainResult:
     started = time.perf_counter()
     reset_peak_rss()  # this job's own peak, also when a sweep runs jobs one after another in one process
     tc: TrainConfig = to_train_config(cfg)
+    check_plugin_keys(cfg)
     check_device(tc)
     out = Path(tc.output_dir)
     _check_fresh(out)
@@ -160,6 +220,8 @@ def train(cfg: DictConfig) -> TrainResult:
         tokenizer=built.tokenizer,
         rendering=data.rendering,
         chunked_loss=tc.model.chunked_loss,
+        on_nonfinite=tc.on_nonfinite,
+        max_nonfinite_skips=tc.max_nonfinite_skips,
     )
     callbacks = _instantiate_all("callbacks", cfg.callbacks)
     loggers = [lg for lg in _instantiate_all("logger", cfg.logger) if lg is not None]
@@ -218,7 +280,21 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         if resume_from is not None:
             _say(f"resuming from {resume_from} (step {checkpoint_step(resume_from)})")
-        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+        stopper = GracefulStop(out / CHECKPOINTS, tc.grace_period_s)
+        trainer.callbacks.append(stopper)
+        stopper.install(slurm_requeue=GracefulStop.slurm_requeue(trainer))
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+        except torch.OutOfMemoryError as err:
+            raise OutOfMemory(_oom_message(tc, out, trainer)) from err
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            last = find_resumable(out / CHECKPOINTS)
+            raise DiskFull(
+                f"no space left on the device while writing ({err}); the newest complete checkpoint, "
+                f"which resume=auto takes, is {last or 'none yet'}. Free space and run again with resume=auto"
+            ) from err
 
     summary: dict = {
         "status": "completed" if not trainer.interrupted else "interrupted",
@@ -307,7 +383,8 @@ register_configs()
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the best validation loss (the objective of sweepers such as Optuna).
 
-    A single run ends a user mistake with one line on stderr and exit status 2. Under ``-m`` a failed
+    A single run ends a user mistake with one line on stderr and its exit status (2; 3 out of memory,
+    4 disk full, 143 stopped by a signal with a checkpoint saved). Under ``-m`` a failed
     job is recorded (``failed.json``) and the sweep goes on; see :mod:`lit_lora.sweep`.
     """
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -316,7 +393,7 @@ def main(cfg: DictConfig) -> float:
     except UserError as err:
         print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
         if not multirun:
-            sys.exit(2)
+            sys.exit(err.exit_code)
         record_failure(cfg.output_dir, err)
         return float("nan")
     except Exception as err:

@@ -1,0 +1,93 @@
+"""Stop on SIGTERM / SIGUSR1 with a complete checkpoint, within a grace period.
+
+Clusters and preemptible machines send SIGTERM (SLURM: SIGUSR1 or SIGTERM some time before the
+kill). :class:`GracefulStop` notes the signal and, at the next safe point, saves a checkpoint where
+``resume=auto`` finds it and ends the run with :class:`~lit_lora.errors.Interrupted` (exit 143):
+
+- in training, after the optimizer step in progress (never between the micro-batches of an
+  accumulated step: the checkpoint's data position and loop counters stay on a step boundary);
+- in validation, after the current validation batch;
+- a save in progress finishes first (the handler only sets a flag).
+
+If no safe point comes within ``grace_period_s`` (a step longer than the grace period), a watchdog
+ends the process with status 143; the previous checkpoint is intact. Under SLURM with Lightning's
+auto-requeue, SIGUSR1 is left to Lightning (it saves and runs ``scontrol requeue``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from lit_lora.errors import Interrupted
+
+
+class GracefulStop(L.Callback):
+    def __init__(self, checkpoint_dir: Path, grace_period_s: float = 120.0):
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.grace_period_s = grace_period_s
+        self.requested: int | None = None
+        self.saved: Path | None = None
+
+    def install(self, slurm_requeue: bool = False) -> None:
+        """Register the handlers (call before ``Trainer.fit``; Lightning chains its own SIGTERM one)."""
+        signals = [signal.SIGTERM] + ([] if slurm_requeue else [signal.SIGUSR1])
+        for signum in signals:
+            signal.signal(signum, self._handler)
+
+    @staticmethod
+    def slurm_requeue(trainer: L.Trainer) -> bool:
+        env = trainer._accelerator_connector.cluster_environment
+        return isinstance(env, SLURMEnvironment) and env.auto_requeue
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested is not None:
+            return
+        self.requested = signum
+        print(
+            f"lit-lora: received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary "
+            f"(grace period {self.grace_period_s:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        threading.Thread(target=self._watchdog, daemon=True).start()
+
+    def _watchdog(self) -> None:
+        threading.Event().wait(self.grace_period_s)
+        if self.saved is None:
+            print(
+                f"lit-lora: grace period of {self.grace_period_s:.0f} s over before a safe point; exiting "
+                "(the previous checkpoint is intact)",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(Interrupted.exit_code)
+
+    def _stop(self, trainer: L.Trainer) -> None:
+        path = self.checkpoint_dir / f"step-{trainer.global_step:06d}.ckpt"
+        if not path.exists():
+            trainer.save_checkpoint(path)
+        self.saved = path
+        raise Interrupted(
+            f"{signal.Signals(self.requested).name} received: checkpoint {path} saved at step "
+            f"{trainer.global_step}; continue with resume=auto"
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.requested is None:
+            return
+        boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if boundary or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._stop(trainer)
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if self.requested is not None and not trainer.sanity_checking:
+            self._stop(trainer)

@@ -1,0 +1,339 @@
+"""Faults injected on purpose: kills, a full disk, signals, NaN and inf, out of memory, hostile files.
+
+Faults come from ``LIT_LORA_FAULTS`` (see :mod:`lit_lora.faults`); every run is the real CLI in a real
+process. ``CHAOS_KILLS`` sets the number of kills of the chaos test (CI: 5; ``make chaos``: 20).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lit_lora.checkpoint_io import TMP_PREFIX, checkpoint_step, find_resumable
+from tests.conftest import ROOT, TINY
+
+EVERY_2_STEPS = [
+    "callbacks.adapter_checkpoint.every_n_train_steps=2",
+    "callbacks.adapter_checkpoint.monitor=null",
+    "callbacks.adapter_checkpoint.save_top_k=-1",
+]
+COMMON = [*TINY, "score=false", "data.train_size=40", "lora.dropout=0.1", *EVERY_2_STEPS]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lit_lora.train", *args]
+
+
+def _env(faults: str = "", **extra: str) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "LIT_LORA_FAULTS": faults, **extra}
+
+
+def _run(*args: str, faults: str = "", timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _cli(*args), cwd=ROOT, env=_env(faults, **env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def _bitwise_equal(a: Path, b: Path) -> list[str]:
+    x, y = _adapter(a), _adapter(b)
+    assert x.keys() == y.keys()
+    return [k for k in x if not torch.equal(x[k], y[k])]
+
+
+# ----------------------------------------------------------------------------------------- 1. kill chaos
+def test_kill_chaos_resume_auto_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    kills = int(os.environ.get("CHAOS_KILLS", "5"))
+    common = [*COMMON, "trainer.max_steps=20", "trainer.val_check_interval=10"]
+    whole, chaos = tmp_path / "whole", tmp_path / "chaos"
+    done = _run(*common, f"output_dir={whole}")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    rng = random.Random()
+    ckpts = chaos / "checkpoints"
+    inside_save = 0
+    for i in range(kills):
+        # Every checkpoint write sleeps 0.3 s half way, so that even kills land inside one.
+        proc = subprocess.Popen(
+            _cli(*common, f"output_dir={chaos}", "resume=auto"),
+            cwd=ROOT,
+            env=_env("slow_save=0.3"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 240
+        if i % 2 == 0:  # inside a checkpoint write: as soon as a temporary folder appears
+            while not any(ckpts.glob(f"{TMP_PREFIX}*")) and proc.poll() is None:
+                assert time.time() < deadline
+                time.sleep(0.005)
+            inside_save += proc.poll() is None
+        else:  # at a random moment of the run
+            time.sleep(rng.uniform(2.0, 9.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        if (chaos / "adapter").exists():
+            break  # it finished before the kill
+    assert inside_save >= 1, "at least one kill must land inside a checkpoint write"
+    final = _run(*common, f"output_dir={chaos}", "resume=auto")
+    if (chaos / "summary.json").exists() and final.returncode != 0:
+        pass  # the last kill came after the run finished: nothing left to resume
+    else:
+        assert final.returncode == 0, final.stderr[-2000:]
+    assert not _bitwise_equal(whole, chaos), "adapter after kills differs from the uninterrupted run"
+    assert not any(ckpts.glob(f"{TMP_PREFIX}*")), "temporary files are cleaned up"
+
+
+# ----------------------------------------------------------------------------------------- 2. disk full
+def test_enospc_half_way_through_a_save_keeps_the_previous_checkpoint_for_resume(tmp_path):
+    common = [*COMMON, "trainer.max_steps=8", "trainer.val_check_interval=8"]
+    run = tmp_path / "run"
+    failed = _run(*common, f"output_dir={run}", faults="enospc_save@2")  # the step-4 save fails
+    assert failed.returncode == 4, failed.stderr[-2000:]
+    message = failed.stderr.strip().splitlines()[-1]
+    ckpts = run / "checkpoints"
+    kept = find_resumable(ckpts)
+    assert checkpoint_step(kept) == 2, "the previous (step 2) checkpoint is the one resume takes"
+    assert message.startswith("lit-lora: error: no space left") and str(kept) in message
+    assert "Traceback" not in failed.stderr
+    resumed = _run(*common, f"output_dir={run}", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "(step 2)" in resumed.stdout
+    assert not any(ckpts.glob(f"{TMP_PREFIX}*"))
+    whole = tmp_path / "whole"
+    assert _run(*common, f"output_dir={whole}").returncode == 0
+    assert not _bitwise_equal(whole, run)
+
+
+# ----------------------------------------------------------------------------------------- 3. signals
+@pytest.mark.parametrize(
+    "signum,when",
+    [
+        (signal.SIGTERM, "first step"),
+        (signal.SIGUSR1, "mid-save"),
+        (signal.SIGTERM, "mid-accumulation"),
+        (signal.SIGTERM, "mid-validation"),
+    ],
+)
+def test_signal_saves_a_complete_checkpoint_and_exits_within_the_grace_period(tmp_path, signum, when):
+    run = tmp_path / "run"
+    extra = {
+        "first step": [],
+        "mid-save": [],
+        "mid-accumulation": ["trainer.accumulate_grad_batches=4", "data.batch_size=2"],
+        "mid-validation": ["trainer.val_check_interval=2", "data.val_size=64"],
+    }[when]
+    faults = {"mid-save": "slow_save=1.0"}.get(when, "")
+    proc = subprocess.Popen(
+        _cli(*COMMON, *extra, "trainer.max_steps=400", f"output_dir={run}", "grace_period_s=60"),
+        cwd=ROOT,
+        env=_env(faults),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if when == "mid-save" and any((run / "checkpoints").glob(f"{TMP_PREFIX}*")):
+            break
+        if when == "first step" and (run / "config.yaml").exists():
+            break
+        if when in ("mid-accumulation", "mid-validation") and (run / "metrics.csv").exists():
+            break
+        time.sleep(0.01)
+    if when == "first step":
+        time.sleep(4.0)  # model loaded, fit starting
+    sent = time.time()
+    proc.send_signal(signum)
+    _out, err = proc.communicate(timeout=120)
+    assert time.time() - sent < 60, "exited within the grace period"
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "resume=auto" in err.strip().splitlines()[-1]
+    saved = find_resumable(run / "checkpoints")
+    assert saved is not None
+    state = json.loads((saved / "state.json").read_text())
+    if when == "mid-accumulation":
+        assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] % 4 == 0
+    step = state["global_step"]
+    resumed = _run(*COMMON, *extra, f"trainer.max_steps={step + 2}", f"output_dir={run}", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"(step {step})" in resumed.stdout
+
+
+def test_slurm_sigusr1_requeues_once_from_rank_zero(tmp_path):
+    """Lightning's SLURM auto-requeue is wired: SIGUSR1 saves and calls ``scontrol requeue <job>``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.log"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    env = _env(
+        "",
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="lit-lora",
+        SLURM_NTASKS="1",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        SLURM_NODELIST="localhost",
+    )
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli(*COMMON, "trainer.max_steps=400", f"output_dir={run}"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 240
+    while not (run / "metrics.csv").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _out, err = proc.communicate(timeout=120)
+    assert calls.read_text().split("\n").count("requeue 4242") == 1, err[-2000:]
+
+
+# ----------------------------------------------------------------------------------------- 4. NaN / inf
+def test_nan_loss_aborts_naming_the_step_and_batch(tmp_path):
+    done = _run(*COMMON, "trainer.max_steps=6", f"output_dir={tmp_path / 'run'}", faults="nan_loss@3")
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.search(r"step 3 \(batch \d+ of epoch 0\): the training loss is nan", last), last
+    assert "Traceback" not in done.stderr
+
+
+def test_inf_gradient_with_skip_leaves_the_weights_bitwise_unchanged_for_that_step(tmp_path):
+    """Step 3 skipped: the adapter after step 3 equals the adapter after step 2, bitwise."""
+    common = [
+        *COMMON,
+        "trainer.max_steps=3",
+        "on_nonfinite=skip",
+        "callbacks.adapter_checkpoint.every_n_train_steps=1",
+        "callbacks.adapter_checkpoint.save_top_k=-1",
+    ]
+    run = tmp_path / "run"
+    done = _run(*common, f"output_dir={run}", faults="inf_grad@3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "step 3" in done.stdout and "step skipped" in done.stdout
+    after2 = load_file(
+        str(run / "checkpoints" / "step-000002.ckpt" / "adapter" / "adapter_model.safetensors")
+    )
+    after3 = _adapter(run)
+    assert all(torch.equal(after2[k], after3[k]) for k in after2)
+    after1 = load_file(
+        str(run / "checkpoints" / "step-000001.ckpt" / "adapter" / "adapter_model.safetensors")
+    )
+    assert not all(torch.equal(after1[k], after2[k]) for k in after1), "other steps do train"
+
+
+def test_consecutive_nonfinite_skips_abort(tmp_path):
+    done = _run(
+        *COMMON, "trainer.max_steps=8", "on_nonfinite=skip", "max_nonfinite_skips=2",
+        f"output_dir={tmp_path / 'run'}", faults="nan_loss@3,nan_loss@4",
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "2 consecutive steps with non-finite gradients" in done.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------------------- 7. out of memory
+def test_out_of_memory_exits_3_with_batch_shape_and_remedies_and_keeps_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    done = _run(*COMMON, "trainer.max_steps=8", f"output_dir={run}", faults="oom@5")
+    assert done.returncode == 3, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    kept = find_resumable(run / "checkpoints")
+    assert checkpoint_step(kept) == 4, "the step-4 checkpoint stays the one to resume from"
+    for part in (
+        "data.batch_size=8",
+        "data.max_seq_len=",
+        "gradient_checkpointing=true",
+        "quant=nf4",
+        str(kept),
+    ):
+        assert part in last, (part, last)
+    assert "Traceback" not in done.stderr
+
+
+# ----------------------------------------------------------------------------------------- 8. security
+def test_no_torch_load_without_weights_only_anywhere_in_the_code():
+    offenders = []
+    for path in [
+        *ROOT.glob("lit_lora/**/*.py"),
+        *ROOT.glob("callbacks/**/*.py"),
+        *ROOT.glob("bench/**/*.py"),
+        *ROOT.glob("experiments/**/*.py"),
+    ]:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"torch\.load\(", line) and "weights_only=True" not in line:
+                offenders.append(f"{path.relative_to(ROOT)}:{n}")
+    assert not offenders, offenders
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('EXPLOIT_MARK', '/tmp/lit-lora-exploit')}",))
+
+
+def test_a_crafted_pickle_checkpoint_is_refused_without_executing(tmp_path):
+    mark = tmp_path / "executed"
+    ckpt = tmp_path / "evil.ckpt"
+    with ckpt.open("wb") as f:
+        pickle.dump({"state_dict": _Exploit()}, f)
+    # A pickle file posing as a checkpoint, and a checkpoint folder whose state is a pickle.
+    folder = tmp_path / "step-000002.ckpt"
+    folder.mkdir()
+    (folder / "state.json").write_text('{"global_step": 2}')
+    with (folder / "state.safetensors").open("wb") as f:
+        pickle.dump(_Exploit(), f)
+    for target in (ckpt, folder):
+        done = _run(
+            *COMMON,
+            "trainer.max_steps=2",
+            f"output_dir={tmp_path / target.name}-run",
+            f"resume={target}",
+            EXPLOIT_MARK=str(mark),
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+    assert not mark.exists(), "the pickle was executed"
+
+
+def test_trust_remote_code_needs_a_pinned_revision(tmp_path):
+    done = _run("model=tiny", "model.trust_remote_code=true", f"output_dir={tmp_path}")
+    assert done.returncode == 2
+    assert "model.revision" in done.stderr.strip().splitlines()[-1]
+
+
+def test_secrets_never_reach_any_file_a_run_writes(tmp_path):
+    canary = "canary-7f3a9d2e-secret"
+    run = tmp_path / "run"
+    done = _run(
+        *TINY, "trainer.max_steps=2", "logger=wandb", f"output_dir={run}",
+        WANDB_API_KEY=canary, HF_TOKEN=canary, WANDB_MODE="offline", WANDB_DIR=str(run),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert canary not in done.stdout and canary not in done.stderr
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any("wandb" in str(p) for p in files), "the W&B offline run is among the files searched"
+    leaked = [str(p) for p in files if canary.encode() in p.read_bytes()]
+    assert not leaked, leaked
