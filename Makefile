@@ -14,7 +14,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast bench bench-scaling bench-packing bench-gpu lint format clean-venv
+.PHONY: help install train test test-fast bench bench-scaling bench-packing bench-gpu chaos lint format clean-venv
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ bench-scaling: $(STAMP)  ## step time and memory vs sequence length, rank, batch
 
 bench-packing: $(STAMP)  ## packing vs padding, trained tokens/s -> experiments/packing/results-*.json
 	$(BIN)/python experiments/packing/bench.py --corpus longtail --out experiments/packing/results-longtail-segments.json $(ARGS)
+
+chaos: $(STAMP)  ## 20 SIGKILLs at random moments (some inside checkpoint writes), resume=auto each time
+	CHAOS_KILLS=20 $(BIN)/python -m pytest -q -s tests/test_reliability.py -k chaos $(ARGS)
 
 bench-gpu: $(STAMP)  ## QLoRA on a Mistral-7B-shaped model, lit-lora vs HF Trainer (CUDA; ARGS=--dry-run on CPU)
 	$(BIN)/python -m bench.gpu $(ARGS)

@@ -9,7 +9,7 @@ and nowhere else; the YAML files only say what differs. Single-field checks run 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -338,8 +338,19 @@ def check_device(cfg: TrainConfig) -> None:
     """
     import torch  # here, not at import: composing configs must stay fast
 
+    accelerator = str(cfg.trainer.accelerator)
+    devices = cfg.trainer.devices
     if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if accelerator in ("gpu", "cuda", "auto") and isinstance(devices, int) and devices > count:
+            raise UserError(
+                f"trainer.devices={devices} but this machine has {count} GPU(s); set trainer.devices<={count}"
+            )
         return
+    if accelerator in ("gpu", "cuda"):
+        raise UserError(
+            f"trainer.accelerator={accelerator} needs a CUDA device; use trainer.accelerator=cpu (or auto)"
+        )
     if cfg.trainer.precision.startswith("16"):
         raise UserError(
             f"trainer.precision={cfg.trainer.precision} needs a CUDA device; on CPU use bf16-mixed, bf16-true or 32"
@@ -349,8 +360,26 @@ def check_device(cfg: TrainConfig) -> None:
         raise UserError("optim=paged_adamw_8bit needs a CUDA device; use optim=adamw on CPU")
 
 
+def _check_known_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    """Every key of ``node`` is a field of the dataclass ``schema`` (recursively): Hydra's ``+key=value``
+    can add a key to a typed node, and ``OmegaConf.to_object`` would silently drop it."""
+    import difflib
+
+    known = {f.name: f.type for f in fields(schema)}
+    for key in node:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise UserError(f"unknown config key {prefix}{key}{hint}")
+        child = node._get_node(key)
+        child_type = OmegaConf.get_type(child) if isinstance(child, DictConfig) else None
+        if child_type is not None and child_type is not dict and hasattr(child_type, "__dataclass_fields__"):
+            _check_known_keys(child, child_type, f"{prefix}{key}.")
+
+
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """Resolve and validate a composed config into typed objects (raises :class:`UserError`)."""
+    _check_known_keys(cfg, TrainConfig, "")
     try:
         obj = OmegaConf.to_object(cfg)
     except UserError:

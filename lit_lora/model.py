@@ -142,6 +142,7 @@ def _random_init_folder(model_cfg: ModelConfig) -> Path:
     """Materialise a random-init model (seed 0) as a local folder, so quantization loads it like any other."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    _check_overrides(AutoConfig.for_model(model_cfg.model_type), model_cfg.config_overrides)
     config = AutoConfig.for_model(model_cfg.model_type, **model_cfg.config_overrides)
     key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
     target = embedded.cache_root() / "random" / f"{model_cfg.model_type}-{key}"
@@ -202,9 +203,20 @@ def _load_config(source: str, local_only: bool, model_cfg: ModelConfig):
                 f"(a folder with config.json, weights and tokenizer), or make the hub reachable"
             ) from err
         raise UserError(f"cannot load the config of model {source!r}: {str(err).splitlines()[0]}") from err
+    _check_overrides(config, model_cfg.config_overrides)
     for key, value in model_cfg.config_overrides.items():
         setattr(config, key, value)
     return config
+
+
+def _check_overrides(config, overrides) -> None:
+    """A typo in ``model.config_overrides`` would silently add an attribute that nothing reads."""
+    for key in overrides:
+        if not hasattr(config, key):
+            raise UserError(
+                f"model.config_overrides.{key}: {type(config).__name__} has no such field "
+                f"(e.g. {', '.join(sorted(k for k in config.to_dict() if not k.startswith('_'))[:6])}...)"
+            )
 
 
 def load_tokenizer(model_cfg: ModelConfig, source: str, local_only: bool):

@@ -138,9 +138,20 @@ def test_fsdp_with_qlora_stores_4bit_weights_in_the_compute_dtype(tmp_path):
     assert align_quant_storage(plain) is None and plain.quant.storage_dtype == "uint8"
 
 
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """4 steps in one process, micro-batch 8, a checkpoint every 2 steps (shared by both directions)."""
+    out = tmp_path_factory.mktemp("reference")
+    done = run_cli(
+        *EXACT, *CKPT_EVERY_2, f"output_dir={out}", "data.batch_size=8", "trainer.max_steps=4", timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("first,second", [("ddp", "single"), ("single", "ddp")])
-def test_checkpoint_moves_between_world_sizes_2_and_1(tmp_path, first, second):
+def test_checkpoint_moves_between_world_sizes_2_and_1(tmp_path, first, second, reference_run):
     """The step-2 checkpoint of a 4-step run under one world size, resumed under the other, ends where
     4 steps in one process end (the first run goes on to step 4 so its LR schedule is the same)."""
     common = [*EXACT, *CKPT_EVERY_2]
@@ -152,9 +163,8 @@ def test_checkpoint_moves_between_world_sizes_2_and_1(tmp_path, first, second):
         assert done.returncode == 0, done.stderr[-3000:]
         return done
 
-    launch("single", tmp_path / "reference", "trainer.max_steps=4")
     launch(first, tmp_path / "first", "trainer.max_steps=4")
     (checkpoint,) = (tmp_path / "first" / "checkpoints").glob("step-000002*")
     resumed = launch(second, tmp_path / "second", "trainer.max_steps=4", f"resume={checkpoint}")
     assert "resuming from" in resumed.stdout and "(step 2)" in resumed.stdout
-    assert _max_diff(_adapter(tmp_path / "second"), _adapter(tmp_path / "reference")) < 1e-6
+    assert _max_diff(_adapter(tmp_path / "second"), _adapter(reference_run)) < 1e-6

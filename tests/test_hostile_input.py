@@ -1,0 +1,200 @@
+"""Hostile input: random and malformed rows (hypothesis), and a one-character typo of every config key.
+
+Data: whatever the rows hold, the pipeline either raises :class:`UserError` or emits examples that
+each have a trained token, whose labels are their own token ids where trained, and whose trained text
+is the answer the row gave. Config: a typo of any leaf key fails before the model loads, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from hydra.errors import HydraException
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from lit_lora.config import ModelConfig, to_train_config
+from lit_lora.data import DataModule
+from lit_lora.errors import UserError
+from lit_lora.model import load_tokenizer
+from lit_lora.rendering import IGNORE_INDEX, count_trained
+from lit_lora.train import check_plugin_keys
+from tests.conftest import ROOT, TINY, compose_train
+
+TOKENIZER = load_tokenizer(ModelConfig(name_or_path="embedded:smollm2-135m"), "embedded:smollm2-135m", True)
+
+values = st.one_of(
+    st.none(),
+    st.text(max_size=40),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.lists(st.text(max_size=5), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2),
+)
+good_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=60)
+alpaca_rows = st.fixed_dictionaries(
+    {},
+    optional={"instruction": st.one_of(good_text, values), "input": st.one_of(good_text, values), "output": st.one_of(good_text, values)},
+)  # fmt: skip
+messages = st.lists(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "role": st.one_of(st.sampled_from(["system", "user", "assistant", "tool", ""]), values),
+            "content": st.one_of(good_text, values),
+        },
+    ),
+    max_size=5,
+)
+chat_rows = st.one_of(st.fixed_dictionaries({"messages": st.one_of(messages, values)}), values)
+raw_lines = st.binary(max_size=80)
+
+
+def _setup(tmp_path, fmt: str, lines: list[bytes]) -> DataModule | None:
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    cfg = to_train_config(
+        compose_train(
+            [*TINY, f"output_dir={tmp_path / 'run'}", "data=files", f"data.source='{path}'", f"data.format={fmt}",
+             "data.on_bad_row=skip", "data.cache=false", "data.max_seq_len=64", "data.val_fraction=0", "data.test_fraction=0"]
+        )
+    )  # fmt: skip
+    module = DataModule(cfg.data, TOKENIZER, tmp_path / "data")
+    try:
+        module.setup()
+    except UserError:
+        return None
+    return module
+
+
+def _check_examples(module: DataModule) -> None:
+    for example in module.examples["train"]:
+        ids, labels = example["input_ids"], example["labels"]
+        assert len(ids) == len(labels) and count_trained(labels) >= 1
+        assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels, strict=True))
+
+
+_SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@_SETTINGS
+@given(rows=st.lists(alpaca_rows, min_size=1, max_size=6), junk=st.lists(raw_lines, max_size=3))
+def test_random_alpaca_rows_never_raise_and_every_example_is_well_masked(tmp_path, rows, junk):
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in rows] + junk
+    module = _setup(tmp_path, "alpaca", lines)
+    if module is None:
+        return
+    _check_examples(module)
+    for row, example in zip(module.rows["train"], module.examples["train"], strict=True):
+        answer = row.messages[-1]["content"]
+        trained = [
+            t
+            for t, label in zip(example["input_ids"], example["labels"], strict=True)
+            if label != IGNORE_INDEX
+        ]
+        text = TOKENIZER.decode(trained)
+        if count_trained(example["labels"]) == len(trained) and len(example["input_ids"]) < 64:
+            assert text.startswith(answer.strip()[:10]) or answer.strip()[:10] in text, (answer, text)
+
+
+@_SETTINGS
+@given(rows=st.lists(chat_rows, min_size=1, max_size=5), junk=st.lists(raw_lines, max_size=3))
+def test_random_chat_rows_never_raise_and_every_example_is_well_masked(tmp_path, rows, junk):
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in rows] + junk
+    module = _setup(tmp_path, "chat", lines)
+    if module is not None:
+        _check_examples(module)
+
+
+# ------------------------------------------------------------------------------------------ config typos
+def _leaves() -> list[str]:
+    cfg = compose_train([*TINY, "output_dir=/tmp/unused"])
+    container = OmegaConf.to_container(cfg, resolve=False)
+    out = []
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict) and value:
+                walk(value, dotted + ".")
+            else:
+                out.append(dotted)
+
+    walk(container, "")
+    return out
+
+
+def _typo(key: str, siblings: set[str]) -> str:
+    """A one-character change of the last segment that is not another valid key."""
+    head, _, leaf = key.rpartition(".")
+    for i in range(len(leaf) - 1, -1, -1):
+        for wrong in (leaf[:i] + leaf[i + 1 :], leaf[:i] + "x" + leaf[i + 1 :]):
+            if wrong and wrong != leaf and wrong not in siblings and not wrong.startswith("_"):
+                return f"{head}.{wrong}" if head else wrong
+    raise AssertionError(key)
+
+
+def test_a_one_character_typo_of_every_leaf_key_fails_naming_the_key():
+    leaves = _leaves()
+    assert len(leaves) > 80
+    for key in leaves:
+        if key.endswith("._target_") or key.startswith("model.config_overrides."):
+            continue  # overrides of the architecture's config: checked against it when it loads (below)
+        head = key.rpartition(".")[0]
+        siblings = {k.rpartition(".")[2] for k in leaves if k.rpartition(".")[0] == head}
+        wrong = _typo(key, siblings)
+        for override in (f"{wrong}=1", f"+{wrong}=1"):
+            try:
+                cfg = compose_train([*TINY, "output_dir=/tmp/unused", override])
+                to_train_config(cfg)
+                check_plugin_keys(cfg)
+            except (HydraException, UserError) as err:
+                assert wrong.rpartition(".")[2] in str(err), (override, str(err)[:300])
+            else:
+                raise AssertionError(f"{override} was accepted")
+
+
+def test_a_typo_in_config_overrides_fails_when_the_architecture_config_loads(tmp_path):
+    from lit_lora.model import build_model
+
+    cfg = to_train_config(
+        compose_train(["model=tiny", f"output_dir={tmp_path}", "+model.config_overrides.vocab_siz=3"])
+    )
+    with pytest.raises(UserError, match=r"model\.config_overrides\.vocab_siz: LlamaConfig has no such field"):
+        build_model(cfg.model, cfg.quant, cfg.lora)
+
+
+def test_a_typo_on_the_command_line_fails_before_the_model_loads():
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_lora.train", "model=tiny", "+callbacks.adapter_checkpoint.every_n_train_stepz=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert "callbacks.adapter_checkpoint.every_n_train_stepz" in last and "every_n_train_steps" in last
+    assert "Loading weights" not in done.stderr
+    assert time.time() - started < 30
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["trainer.precision=16-mixed", "quant=nf4"], "trainer.precision=16-mixed"),
+        (["trainer.accelerator=gpu"], "CUDA"),
+    ],
+)
+def test_cross_field_and_device_checks_say_what_to_change(tmp_path, overrides, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_lora.train", "model=tiny", f"output_dir={tmp_path}", *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], done.stderr[-1000:]
