@@ -131,6 +131,7 @@ def run_lit(args, scratch: Path) -> dict:
 
     from lit_lora.attention import use_packed_attention
     from lit_lora.data import DataModule
+    from lit_lora.model import cast_frozen_linears
     from lit_lora.module import LitLoRA
 
     overrides = [f"model.chunked_loss={str(not args.no_chunked_loss).lower()}"]
@@ -147,6 +148,8 @@ def run_lit(args, scratch: Path) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.step(int(batch["token_mask"].sum()), _trained(batch["labels"]))
 
+    if cfg.model.bf16_frozen_linears:  # as lit_lora.train does under bf16-mixed
+        cast_frozen_linears(built.model, torch.bfloat16)
     module = LitLoRA(built.model, cfg.optim, chunked_loss=cfg.model.chunked_loss)
     module.optim_cfg.lr = LR
     trainer = L.Trainer(

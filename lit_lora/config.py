@@ -53,6 +53,10 @@ class ModelConfig:
     # Training loss over trained positions only, in chunks, never full-vocabulary logits for the whole
     # batch (lit_lora.loss); false: transformers' own loss. Models it cannot serve fall back by themselves.
     chunked_loss: bool = True
+    # Frozen nn.Linear weights stored in bf16 when training under bf16-mixed (autocast would cast them to
+    # bf16 in every op anyway): same matmuls, no per-op casts, half the weight memory. Norms,
+    # embeddings and the adapter stay in model.dtype. false: keep model.dtype everywhere.
+    bf16_frozen_linears: bool = True
 
     def __post_init__(self) -> None:
         _one_of("model", "dtype", self.dtype, DTYPES)

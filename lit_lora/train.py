@@ -46,7 +46,7 @@ from lit_lora.config import TrainConfig, check_device, register_configs, to_trai
 from lit_lora.data import DataModule
 from lit_lora.errors import DiskFull, OutOfMemory, UserError
 from lit_lora.graceful import GracefulStop
-from lit_lora.model import build_model
+from lit_lora.model import build_model, cast_frozen_linears
 from lit_lora.module import LitLoRA
 from lit_lora.score import exact_match_score
 from lit_lora.strategies import align_quant_storage, build_strategy
@@ -210,6 +210,8 @@ def train(cfg: DictConfig) -> TrainResult:
     if storage_note:
         _say(storage_note)
     built = build_model(tc.model, tc.quant, tc.lora)
+    if tc.model.bf16_frozen_linears and tc.trainer.precision == "bf16-mixed" and not tc.quant.enabled:
+        cast_frozen_linears(built.model, torch.bfloat16)
     data = DataModule(tc.data, built.tokenizer, out / "data")
     data.setup()
     if tc.data.packing and use_packed_attention(built.model):
@@ -321,9 +323,13 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
             tc.data.score_max_new_tokens,
             tc.data.eval_batch_size,
         )
-        if tc.score_base:
-            summary["score_base"] = exact_match_score(*args, use_adapter=False)
-        summary["score_tuned"] = exact_match_score(*args, use_adapter=True)
+        # Frozen linears stored in bf16 (model.bf16_frozen_linears) need the autocast they trained under.
+        bf16 = tc.model.bf16_frozen_linears and tc.trainer.precision == "bf16-mixed" and not tc.quant.enabled
+        device = next(built.model.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            if tc.score_base:
+                summary["score_base"] = exact_match_score(*args, use_adapter=False)
+            summary["score_tuned"] = exact_match_score(*args, use_adapter=True)
     # Callback summaries last, so that memory peaks include held-out generation.
     for callback in callbacks:
         if hasattr(callback, "summary_metrics"):

@@ -10,7 +10,7 @@ from lit_lora.batching import MODEL_KEYS, collate, pack
 from lit_lora.config import LoraConfig, ModelConfig, QuantConfig, to_train_config
 from lit_lora.demo import make_rows
 from lit_lora.loss import supports_chunked_loss, trained_token_loss
-from lit_lora.model import build_model
+from lit_lora.model import build_model, cast_frozen_linears
 from lit_lora.rendering import IGNORE_INDEX, Rendering, encode_conversation
 from tests.conftest import alpaca_messages, compose_train
 
@@ -109,3 +109,23 @@ def test_activation_checkpointing_still_trains_lora_with_the_same_gradients():
     for name, g in grads[False].items():
         assert g.abs().max() > 0 and grads[True][name].abs().max() > 0, name
         assert torch.allclose(grads[True][name], g, rtol=1e-4, atol=1e-7), name
+
+
+def test_bf16_frozen_linears_give_the_same_autocast_loss_and_keep_the_adapter_fp32(built):
+    """Under bf16 autocast the frozen linears' matmuls see bf16 weights anyway: storing them in bf16
+    changes nothing but the casts (and memory). Norms, embeddings and LoRA stay fp32."""
+    model, tokenizer = built.model, built.tokenizer
+    batch = collate(_examples(tokenizer, 3), tokenizer.pad_token_id)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+    def loss():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return trained_token_loss(model, inputs, batch["labels"], torch.tensor(10.0)).item()
+
+    before = loss()
+    assert cast_frozen_linears(model, torch.bfloat16) == 30 * 7  # q/k/v/o + gate/up/down in 30 layers
+    after = loss()
+    assert abs(after - before) < 1e-6 * abs(before)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or "norm" in n or "embed" in n)
+    assert dtypes["base_model.model.model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
