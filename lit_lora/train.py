@@ -153,6 +153,23 @@ def _resume_from(resume: str | None, out: Path) -> Path | None:
     return path
 
 
+def _checked_output_dir(value: str) -> Path:
+    """The run folder. A relative path must stay under the working directory (a ``..`` that climbs out of
+    it is refused: write an absolute path if that is really meant); NUL bytes are refused."""
+    if "\x00" in value:
+        raise UserError(f"output_dir contains a NUL byte: {value!r}")
+    path = Path(value)
+    if not path.is_absolute():
+        cwd = Path.cwd().resolve()
+        resolved = (cwd / path).resolve()
+        if resolved != cwd and cwd not in resolved.parents:
+            raise UserError(
+                f"output_dir={value} climbs out of the working directory ({cwd}) through '..'; "
+                "give an absolute path if that is intended"
+            )
+    return path
+
+
 def _oom_message(tc: TrainConfig, out: Path, trainer) -> str:
     last = find_resumable(out / CHECKPOINTS)
     return (
@@ -193,7 +210,7 @@ def train(cfg: DictConfig) -> TrainResult:
     tc: TrainConfig = to_train_config(cfg)
     check_plugin_keys(cfg)
     check_device(tc)
-    out = Path(tc.output_dir)
+    out = _checked_output_dir(tc.output_dir)
     _check_fresh(out)
     out.mkdir(parents=True, exist_ok=True)
     resume_from = _resume_from(tc.resume, out)
