@@ -86,6 +86,11 @@ class GracefulStop(L.Callback):
         if boundary or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._stop(trainer)
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # Lightning raises its own SIGTERMException right after this hook at an epoch's end.
+        if self.requested is not None:
+            self._stop(trainer)
+
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:

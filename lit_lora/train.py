@@ -37,6 +37,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.memory import process_memory_mb, reset_peak_rss
@@ -44,7 +45,7 @@ from lit_lora.attention import use_packed_attention
 from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, clean_stale, find_resumable
 from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
 from lit_lora.data import DataModule
-from lit_lora.errors import DiskFull, OutOfMemory, UserError
+from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, UserError
 from lit_lora.graceful import GracefulStop
 from lit_lora.model import build_model, cast_frozen_linears
 from lit_lora.module import LitLoRA
@@ -304,6 +305,11 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
         stopper.install(slurm_requeue=GracefulStop.slurm_requeue(trainer))
         try:
             trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+        except SIGTERMException as err:  # Lightning stopped on SIGTERM before a safe point of ours
+            raise Interrupted(
+                "SIGTERM received; Lightning stopped the run before a step boundary, so no new checkpoint was "
+                f"saved; the newest complete one is {find_resumable(out / CHECKPOINTS)}; continue with resume=auto"
+            ) from err
         except torch.OutOfMemoryError as err:
             raise OutOfMemory(_oom_message(tc, out, trainer)) from err
         except OSError as err:
