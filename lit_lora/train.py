@@ -52,7 +52,7 @@ from lit_lora.module import LitLoRA
 from lit_lora.score import exact_match_score
 from lit_lora.strategies import align_quant_storage, build_strategy
 from lit_lora.sweep import record_failure
-from lit_lora.wandb_logging import finish_runs, flat_config
+from lit_lora.wandb_logging import finish_runs, flat_config, redacted_config
 
 log = logging.getLogger("lit_lora")
 SUMMARY_FILE = "summary.json"
@@ -217,7 +217,7 @@ def train(cfg: DictConfig) -> TrainResult:
     resume_from = _resume_from(tc.resume, out)
     if resume_from is not None:
         _keep_earlier_files(out, checkpoint_step(resume_from))
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    config_yaml = OmegaConf.to_yaml(redacted_config(cfg))  # secrets from ${oc.env:...} become ***
     if not (out / "config.yaml").exists():
         (out / "config.yaml").write_text(config_yaml)
     elif (out / "config.yaml").read_text() != config_yaml:
@@ -259,7 +259,7 @@ def train(cfg: DictConfig) -> TrainResult:
 def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, resume_from, started) -> dict:
     """Fit, score the held-out split, write summary.json; returns the summary."""
     for logger in loggers:
-        logger.log_hyperparams(flat_config(OmegaConf.to_container(cfg, resolve=True)))
+        logger.log_hyperparams(flat_config(redacted_config(cfg)))
 
     _say(f"model {built.source} ({type(built.model.base_model.model).__name__}), quant={tc.quant.method}")
     _say(

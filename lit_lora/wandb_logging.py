@@ -112,6 +112,33 @@ def wandb_logger(
     return logger
 
 
+_ENV_REF = re.compile(r"\$\{oc\.env:([^,}]+)")
+REDACTED = "***"
+
+
+def redacted_config(cfg) -> dict:
+    """The resolved config as a dict, with every value that comes from a secret-looking environment
+    variable (``${oc.env:HF_TOKEN}``, ``${oc.env:MY_API_KEY}``...) replaced by ``***``.
+
+    What lit-lora writes (``config.yaml``, logger hyperparameters) goes through this; the live config
+    keeps the real value for whatever needs it."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    def walk(raw_node, node):
+        if isinstance(raw_node, dict) and isinstance(node, dict):
+            return {k: walk(raw_node.get(k), v) for k, v in node.items()}
+        if isinstance(raw_node, list) and isinstance(node, list) and len(raw_node) == len(node):
+            return [walk(r, v) for r, v in zip(raw_node, node, strict=True)]
+        if isinstance(raw_node, str) and any(SECRET.search(name) for name in _ENV_REF.findall(raw_node)):
+            return REDACTED
+        return node
+
+    return walk(raw, resolved)
+
+
 def flat_config(config: dict, prefix: str = "", keep_records: bool = True) -> dict[str, Any]:
     """``{"a.b": v}`` for every leaf of ``config``; keys that look like secrets are left out.
 

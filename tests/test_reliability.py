@@ -359,3 +359,24 @@ def test_output_paths_cannot_climb_out_of_the_working_directory_or_hold_nul(tmp_
     with pytest.raises((UserError, HydraException), match="output_dir"):
         train(compose_train([*TINY, f"output_dir={value}"]))
     assert not (tmp_path / "escaped-run").exists()
+
+
+def test_values_from_secret_environment_variables_are_redacted_in_what_a_run_writes(tmp_path, monkeypatch):
+    """config.yaml and logged hyperparameters take ``redacted_config``: ${oc.env:<SECRET>} values become ***."""
+    from omegaconf import OmegaConf
+
+    from lit_lora.wandb_logging import REDACTED, flat_config, redacted_config
+    from tests.conftest import compose_train
+
+    canary = "canary-41c2-env-secret"
+    monkeypatch.setenv("MY_SERVICE_API_KEY", canary)
+    monkeypatch.setenv("PLAIN_SETTING", "runs-here")
+    cfg = compose_train(
+        [*TINY, f"output_dir={tmp_path}", "+logger.csv.prefix=${oc.env:MY_SERVICE_API_KEY}",
+         "logger.csv.name=${oc.env:PLAIN_SETTING}"]
+    )  # fmt: skip
+    assert cfg.logger.csv.prefix == canary, "the live config keeps the value for whoever needs it"
+    written = OmegaConf.to_yaml(redacted_config(cfg))
+    assert canary not in written and f"prefix: '{REDACTED}'" in written
+    assert "name: runs-here" in written, "values from ordinary variables are kept"
+    assert canary not in str(flat_config(redacted_config(cfg)))
