@@ -59,14 +59,15 @@ def _bitwise_equal(a: Path, b: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------- 1. kill chaos
 def test_kill_chaos_resume_auto_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     kills = int(os.environ.get("CHAOS_KILLS", "5"))
-    common = [*COMMON, "trainer.max_steps=20", "trainer.val_check_interval=10"]
+    steps = 10 * kills  # long enough that every kill finds the run still going
+    common = [*COMMON, f"trainer.max_steps={steps}", "trainer.val_check_interval=10"]
     whole, chaos = tmp_path / "whole", tmp_path / "chaos"
     done = _run(*common, f"output_dir={whole}")
     assert done.returncode == 0, done.stderr[-2000:]
 
     rng = random.Random()
     ckpts = chaos / "checkpoints"
-    inside_save = 0
+    inside_save = delivered = 0
     for i in range(kills):
         # Every checkpoint write sleeps 0.3 s half way, so that even kills land inside one.
         proc = subprocess.Popen(
@@ -83,12 +84,15 @@ def test_kill_chaos_resume_auto_ends_bitwise_equal_to_an_uninterrupted_run(tmp_p
                 time.sleep(0.005)
             inside_save += proc.poll() is None
         else:  # at a random moment of the run
-            time.sleep(rng.uniform(2.0, 9.0))
+            time.sleep(rng.uniform(2.0, 7.0))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
+            delivered += 1
         proc.wait(timeout=60)
         if (chaos / "adapter").exists():
             break  # it finished before the kill
+    print(f"chaos: {delivered} SIGKILLs delivered ({inside_save} inside a checkpoint write), {steps} steps")
+    assert delivered == kills, f"only {delivered} of {kills} kills found the run alive"
     assert inside_save >= 1, "at least one kill must land inside a checkpoint write"
     final = _run(*common, f"output_dir={chaos}", "resume=auto")
     if (chaos / "summary.json").exists() and final.returncode != 0:
