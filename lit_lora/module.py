@@ -140,15 +140,21 @@ class LitLoRA(L.LightningModule):
                 f"trainable parameters changed on resume: {checkpoint.get('trainable_params')} saved, {before} now"
             )
 
-    def forward(self, batch: dict[str, torch.Tensor], with_labels: bool = True, **kwargs):
-        """The model's output for a batch; only model inputs are passed (not ``token_mask``).
-
-        ``kwargs`` go to the model (e.g. ``num_items_in_batch``, the loss's divisor)."""
+    @staticmethod
+    def _model_inputs(batch: dict[str, torch.Tensor], with_labels: bool) -> dict:
+        """The model's keyword inputs of a batch, plus ``packed_segments`` for packed batches."""
         keys = MODEL_KEYS if with_labels else tuple(k for k in MODEL_KEYS if k != "labels")
         inputs = {k: batch[k] for k in keys if k in batch}
         if "position_ids" in batch:
             # Read only by lit_lora.attention's segment attention (other implementations ignore it).
             inputs["packed_segments"] = segments_from_positions(batch["position_ids"])
+        return inputs
+
+    def forward(self, batch: dict[str, torch.Tensor], with_labels: bool = True, **kwargs):
+        """The model's output for a batch; only model inputs are passed (not ``token_mask``).
+
+        ``kwargs`` go to the model (e.g. ``num_items_in_batch``, the loss's divisor)."""
+        inputs = self._model_inputs(batch, with_labels)
         # use_cache=False: a KV cache is useless in training, and with one transformers ignores the
         # position-id resets that keep packed examples from attending to each other.
         return self.model(**inputs, **kwargs, use_cache=False)
@@ -195,9 +201,7 @@ class LitLoRA(L.LightningModule):
         FSDP takes transformers' path: the chunked one calls the decoder directly, past the root
         FSDP unit that holds the embeddings and the output layer."""
         if self.chunked_loss and not isinstance(self.trainer.strategy, FSDPStrategy):
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-            if "position_ids" in batch:
-                inputs["packed_segments"] = segments_from_positions(batch["position_ids"])
+            inputs = self._model_inputs(batch, with_labels=False)
             return trained_token_loss(self.model, inputs, batch["labels"], divisor)
         return self(batch, num_items_in_batch=divisor).loss
 
