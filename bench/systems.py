@@ -12,8 +12,10 @@ dropout 0.05), AdamW at the same learning rate, bf16 autocast, the same batches:
   backward, ``AdamW.step``): the floor for framework overhead.
 
 Data (``--data``): ``fixed``: random token ids, ``--batch-size`` x ``--seq-len``, every position trained;
-``variable``: the demo task's training rows, rendered and masked by lit-lora (one epoch over the same
-examples for every system).
+``variable``: the demo task's training rows (85-97 tokens: real rows, but of nearly one length);
+``mix``: the training rows of the four application presets (translation, summarization, sentiment, QA:
+46-211 tokens), shuffled together, the length spread of a multi-task instruction mix. Rows are rendered
+and masked by lit-lora; one epoch over the same examples for every system.
 
 Prints one JSON line: tokens/s and trained tokens/s (steady state: from the end of the first optimizer
 step to the end), time to first step (from process start, imports and model load included), peak
@@ -105,6 +107,25 @@ def variable_examples(tokenizer, scratch: Path, n: int) -> list[dict]:
     return module.examples["train"]
 
 
+MIX_PRESETS = ("translation_vi_en", "summarization", "sentiment", "qa")
+
+
+def mix_examples(tokenizer, scratch: Path, n: int) -> list[dict]:
+    """The four application presets' training examples, shuffled together (seed 0), at most ``n``."""
+    import random
+
+    from lit_lora.data import DataModule
+
+    examples: list[dict] = []
+    for preset in MIX_PRESETS:
+        cfg = _config([f"data={preset}", "data.cache=false"])
+        module = DataModule(cfg.data, tokenizer, scratch / preset)
+        module.setup()
+        examples += module.examples["train"]
+    random.Random(0).shuffle(examples)
+    return examples[:n]
+
+
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -135,7 +156,7 @@ def run_lit(args, scratch: Path) -> dict:
     from lit_lora.module import LitLoRA
 
     overrides = [f"model.chunked_loss={str(not args.no_chunked_loss).lower()}"]
-    if args.data == "variable":
+    if args.data != "fixed":
         grouping = "data.packing=true" if args.lit_batching == "packed" else "data.group_by_length=true"
         overrides += [grouping, f"data.train_size={args.examples}", "data.val_size=8"]
         overrides += ["data.test_size=4", "data.cache=false", f"data.batch_size={args.batch_size}"]
@@ -157,7 +178,7 @@ def run_lit(args, scratch: Path) -> dict:
         devices=1,
         precision="bf16-mixed",
         max_epochs=1,
-        max_steps=-1 if args.data == "variable" else args.steps,
+        max_steps=-1 if args.data != "fixed" else args.steps,
         callbacks=[Clock()],
         logger=False,
         enable_checkpointing=False,
@@ -174,8 +195,12 @@ def run_lit(args, scratch: Path) -> dict:
                 b["token_mask"] = b["attention_mask"]
             trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
         else:
-            data = DataModule(cfg.data, built.tokenizer, scratch / "data")
-            data.setup()
+            if args.data == "mix":
+                mix = mix_examples(built.tokenizer, scratch / "mix", args.examples)
+                data = DataModule.from_examples(cfg.data, built.tokenizer, {"train": mix})
+            else:
+                data = DataModule(cfg.data, built.tokenizer, scratch / "data")
+                data.setup()
             if cfg.data.packing:
                 use_packed_attention(built.model)
             trainer.fit(module, datamodule=data)
@@ -189,6 +214,8 @@ def _hf_inputs(args, tokenizer, scratch: Path) -> list[dict]:
             for b in fixed_batches(args.steps, args.batch_size, args.seq_len, tokenizer.vocab_size)
             for i in range(args.batch_size)
         ]
+    if args.data == "mix":
+        return mix_examples(tokenizer, scratch / "mix", args.examples)
     return variable_examples(tokenizer, scratch / "data", args.examples)
 
 
@@ -274,11 +301,13 @@ def run_raw(args, scratch: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--system", choices=("lit", "hf", "raw"), required=True)
-    parser.add_argument("--data", choices=("fixed", "variable"), default="fixed")
+    parser.add_argument("--data", choices=("fixed", "variable", "mix"), default="fixed")
     parser.add_argument(
         "--steps", type=int, default=8, help="fixed data: optimizer steps (the first is warm-up)"
     )
-    parser.add_argument("--examples", type=int, default=160, help="variable data: examples in the epoch")
+    parser.add_argument(
+        "--examples", type=int, default=160, help="variable / mix data: examples in the epoch (at most)"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: lit-lora's)")

@@ -26,6 +26,7 @@ class MergeConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     adapter: str = MISSING
     output_dir: str = MISSING
+    output_root: str | None = None  # output_dir must lie under it; see lit_lora/paths.py
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -66,6 +67,7 @@ class EvaluateConfig:
     split: str = "test"
     output: str | None = None  # JSON file; default <work_dir>/evaluation.json
     work_dir: str = MISSING
+    output_root: str | None = None  # work_dir and output must lie under it; see lit_lora/paths.py
     generate: bool = True  # task metrics need generation; perplexity alone does not
     extra: dict[str, Any] = field(default_factory=dict)
 

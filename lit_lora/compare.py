@@ -24,6 +24,8 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lit_lora.errors import UserError
+from lit_lora.paths import confined
 from lit_lora.sweep import FAILED_FILE, differing_keys, job_overrides
 
 COLUMNS = (
@@ -207,6 +209,10 @@ def compare(paths: list[Path], out: Path | None = None) -> tuple[list[dict], Pat
     runs = [read_run(d) for d in run_dirs]
     rows = [row_of(run, o) for run, o in zip(runs, varying(runs), strict=True)]
     out = out or (paths[0] if len(paths) == 1 and paths[0] not in run_dirs else Path.cwd())
+    try:
+        out = confined("--out", str(out))
+    except UserError as err:
+        raise SystemExit(f"lit-lora: error: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(markdown(rows))
     with (out / "compare.csv").open("w", newline="") as f:

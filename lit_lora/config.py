@@ -274,6 +274,9 @@ class TrainConfig:
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] = field(default_factory=dict)
     output_dir: str = MISSING
+    # Every path a run writes must lie under this folder (null: $LIT_LORA_OUTPUT_ROOT, else the working
+    # directory); see lit_lora/paths.py.
+    output_root: str | None = None
     seed: int = 42
     score: bool = True  # score base and fine-tuned model on the held-out split at the end
     score_base: bool = True  # include the base model in that comparison

@@ -295,6 +295,24 @@ class DataModule(L.LightningDataModule):
             self.stats["cache"] = "miss"
             if self.cfg.cache:
                 _save_cache(folder, self.examples, self.rows, self.stats)
+        self._finish()
+
+    @classmethod
+    def from_examples(
+        cls, cfg: DataConfig, tokenizer, examples: dict[str, list[dict[str, list[int]]]]
+    ) -> DataModule:
+        """A data module over examples tokenized elsewhere (``{"train": [...], "val": [...]}``, each
+        ``{"input_ids", "labels"}`` as :func:`encode_rows` makes them): reads no source, keeps the
+        batching of ``cfg`` (batch size, length grouping, packing, seed). Used to mix several
+        datasets, e.g. the benchmark's mix of the four application presets."""
+        module = cls(cfg, tokenizer, Path("."))
+        module.examples = {split: list(examples.get(split, [])) for split in SPLITS}
+        module.stats = {"examples": {split: len(v) for split, v in module.examples.items()}}
+        module._finish()
+        return module
+
+    def _finish(self) -> None:
+        """Checks the training split and forms the training set (packed or not) and its statistics."""
         if not self.examples["train"]:
             raise UserError(
                 f"no training example left (data.max_seq_len={self.cfg.max_seq_len}; see the counts: {self.stats})"

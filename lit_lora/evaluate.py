@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import hydra
@@ -30,6 +31,7 @@ from lit_lora.data import DataModule
 from lit_lora.errors import UserError
 from lit_lora.merge import rendering_for
 from lit_lora.model import attach_adapter, check_adapter_folder, load_base
+from lit_lora.paths import check_argv_paths, confined
 from lit_lora.rendering import IGNORE_INDEX, encode_conversation
 from lit_lora.score import generate_answers
 
@@ -83,7 +85,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise UserError("nothing to evaluate: give adapters=[...] or base=true")
     folders = [check_adapter_folder(a) for a in cfg.adapters]
     base, tokenizer, source, _ = load_base(cfg.model, cfg.quant)
-    work = Path(cfg.work_dir)
+    work = confined("work_dir", cfg.work_dir, cfg.output_root)
     work.mkdir(parents=True, exist_ok=True)
     first_rendering = rendering_for(folders[0], tokenizer) if folders else None
     data = DataModule(cfg.data, tokenizer, work / "data", rendering=first_rendering)
@@ -124,7 +126,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         if folder is not None:
             base = model.unload()  # take the adapter's layers out before the next one goes in
     report = {"base_model": source, "split": cfg.split, "n": len(rows), "models": results}
-    out = Path(cfg.output) if cfg.output else work / "evaluation.json"
+    out = confined("output", cfg.output, cfg.output_root) if cfg.output else work / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     _print_table(report, out)
@@ -150,4 +152,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_argv_paths(sys.argv[1:], ("work_dir", "hydra.run.dir"))
     main()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from lit_lora.app_config import MergeConfig, run_app
 from lit_lora.config import register_configs
 from lit_lora.errors import UserError
 from lit_lora.model import attach_adapter, check_adapter_folder, load_base
+from lit_lora.paths import check_argv_paths, confined
 from lit_lora.rendering import RENDERING_FILE, Rendering
 
 
@@ -75,7 +77,7 @@ def rendering_for(folder: Path, tokenizer) -> Rendering:
 def merge(cfg: MergeConfig) -> Path:
     """Write the merged model folder; returns its path. Refuses an existing, non-empty ``output_dir``."""
     adapter = check_adapter_folder(cfg.adapter)
-    out = Path(cfg.output_dir).expanduser()
+    out = confined("output_dir", cfg.output_dir, cfg.output_root)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; lit-lora never overwrites it")
     base, tokenizer, source, _ = load_base(cfg.model, cfg.quant)
@@ -125,4 +127,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_argv_paths(sys.argv[1:], ("output_dir",))
     main()

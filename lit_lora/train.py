@@ -49,6 +49,7 @@ from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, UserError
 from lit_lora.graceful import GracefulStop
 from lit_lora.model import build_model, cast_frozen_linears
 from lit_lora.module import LitLoRA
+from lit_lora.paths import check_argv_paths, confined
 from lit_lora.score import exact_match_score
 from lit_lora.strategies import align_quant_storage, build_strategy
 from lit_lora.sweep import record_failure
@@ -154,21 +155,21 @@ def _resume_from(resume: str | None, out: Path) -> Path | None:
     return path
 
 
-def _checked_output_dir(value: str) -> Path:
-    """The run folder. A relative path must stay under the working directory (a ``..`` that climbs out of
-    it is refused: write an absolute path if that is really meant); NUL bytes are refused."""
-    if "\x00" in value:
-        raise UserError(f"output_dir contains a NUL byte: {value!r}")
-    path = Path(value)
-    if not path.is_absolute():
-        cwd = Path.cwd().resolve()
-        resolved = (cwd / path).resolve()
-        if resolved != cwd and cwd not in resolved.parents:
-            raise UserError(
-                f"output_dir={value} climbs out of the working directory ({cwd}) through '..'; "
-                "give an absolute path if that is intended"
-            )
-    return path
+# Keys of callbacks and loggers that name a folder they write into.
+PLUGIN_PATH_KEYS = ("dirpath", "save_dir", "snapshot_dir", "log_dir", "root_dir")
+
+
+def _checked_output_paths(cfg: DictConfig, tc: TrainConfig) -> Path:
+    """The run folder, after checking that it and every folder a callback or logger writes into lie
+    inside the output root (:mod:`lit_lora.paths`). Nothing has been written when this raises."""
+    out = confined("output_dir", tc.output_dir, tc.output_root)
+    for group in ("callbacks", "logger"):
+        for name, spec in (cfg.get(group) or {}).items():
+            for key in PLUGIN_PATH_KEYS:
+                value = spec.get(key) if isinstance(spec, DictConfig) else None
+                if isinstance(value, str):
+                    confined(f"{group}.{name}.{key}", value, tc.output_root)
+    return out
 
 
 def _oom_message(tc: TrainConfig, out: Path, trainer) -> str:
@@ -211,7 +212,7 @@ def train(cfg: DictConfig) -> TrainResult:
     tc: TrainConfig = to_train_config(cfg)
     check_plugin_keys(cfg)
     check_device(tc)
-    out = _checked_output_dir(tc.output_dir)
+    out = _checked_output_paths(cfg, tc)
     _check_fresh(out)
     out.mkdir(parents=True, exist_ok=True)
     resume_from = _resume_from(tc.resume, out)
@@ -436,4 +437,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    check_argv_paths(sys.argv[1:], ("hydra.run.dir", "hydra.sweep.dir"))
     main()

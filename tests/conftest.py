@@ -41,6 +41,18 @@ def compose_train(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def output_root(tmp_path_factory):
+    """Runs in tests write under pytest's temporary root: make it the output root (lit_lora/paths.py), for
+    this process and the training subprocesses it starts, so a test that writes elsewhere fails."""
+    from lit_lora.paths import OUTPUT_ROOT_ENV
+
+    root = tmp_path_factory.getbasetemp()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(OUTPUT_ROOT_ENV, str(root))
+        yield root
+
+
 @pytest.fixture
 def compose_cfg():
     return compose_train

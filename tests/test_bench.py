@@ -35,15 +35,17 @@ def test_bench_gpu_refuses_without_cuda_unless_dry_run():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("system", ["lit", "hf"])  # raw: the plainest loop, run by make bench
-def test_each_bench_system_runs_and_reports(system):
+@pytest.mark.parametrize(  # raw: the plainest loop, run by make bench
+    ("system", "data"), [("lit", "mix"), ("hf", "variable")]
+)
+def test_each_bench_system_runs_and_reports(system, data):
     done = _run(
         "-m",
         "bench.systems",
         "--system",
         system,
         "--data",
-        "variable",
+        data,
         "--examples",
         "12",
         "--batch-size",

@@ -348,21 +348,56 @@ def test_secrets_never_reach_any_file_a_run_writes(tmp_path):
     assert not leaked, leaked
 
 
-@pytest.mark.parametrize("value", ["../escaped-run", "runs/../../escaped-run", "a\x00b"])
-def test_output_paths_cannot_climb_out_of_the_working_directory_or_hold_nul(tmp_path, monkeypatch, value):
+@pytest.mark.parametrize("value", ["../escaped-run", "runs/../../escaped-run", "{tmp}/escaped-run", "a\x00b"])
+def test_output_paths_cannot_leave_the_output_root(tmp_path, monkeypatch, value):
+    """Without output_root / $LIT_LORA_OUTPUT_ROOT the root is the working directory: '..', an absolute
+    path elsewhere and a NUL are refused before anything is written."""
     from hydra.errors import HydraException
 
     from lit_lora.errors import UserError
+    from lit_lora.paths import OUTPUT_ROOT_ENV
     from lit_lora.train import train
     from tests.conftest import compose_train
 
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
+    monkeypatch.delenv(OUTPUT_ROOT_ENV)
     # Hydra's override grammar already rejects a NUL; lit-lora rejects it in YAML-set values too.
     with pytest.raises((UserError, HydraException), match="output_dir"):
-        train(compose_train([*TINY, f"output_dir={value}"]))
+        train(compose_train([*TINY, f"output_dir={value.format(tmp=tmp_path)}"]))
     assert not (tmp_path / "escaped-run").exists()
+
+
+def test_plugin_folders_and_hydra_dirs_cannot_leave_the_output_root(tmp_path, monkeypatch):
+    """A callback's dirpath or a logger's save_dir is checked like output_dir; hydra.run.dir and merge's
+    output_dir on the command line are refused before Hydra creates the folder; output_root= widens it."""
+    from lit_lora.errors import UserError
+    from lit_lora.paths import OUTPUT_ROOT_ENV
+    from lit_lora.train import train
+    from tests.conftest import compose_train
+
+    inside, outside = tmp_path / "root", tmp_path / "elsewhere"
+    monkeypatch.setenv(OUTPUT_ROOT_ENV, str(inside))
+    for override in [f"callbacks.adapter_checkpoint.dirpath={outside}", f"logger.csv.save_dir={outside}"]:
+        with pytest.raises(UserError, match=override.split("=")[0]):
+            train(compose_train([*TINY, f"output_dir={inside / 'run'}", override]))
+    for module, arg in [
+        ("lit_lora.train", f"hydra.run.dir={outside}"),
+        ("lit_lora.merge", f"output_dir={outside}"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, arg, "adapter=x"] if "merge" in module else [sys.executable, "-m", module, arg],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+            env={**os.environ, OUTPUT_ROOT_ENV: str(inside)},
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-1000:]
+        assert "outside the output root" in proc.stderr and "Traceback" not in proc.stderr
+    assert not outside.exists()
+    # The same folder is accepted once the root is widened on purpose (composition and typed check only).
+    from lit_lora.paths import confined
+
+    assert confined("output_dir", str(outside / "run"), str(tmp_path)) == outside / "run"
 
 
 def test_values_from_secret_environment_variables_are_redacted_in_what_a_run_writes(tmp_path, monkeypatch):
