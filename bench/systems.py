@@ -169,6 +169,10 @@ def run_lit(args, scratch: Path) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.step(int(batch["token_mask"].sum()), _trained(batch["labels"]))
 
+    if cfg.tune_host_allocator:  # as lit_lora.train does
+        from lit_lora.allocator import tune_host_allocator
+
+        tune_host_allocator()
     if cfg.model.bf16_frozen_linears:  # as lit_lora.train does under bf16-mixed
         cast_frozen_linears(built.model, torch.bfloat16)
     module = LitLoRA(built.model, cfg.optim, chunked_loss=cfg.model.chunked_loss)

@@ -61,22 +61,22 @@ def packed_attention_forward(
     length = query.shape[2]
     gqa = query.shape[1] != key.shape[1]
     rows = []
-    for b, starts in enumerate(packed_segments):
-        bounds = [*starts, length]
+    # unbind / split rather than indexing: their backward is one stack / cat, while each slice's backward
+    # would zero-fill a gradient the size of the whole batch (quadratic in the number of segments).
+    for q_row, k_row, v_row, starts in zip(
+        query.unbind(0), key.unbind(0), value.unbind(0), packed_segments, strict=True
+    ):
+        sizes = [e - s for s, e in itertools.pairwise([*starts, length])]
         parts = [
             F.scaled_dot_product_attention(
-                query[b : b + 1, :, s:e],
-                key[b : b + 1, :, s:e],
-                value[b : b + 1, :, s:e],
-                dropout_p=dropout,
-                scale=scaling,
-                is_causal=True,
-                enable_gqa=gqa,
+                q[None], k[None], v[None], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa
+            )[0]
+            for q, k, v in zip(
+                q_row.split(sizes, dim=1), k_row.split(sizes, dim=1), v_row.split(sizes, dim=1), strict=True
             )
-            for s, e in itertools.pairwise(bounds)
         ]
-        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+        rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
 def register() -> str:

@@ -287,6 +287,8 @@ class TrainConfig:
     # unchanged for that step; abort after max_nonfinite_skips consecutive skips).
     on_nonfinite: str = "abort"
     max_nonfinite_skips: int = 3
+    # glibc malloc keeps large freed blocks for reuse instead of unmapping them (lit_lora/allocator.py).
+    tune_host_allocator: bool = True
     # SIGTERM / SIGUSR1: save a checkpoint at the next step boundary and exit (status 143) within this.
     grace_period_s: float = 120.0
 

@@ -41,6 +41,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.memory import process_memory_mb, reset_peak_rss
+from lit_lora.allocator import tune_host_allocator
 from lit_lora.attention import use_packed_attention
 from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, clean_stale, find_resumable
 from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
@@ -224,6 +225,8 @@ def train(cfg: DictConfig) -> TrainResult:
     elif (out / "config.yaml").read_text() != config_yaml:
         (out / f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml").write_text(config_yaml)
     L.seed_everything(tc.seed, workers=True, verbose=False)
+    if tc.tune_host_allocator:
+        tune_host_allocator()
 
     storage_note = align_quant_storage(tc)
     if storage_note:

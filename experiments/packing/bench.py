@@ -35,11 +35,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from callbacks.throughput import Throughput
+from lit_lora.allocator import tune_host_allocator
 from lit_lora.attention import use_packed_attention
 from lit_lora.batching import MODEL_KEYS, collate, pack, padding_fraction
 from lit_lora.config import register_configs, to_train_config
 from lit_lora.data import DataModule
-from lit_lora.model import build_model
+from lit_lora.model import build_model, cast_frozen_linears
 from lit_lora.module import LitLoRA
 
 PRESETS = ("translation_vi_en", "summarization", "sentiment", "qa")
@@ -95,6 +96,8 @@ def one_run(examples: list[dict], tokenizer, packing: bool, args) -> dict:
     cfg = _compose(["output_dir=/tmp/unused"])
     L.seed_everything(0, verbose=False)
     built = build_model(cfg.model, cfg.quant, cfg.lora)
+    if cfg.model.bf16_frozen_linears:  # as lit_lora.train does under bf16-mixed
+        cast_frozen_linears(built.model, torch.bfloat16)
     if packing and args.attention == "segments":
         use_packed_attention(built.model)  # what lit_lora.train does when data.packing=true
     items = pack(examples, args.max_seq_len) if packing else examples
@@ -173,6 +176,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or HERE / f"results-{args.corpus}.json"
 
+    if _compose(["output_dir=/tmp/unused"]).tune_host_allocator:
+        tune_host_allocator()  # as lit_lora.train does
     args.max_seq_len = args.max_seq_len or (256 if args.corpus == "presets" else 512)
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
