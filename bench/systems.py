@@ -150,8 +150,9 @@ def _peft_model(overrides: list[str]):
 def run_lit(args, scratch: Path) -> dict:
     import lightning as L
 
-    from lit_lora.attention import use_packed_attention
+    from lit_lora.attention import use_lit_attention
     from lit_lora.data import DataModule
+    from lit_lora.dropout import use_host_dropout
     from lit_lora.model import cast_frozen_linears
     from lit_lora.module import LitLoRA
 
@@ -175,6 +176,9 @@ def run_lit(args, scratch: Path) -> dict:
         tune_host_allocator()
     if cfg.model.bf16_frozen_linears:  # as lit_lora.train does under bf16-mixed
         cast_frozen_linears(built.model, torch.bfloat16)
+    use_lit_attention(built.model, cfg.model.eager_attention_max_len)  # as lit_lora.train does
+    if cfg.lora.fast_dropout:
+        use_host_dropout(built.model)
     module = LitLoRA(built.model, cfg.optim, chunked_loss=cfg.model.chunked_loss)
     module.optim_cfg.lr = LR
     trainer = L.Trainer(
@@ -205,8 +209,6 @@ def run_lit(args, scratch: Path) -> dict:
             else:
                 data = DataModule(cfg.data, built.tokenizer, scratch / "data")
                 data.setup()
-            if cfg.data.packing:
-                use_packed_attention(built.model)
             trainer.fit(module, datamodule=data)
     return {**clock.result(), "adapter_bytes": _adapter_bytes(built.model, scratch)}
 

@@ -1,21 +1,28 @@
-"""Segment attention for packed batches: each packed example attends only to itself, at its own cost.
+"""lit-lora's attention function: per-example attention for packed batches, plain attention for short ones.
 
-transformers' SDPA path handles a packed row (position ids restarting at 0 for every example) by
-building a block-diagonal causal mask over the whole row and computing the full T x T product under
-it. On CPU that makes attention cost grow with the packed row length, which eats much of what packing
-saves. A varlen kernel (flash-attention) would skip the off-diagonal blocks, but it is CUDA-only.
+Two things transformers' SDPA path does slowly on a CPU, both measured (``make bench``,
+``experiments/packing``):
 
-``PACKED_ATTENTION`` is an attention implementation registered with transformers' ``AttentionInterface``
-that does the same on any device: when the forward call carries ``packed_segments`` (one tuple of
-segment start offsets per row, see :func:`segments_from_positions`), it runs causal SDPA on each
-segment separately and concatenates the outputs; the result equals the block-diagonal masked
-attention (pinned by ``tests/test_batching.py``). Any call without ``packed_segments`` (plain padded
-batches, validation of unpacked data, generation) goes to transformers' own SDPA function unchanged,
-with the SDPA mask, so switching a model to it changes nothing else.
+- **Packed rows.** A packed row (position ids restarting at 0 for every example) gets a block-diagonal
+  causal mask over the whole row and the full T x T product under it, so attention cost grows with the
+  packed row length. A varlen kernel (flash-attention) would skip the off-diagonal blocks, but it is
+  CUDA-only. When the forward call carries ``packed_segments`` (one tuple of segment start offsets per
+  row, see :func:`segments_from_positions`), attention runs on each segment separately; the result
+  equals the block-diagonal masked attention (pinned by ``tests/test_batching.py``).
+- **Short sequences in 16-bit.** PyTorch's CPU flash kernel pays a fixed cost per block that dominates
+  below a few hundred positions: for 4 x 96 positions in bf16 (SmolLM2 heads) its forward + backward
+  took 6.8 ms against 2.4 ms for matmul-softmax-matmul. On a CPU, in bf16/fp16, a sequence or packed
+  segment of at most ``eager_max_len`` positions (``model.eager_attention_max_len``) takes that plain
+  path, with the softmax in fp32 as transformers' eager attention does.
+
+Everything else (fp32, CUDA, longer sequences, generation with a KV cache, attention dropout) goes to
+transformers' own SDPA function unchanged, with the SDPA mask, so switching a model to
+:data:`LIT_ATTENTION` changes nothing else.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -24,7 +31,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-PACKED_ATTENTION = "lit_lora_packed"
+LIT_ATTENTION = "lit_lora"
+_MAX_LEN_ATTR = "_lit_lora_eager_max_len"
 
 
 def segments_from_positions(position_ids: torch.Tensor) -> tuple[tuple[int, ...], ...]:
@@ -38,7 +46,42 @@ def segments_from_positions(position_ids: torch.Tensor) -> tuple[tuple[int, ...]
     return tuple(tuple(torch.nonzero(row).flatten().tolist()) for row in starts)
 
 
-def packed_attention_forward(
+def _plain_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """softmax(q k^T * scaling) v over (B, H, T, D) queries and (B, H_kv, T, D) keys/values; (B, H, T, D).
+
+    ``allowed`` is a boolean (T, T) or (B, 1, T, T) mask, True where a query may attend. A query allowed
+    nothing gets a uniform distribution instead of NaN, as in transformers' eager attention.
+    Grouped-query heads are not copied out: the G query heads sharing a key/value head are stacked
+    along the sequence axis (head h reads key/value head h // G, as ``repeat_kv`` does), so each
+    product is one batched matmul against the shared head. Scores stay in the input's 16-bit dtype;
+    the CPU softmax accumulates in fp32 (scaling, then softmax, as transformers' eager attention).
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    stacked = query.reshape(batch, kv_heads, groups * length, dim)
+    scores = torch.matmul(stacked, key.transpose(-1, -2)).mul_(scaling)
+    scores = scores.view(batch, kv_heads, groups, length, key.shape[2])
+    if allowed is not None:
+        blocked = ~(allowed[:, :, None] if allowed.dim() == 4 else allowed)
+        scores = scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, groups * length, key.shape[2])
+    return torch.matmul(probs, value).view(batch, heads, length, dim)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal(length: int, device: torch.device) -> torch.Tensor:
+    """The (T, T) causal mask, True on and below the diagonal; cached (one per length per device)."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+def lit_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -49,17 +92,47 @@ def packed_attention_forward(
     packed_segments: tuple[tuple[int, ...], ...] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention per packed segment; without ``packed_segments``, transformers' SDPA.
+    """Attention for one layer: per packed segment, plain for short 16-bit CPU sequences, else SDPA.
 
-    ``query`` is (B, H, T, D), ``key``/``value`` (B, H_kv, T, D) (grouped-query heads are expanded by
-    SDPA itself). Returns (B, T, H, D) like transformers' attention functions.
+    ``query`` is (B, H, T, D), ``key``/``value`` (B, H_kv, T, D). ``attention_mask`` is what
+    transformers' ``sdpa_mask`` built: None (plain causal) or a boolean (B, 1, T, T), True = attend.
+    The plain path's threshold is read from the layer (set by :func:`use_lit_attention`).
+    Returns (B, T, H, D) like transformers' attention functions.
     """
-    if packed_segments is None or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
     length = query.shape[2]
+    max_len = getattr(module, _MAX_LEN_ATTR, 0)
+    plain = (
+        max_len > 0
+        and query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and dropout == 0.0
+        and key.shape[2] == length
+        and (attention_mask is None or attention_mask.dtype == torch.bool)
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+    )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if packed_segments is None or key.shape[2] != length:
+        if not (plain and length <= max_len):
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        allowed = attention_mask
+        if allowed is None and causal and length > 1:
+            allowed = _causal(length, query.device)
+        out = _plain_attention(query, key, value, allowed, scale)
+        return out.transpose(1, 2).contiguous(), None
     gqa = query.shape[1] != key.shape[1]
+
+    def segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if plain and q.shape[1] <= max_len:
+            return _plain_attention(q[None], k[None], v[None], _causal(q.shape[1], q.device), scale)[0]
+        return F.scaled_dot_product_attention(
+            q[None], k[None], v[None], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa
+        )[0]
+
     rows = []
     # unbind / split rather than indexing: their backward is one stack / cat, while each slice's backward
     # would zero-fill a gradient the size of the whole batch (quadratic in the number of segments).
@@ -68,9 +141,7 @@ def packed_attention_forward(
     ):
         sizes = [e - s for s, e in itertools.pairwise([*starts, length])]
         parts = [
-            F.scaled_dot_product_attention(
-                q[None], k[None], v[None], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa
-            )[0]
+            segment(q, k, v)
             for q, k, v in zip(
                 q_row.split(sizes, dim=1), k_row.split(sizes, dim=1), v_row.split(sizes, dim=1), strict=True
             )
@@ -80,21 +151,27 @@ def packed_attention_forward(
 
 
 def register() -> str:
-    """Register :data:`PACKED_ATTENTION` (idempotent) and return its name."""
-    AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
+    """Register :data:`LIT_ATTENTION` (idempotent) and return its name."""
+    AttentionInterface.register(LIT_ATTENTION, lit_attention_forward)
     # The mask for calls without segments is SDPA's; with segments it is built but not used.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
-    return PACKED_ATTENTION
+    ALL_MASK_ATTENTION_FUNCTIONS.register(LIT_ATTENTION, sdpa_mask)
+    return LIT_ATTENTION
 
 
-def use_packed_attention(model) -> bool:
-    """Switch ``model`` (a transformers or PEFT model) from ``sdpa`` to :data:`PACKED_ATTENTION`.
+def use_lit_attention(model, eager_max_len: int = 0) -> bool:
+    """Switch ``model`` (a transformers or PEFT model) from ``sdpa`` to :data:`LIT_ATTENTION`.
 
-    Returns whether it switched: models on another implementation (``eager``, flash-attention, which
-    has its own varlen path) are left alone.
+    ``eager_max_len``: on a CPU in bf16/fp16, sequences and packed segments up to this length use
+    plain matmul-softmax attention (0: never). Returns whether it switched: models on another
+    implementation (``eager``, flash-attention, which has its own varlen path) are left alone.
     """
+    if eager_max_len < 0:
+        raise ValueError(f"eager_max_len must be >= 0, got {eager_max_len}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+    if getattr(base.config, "_attn_implementation", None) not in ("sdpa", LIT_ATTENTION):
         return False
     base.set_attn_implementation(register())
+    # Per layer rather than global, so two models in one process keep their own setting.
+    for layer in base.modules():
+        setattr(layer, _MAX_LEN_ATTR, eager_max_len)
     return True

@@ -57,6 +57,10 @@ class ModelConfig:
     # bf16 in every op anyway): same matmuls, no per-op casts, half the weight memory. Norms,
     # embeddings and the adapter stay in model.dtype. false: keep model.dtype everywhere.
     bf16_frozen_linears: bool = True
+    # On a CPU in bf16/fp16, sequences (and packed examples) up to this many positions use plain
+    # matmul-softmax attention instead of SDPA's flash kernel, which is slower below ~200 positions
+    # (lit_lora.attention); 0: SDPA always. Costs a (T x T) score matrix per layer, hence the bound.
+    eager_attention_max_len: int = 192
 
     def __post_init__(self) -> None:
         _one_of("model", "dtype", self.dtype, DTYPES)
@@ -68,6 +72,10 @@ class ModelConfig:
             raise UserError(
                 "model.trust_remote_code=true runs Python code from the model repository: pin the code you "
                 "reviewed with model.revision=<commit sha>"
+            )
+        if self.eager_attention_max_len < 0:
+            raise UserError(
+                f"model.eager_attention_max_len must be >= 0 (0 = always SDPA), got {self.eager_attention_max_len}"
             )
 
 
@@ -110,6 +118,10 @@ class LoraConfig:
     # Continue from an existing PEFT LoRA adapter folder (lit-lora's or any other tool's); its own
     # r / alpha / targets then apply and the keys above are ignored.
     init_from: str | None = None
+    # On a CPU, draw LoRA dropout masks from 15-bit random lanes rather than with bernoulli_
+    # (lit_lora.dropout): p rounded to a multiple of 2**-15, a different random stream, half the cost.
+    # false: PEFT's nn.Dropout.
+    fast_dropout: bool = True
 
     def __post_init__(self) -> None:
         if self.r < 1:

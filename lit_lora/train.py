@@ -42,10 +42,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.memory import process_memory_mb, reset_peak_rss
 from lit_lora.allocator import tune_host_allocator
-from lit_lora.attention import use_packed_attention
+from lit_lora.attention import use_lit_attention
 from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, clean_stale, find_resumable
 from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
 from lit_lora.data import DataModule
+from lit_lora.dropout import use_host_dropout
 from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, UserError
 from lit_lora.graceful import GracefulStop
 from lit_lora.model import build_model, cast_frozen_linears
@@ -236,8 +237,10 @@ def train(cfg: DictConfig) -> TrainResult:
         cast_frozen_linears(built.model, torch.bfloat16)
     data = DataModule(tc.data, built.tokenizer, out / "data")
     data.setup()
-    if tc.data.packing and use_packed_attention(built.model):
+    if use_lit_attention(built.model, tc.model.eager_attention_max_len) and tc.data.packing:
         _say("packing: attention runs per packed example (segment attention, lit_lora.attention)")
+    if tc.lora.fast_dropout:
+        use_host_dropout(built.model)
     module = LitLoRA(
         built.model,
         tc.optim,

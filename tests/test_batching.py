@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lit_lora.attention import segments_from_positions, use_packed_attention
+from lit_lora.attention import segments_from_positions, use_lit_attention
 from lit_lora.batching import MODEL_KEYS, LengthGroupedSampler, collate, pack, padding_fraction
 from lit_lora.config import ModelConfig
 from lit_lora.demo import make_rows
@@ -106,7 +106,7 @@ def test_segment_attention_equals_the_masked_sdpa_path_in_loss_logits_and_gradie
         return out.loss.detach(), out.logits.detach(), grad
 
     loss_mask, logits_mask, grad_mask = run()  # sdpa: packed_segments is ignored, the block mask acts
-    assert use_packed_attention(model)
+    assert use_lit_attention(model)
     loss_seg, logits_seg, grad_seg = run()
     real = packed["token_mask"].bool()
     assert abs(loss_mask.item() - loss_seg.item()) < 1e-5
@@ -119,6 +119,70 @@ def test_segment_attention_equals_the_masked_sdpa_path_in_loss_logits_and_gradie
         switched = model(**plain, use_cache=False).loss
         model.set_attn_implementation("sdpa")
         assert abs(switched.item() - model(**plain, use_cache=False).loss.item()) < 1e-6
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_plain_attention_equals_sdpa_with_grouped_heads_and_masks(padded):
+    """The short-sequence path (lit_lora.attention._plain_attention) in fp32, where any error shows."""
+    from torch.nn import functional as F
+
+    from lit_lora.attention import _causal, _plain_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 9, 40, 64, requires_grad=True)  # SmolLM2's heads: 9 query, 3 key/value
+    k = torch.randn(2, 3, 40, 64, requires_grad=True)
+    v = torch.randn(2, 3, 40, 64, requires_grad=True)
+    mask = _causal(40, q.device)
+    if padded:  # the boolean (B, 1, T, T) mask transformers' sdpa_mask builds for right padding
+        mask = mask[None, None].repeat(2, 1, 1, 1)
+        mask[1, :, :, 31:] = False
+    grad = torch.randn(2, 9, 40, 64)
+    results = []
+    for attend in (
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True),
+        lambda: _plain_attention(q, k, v, mask, 0.125),
+    ):
+        q.grad = k.grad = v.grad = None
+        out = attend()
+        out.backward(grad)
+        results.append([out.detach(), q.grad, k.grad, v.grad])
+    for ref, got in zip(*results, strict=True):
+        assert (ref - got).abs().max() < 1e-4
+
+
+def test_short_16bit_sequences_take_the_plain_path_and_match_sdpa(examples, tokenizer, monkeypatch):
+    """bf16 training on a CPU: plain attention for padded and packed batches, close to SDPA's result."""
+    from lit_lora import attention
+
+    calls = []
+    real = attention._plain_attention
+    monkeypatch.setattr(attention, "_plain_attention", lambda *a: calls.append(1) or real(*a))
+    model = AutoModelForCausalLM.from_pretrained(resolve("embedded:smollm2-135m"), dtype=torch.bfloat16)
+    model.train()  # attention dropout is 0 in this config
+    layer = model.model.layers[3].self_attn.q_proj.weight
+    for batch in (
+        collate(examples[:4], tokenizer.pad_token_id),
+        collate(pack(examples, 256), tokenizer.pad_token_id),
+    ):
+        inputs = _model_inputs(batch)
+        if "position_ids" in batch:
+            inputs["packed_segments"] = segments_from_positions(batch["position_ids"])
+        runs = []
+        for max_len in (0, 512):  # 0: every call goes to transformers' SDPA
+            assert use_lit_attention(model, max_len)
+            calls.clear()
+            model.zero_grad()
+            out = model(**inputs, use_cache=False)
+            out.loss.backward()
+            runs.append((out.loss.item(), layer.grad.float().flatten(), len(calls)))
+        (loss_sdpa, grad_sdpa, n_sdpa), (loss_plain, grad_plain, n_plain) = runs
+        assert n_sdpa == 0 and n_plain >= 30, "the plain path must run in every layer, and only when asked"
+        assert abs(loss_sdpa - loss_plain) < 0.02 * abs(loss_sdpa)  # bf16 rounding, not a different function
+        assert _cosine(grad_sdpa, grad_plain) > 0.99
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
 
 
 def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_lora.attention import segments_from_positions, use_packed_attention
+from lit_lora.attention import segments_from_positions, use_lit_attention
 from lit_lora.batching import MODEL_KEYS, collate, pack
 from lit_lora.config import LoraConfig, ModelConfig, QuantConfig, to_train_config
 from lit_lora.demo import make_rows
@@ -48,7 +48,7 @@ def test_chunked_loss_and_gradients_equal_transformers_loss(built, packed):
     examples = _examples(tokenizer)
     batch = collate(pack(examples, 256) if packed else examples, tokenizer.pad_token_id)
     if packed:
-        use_packed_attention(model)
+        use_lit_attention(model)
     divisor = torch.tensor(7.0)  # any divisor, e.g. a step's token count / (accum x world)
     model.zero_grad()
     reference = model(

@@ -36,10 +36,11 @@ from torch.utils.data import DataLoader
 
 from callbacks.throughput import Throughput
 from lit_lora.allocator import tune_host_allocator
-from lit_lora.attention import use_packed_attention
+from lit_lora.attention import use_lit_attention
 from lit_lora.batching import MODEL_KEYS, collate, pack, padding_fraction
 from lit_lora.config import register_configs, to_train_config
 from lit_lora.data import DataModule
+from lit_lora.dropout import use_host_dropout
 from lit_lora.model import build_model, cast_frozen_linears
 from lit_lora.module import LitLoRA
 
@@ -98,8 +99,10 @@ def one_run(examples: list[dict], tokenizer, packing: bool, args) -> dict:
     built = build_model(cfg.model, cfg.quant, cfg.lora)
     if cfg.model.bf16_frozen_linears:  # as lit_lora.train does under bf16-mixed
         cast_frozen_linears(built.model, torch.bfloat16)
-    if packing and args.attention == "segments":
-        use_packed_attention(built.model)  # what lit_lora.train does when data.packing=true
+    if not (packing and args.attention == "mask"):  # what lit_lora.train does
+        use_lit_attention(built.model, cfg.model.eager_attention_max_len)
+    if cfg.lora.fast_dropout:
+        use_host_dropout(built.model)
     items = pack(examples, args.max_seq_len) if packing else examples
     loader = DataLoader(
         items,

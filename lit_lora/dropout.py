@@ -1,0 +1,74 @@
+"""LoRA dropout with cheaper masks on a CPU.
+
+PEFT gives every adapted layer an ``nn.Dropout`` on the adapter's input. On a CPU, PyTorch draws its
+mask with ``bernoulli_``, one serial generator call per element in double precision (MKL's vectorised
+path is taken on Intel CPUs only): in one training step of the default model (120 adapted layers) it
+took 12.5 % of the time on this project's AMD machines. :class:`HostDropout` draws 64 random bits per
+four elements from the same global generator and keeps an element when its 15-bit lane is at least
+``round(p * 2**15)``: a mask for 4 x 96 x 576 inputs in 0.55 ms against 1.2 ms for ``bernoulli_`` (same
+machine, same run). Each element is kept independently with probability ``1 - p``, ``p`` rounded to a
+multiple of 2**-15 (0.05 becomes 0.04999), and scaled by ``1 / (1 - p)``. The random stream differs
+from ``nn.Dropout``'s, so runs with it and without it do not draw the same masks; a run with it is as
+reproducible as one without (one generator, saved and restored with the checkpoint's RNG state).
+
+The mask is kept as booleans for the backward, as ``F.dropout`` keeps it, so memory does not grow.
+Inputs on other devices (CUDA's fused dropout is fast) and eval mode take ``nn.Dropout``'s path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+LANE_BITS = 15  # int64.random_() yields 63 random bits: four 16-bit lanes with their top bit cleared
+
+
+def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """Boolean mask of ``shape``, each element True with probability ``1 - round(p * 2**15) / 2**15``."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
+    lanes = words.view(torch.int16)[:n].bitwise_and_((1 << LANE_BITS) - 1)
+    return (lanes >= round(p * (1 << LANE_BITS))).view(shape)
+
+
+class _Masked(torch.autograd.Function):
+    """``x * keep / (1 - p)`` with the boolean mask saved for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        # aten's dropout backward is exactly mask * scale * input, in one pass, for any float dtype.
+        return torch.ops.aten.native_dropout_backward(x, keep, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None, None
+
+
+class HostDropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU masks come from :func:`keep_mask` (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        p = round(self.p * (1 << LANE_BITS)) / (1 << LANE_BITS)  # the probability the mask realises
+        return _Masked.apply(x, keep_mask(x.shape, self.p), 1.0 / (1.0 - p))
+
+
+def use_host_dropout(model: nn.Module) -> int:
+    """Replace every PEFT LoRA dropout of ``model`` (``lora_dropout[adapter]``) by :class:`HostDropout`
+    with the same ``p``; returns how many were replaced. Layers without dropout (``nn.Identity``) stay."""
+    replaced = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, nn.ModuleDict):
+            continue
+        for name, dropout in list(dropouts.items()):
+            if type(dropout) is nn.Dropout:
+                dropouts[name] = HostDropout(dropout.p)
+                replaced += 1
+    return replaced
