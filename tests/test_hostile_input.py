@@ -101,8 +101,11 @@ def test_random_alpaca_rows_never_raise_and_every_example_is_well_masked(tmp_pat
             if label != IGNORE_INDEX
         ]
         text = TOKENIZER.decode(trained)
+        # What the tokenizer can say of the answer: byte-level BPE drops bytes missing from its vocabulary
+        # (SmolLM2 has no token for 0xF1, the lead byte of U+40000..U+7FFFF), so compare with its round trip.
+        said = TOKENIZER.decode(TOKENIZER(answer.strip(), add_special_tokens=False)["input_ids"])
         if count_trained(example["labels"]) == len(trained) and len(example["input_ids"]) < 64:
-            assert text.startswith(answer.strip()[:10]) or answer.strip()[:10] in text, (answer, text)
+            assert text.startswith(said[:10]) or said[:10] in text, (answer, said, text)
 
 
 @_SETTINGS
