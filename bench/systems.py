@@ -150,10 +150,8 @@ def _peft_model(overrides: list[str]):
 def run_lit(args, scratch: Path) -> dict:
     import lightning as L
 
-    from lit_lora.attention import use_lit_attention
     from lit_lora.data import DataModule
-    from lit_lora.dropout import use_host_dropout
-    from lit_lora.model import cast_frozen_linears
+    from lit_lora.model import prepare_for_training
     from lit_lora.module import LitLoRA
 
     overrides = [f"model.chunked_loss={str(not args.no_chunked_loss).lower()}"]
@@ -174,11 +172,7 @@ def run_lit(args, scratch: Path) -> dict:
         from lit_lora.allocator import tune_host_allocator
 
         tune_host_allocator()
-    if cfg.model.bf16_frozen_linears:  # as lit_lora.train does under bf16-mixed
-        cast_frozen_linears(built.model, torch.bfloat16)
-    use_lit_attention(built.model, cfg.model.eager_attention_max_len)  # as lit_lora.train does
-    if cfg.lora.fast_dropout:
-        use_host_dropout(built.model)
+    prepare_for_training(built.model, cfg.model, cfg.lora, bf16_mixed=True)  # as lit_lora.train does
     module = LitLoRA(built.model, cfg.optim, chunked_loss=cfg.model.chunked_loss)
     module.optim_cfg.lr = LR
     trainer = L.Trainer(

@@ -25,12 +25,12 @@ from torch import nn
 LANE_BITS = 15  # int64.random_() yields 63 random bits: four 16-bit lanes with their top bit cleared
 
 
-def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
-    """Boolean mask of ``shape``, each element True with probability ``1 - round(p * 2**15) / 2**15``."""
+def keep_mask(shape: torch.Size, threshold: int) -> torch.Tensor:
+    """Boolean mask of ``shape``, each element True with probability ``1 - threshold / 2**15``."""
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
     lanes = words.view(torch.int16)[:n].bitwise_and_((1 << LANE_BITS) - 1)
-    return (lanes >= round(p * (1 << LANE_BITS))).view(shape)
+    return (lanes >= threshold).view(shape)
 
 
 class _Masked(torch.autograd.Function):
@@ -55,8 +55,8 @@ class HostDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
-        p = round(self.p * (1 << LANE_BITS)) / (1 << LANE_BITS)  # the probability the mask realises
-        return _Masked.apply(x, keep_mask(x.shape, self.p), 1.0 / (1.0 - p))
+        threshold = round(self.p * (1 << LANE_BITS))  # p on the 2**-15 grid the mask realises
+        return _Masked.apply(x, keep_mask(x.shape, threshold), 1.0 / (1.0 - threshold / (1 << LANE_BITS)))
 
 
 def use_host_dropout(model: nn.Module) -> int:

@@ -399,6 +399,33 @@ def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
+def prepare_for_training(
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    lora_cfg: LoraConfig,
+    *,
+    bf16_mixed: bool,
+    lit_attention: bool = True,
+) -> bool:
+    """The training-time paths lit-lora puts on a built model, each switchable from config: frozen linears
+    in bf16 under ``bf16_mixed`` (:func:`cast_frozen_linears`), cheaper CPU LoRA dropout masks
+    (``lora.fast_dropout``, :mod:`lit_lora.dropout`) and lit-lora's attention function (packed segments,
+    plain attention for short 16-bit CPU sequences, :mod:`lit_lora.attention`). ``lit_attention=False``
+    keeps transformers' attention (the packing experiment's block-mask baseline).
+
+    One place, so that the benchmarks measure exactly what ``lit_lora.train`` runs. Returns whether
+    lit-lora's attention function is in use.
+    """
+    from lit_lora.attention import use_lit_attention
+    from lit_lora.dropout import use_host_dropout
+
+    if model_cfg.bf16_frozen_linears and bf16_mixed:
+        cast_frozen_linears(model, torch.bfloat16)
+    if lora_cfg.fast_dropout:
+        use_host_dropout(model)
+    return lit_attention and use_lit_attention(model, model_cfg.eager_attention_max_len)
+
+
 def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, lora_cfg: LoraConfig) -> BuiltModel:
     """Load the base, quantize it if asked, and wrap it with a LoRA adapter. Only the adapter trains.
 

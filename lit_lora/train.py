@@ -42,14 +42,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.memory import process_memory_mb, reset_peak_rss
 from lit_lora.allocator import tune_host_allocator
-from lit_lora.attention import use_lit_attention
 from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, clean_stale, find_resumable
 from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
 from lit_lora.data import DataModule
-from lit_lora.dropout import use_host_dropout
 from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, UserError
 from lit_lora.graceful import GracefulStop
-from lit_lora.model import build_model, cast_frozen_linears
+from lit_lora.model import build_model, prepare_for_training
 from lit_lora.module import LitLoRA
 from lit_lora.paths import check_argv_paths, confined
 from lit_lora.score import exact_match_score
@@ -233,14 +231,12 @@ def train(cfg: DictConfig) -> TrainResult:
     if storage_note:
         _say(storage_note)
     built = build_model(tc.model, tc.quant, tc.lora)
-    if tc.model.bf16_frozen_linears and tc.trainer.precision == "bf16-mixed" and not tc.quant.enabled:
-        cast_frozen_linears(built.model, torch.bfloat16)
+    bf16_mixed = tc.trainer.precision == "bf16-mixed" and not tc.quant.enabled
+    lit_attention = prepare_for_training(built.model, tc.model, tc.lora, bf16_mixed=bf16_mixed)
     data = DataModule(tc.data, built.tokenizer, out / "data")
     data.setup()
-    if use_lit_attention(built.model, tc.model.eager_attention_max_len) and tc.data.packing:
+    if lit_attention and tc.data.packing:
         _say("packing: attention runs per packed example (segment attention, lit_lora.attention)")
-    if tc.lora.fast_dropout:
-        use_host_dropout(built.model)
     module = LitLoRA(
         built.model,
         tc.optim,

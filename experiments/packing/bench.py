@@ -36,12 +36,10 @@ from torch.utils.data import DataLoader
 
 from callbacks.throughput import Throughput
 from lit_lora.allocator import tune_host_allocator
-from lit_lora.attention import use_lit_attention
 from lit_lora.batching import MODEL_KEYS, collate, pack, padding_fraction
 from lit_lora.config import register_configs, to_train_config
 from lit_lora.data import DataModule
-from lit_lora.dropout import use_host_dropout
-from lit_lora.model import build_model, cast_frozen_linears
+from lit_lora.model import build_model, prepare_for_training
 from lit_lora.module import LitLoRA
 
 PRESETS = ("translation_vi_en", "summarization", "sentiment", "qa")
@@ -97,12 +95,9 @@ def one_run(examples: list[dict], tokenizer, packing: bool, args) -> dict:
     cfg = _compose(["output_dir=/tmp/unused"])
     L.seed_everything(0, verbose=False)
     built = build_model(cfg.model, cfg.quant, cfg.lora)
-    if cfg.model.bf16_frozen_linears:  # as lit_lora.train does under bf16-mixed
-        cast_frozen_linears(built.model, torch.bfloat16)
-    if not (packing and args.attention == "mask"):  # what lit_lora.train does
-        use_lit_attention(built.model, cfg.model.eager_attention_max_len)
-    if cfg.lora.fast_dropout:
-        use_host_dropout(built.model)
+    # What lit_lora.train does; the "mask" baseline keeps transformers' block-masked SDPA for packed rows.
+    mask_baseline = packing and args.attention == "mask"
+    prepare_for_training(built.model, cfg.model, cfg.lora, bf16_mixed=True, lit_attention=not mask_baseline)
     items = pack(examples, args.max_seq_len) if packing else examples
     loader = DataLoader(
         items,
