@@ -122,6 +122,10 @@ class LoraConfig:
     # (lit_lora.dropout): p rounded to a multiple of 2**-15, a different random stream, half the cost.
     # false: PEFT's nn.Dropout.
     fast_dropout: bool = True
+    # On a CPU, each LoRA linear layer's training forward and backward as one autograd function
+    # (lit_lora.lora_linear): the same function as PEFT's, fewer operations; its masks are fast_dropout's.
+    # Only with fast_dropout (or dropout 0); false: PEFT's own forward.
+    fused_linear: bool = True
 
     def __post_init__(self) -> None:
         if self.r < 1:

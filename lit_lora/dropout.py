@@ -25,12 +25,34 @@ from torch import nn
 LANE_BITS = 15  # int64.random_() yields 63 random bits: four 16-bit lanes with their top bit cleared
 
 
+def _lanes(n: int) -> torch.Tensor:
+    """``n`` independent uniform 15-bit integers (int16), four per 64-bit draw of the global generator."""
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
+    return words.view(torch.int16)[:n].bitwise_and_((1 << LANE_BITS) - 1)
+
+
 def keep_mask(shape: torch.Size, threshold: int) -> torch.Tensor:
     """Boolean mask of ``shape``, each element True with probability ``1 - threshold / 2**15``."""
-    n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
-    lanes = words.view(torch.int16)[:n].bitwise_and_((1 << LANE_BITS) - 1)
-    return (lanes >= threshold).view(shape)
+    return (_lanes(math.prod(shape)) >= threshold).view(shape)
+
+
+# The int16 bit patterns of 1.0 in the 16-bit float dtypes.
+_ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
+
+
+def keep_ones(shape: torch.Size, threshold: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`keep_mask` as 1.0 / 0.0 in a 16-bit float ``dtype``, built with integer operations only.
+
+    The same draws keep the same elements as :func:`keep_mask` from the same generator state. A 16-bit
+    multiplier because on a CPU ``x * ones`` in bf16 is several times faster than ``x`` times a boolean
+    mask or than converting a boolean mask to bf16 (about 50 vs 230-290 us for 372 x 576 elements).
+    """
+    one = _ONE_BITS[dtype]
+    lanes = _lanes(math.prod(shape))
+    # lane - threshold < 0 exactly for dropped elements; the arithmetic shift turns it into all ones
+    # (-1) and a kept element into 0; inverted, kept elements are all ones and keep the bits of 1.0.
+    lanes.sub_(threshold).bitwise_right_shift_(15).bitwise_not_().bitwise_and_(one)
+    return lanes.view(dtype).view(shape)
 
 
 class _Masked(torch.autograd.Function):

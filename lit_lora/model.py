@@ -409,7 +409,8 @@ def prepare_for_training(
 ) -> bool:
     """The training-time paths lit-lora puts on a built model, each switchable from config: frozen linears
     in bf16 under ``bf16_mixed`` (:func:`cast_frozen_linears`), cheaper CPU LoRA dropout masks
-    (``lora.fast_dropout``, :mod:`lit_lora.dropout`) and lit-lora's attention function (packed segments,
+    (``lora.fast_dropout``, :mod:`lit_lora.dropout`), the fused CPU LoRA linear (``lora.fused_linear``,
+    :mod:`lit_lora.lora_linear`) and lit-lora's attention function (packed segments,
     plain attention for short 16-bit CPU sequences, :mod:`lit_lora.attention`). ``lit_attention=False``
     keeps transformers' attention (the packing experiment's block-mask baseline).
 
@@ -418,11 +419,15 @@ def prepare_for_training(
     """
     from lit_lora.attention import use_lit_attention
     from lit_lora.dropout import use_host_dropout
+    from lit_lora.lora_linear import use_fused_lora_linear
 
     if model_cfg.bf16_frozen_linears and bf16_mixed:
         cast_frozen_linears(model, torch.bfloat16)
     if lora_cfg.fast_dropout:
         use_host_dropout(model)
+    # The fused path draws fast_dropout's masks: without fast_dropout, PEFT's nn.Dropout stays in charge.
+    if lora_cfg.fused_linear and (lora_cfg.fast_dropout or lora_cfg.dropout == 0.0):
+        use_fused_lora_linear(model)
     return lit_attention and use_lit_attention(model, model_cfg.eager_attention_max_len)
 
 

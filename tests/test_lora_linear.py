@@ -1,0 +1,125 @@
+"""lit_lora.lora_linear: the fused CPU LoRA linear computes PEFT's function, and only where it applies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lit_lora import lora_linear
+from lit_lora.config import LoraConfig, ModelConfig, QuantConfig
+from lit_lora.dropout import keep_mask, keep_ones, use_host_dropout
+from lit_lora.lora_linear import _fused_forward, use_fused_lora_linear
+from lit_lora.model import build_model, prepare_for_training
+from tests.conftest import TINY, compose_train
+
+
+def _tiny(tmp_path, **lora) -> torch.nn.Module:
+    """The tiny random Llama (fp32) with a LoRA whose B weights are non-zero (B = 0 would hide errors)."""
+    model_cfg = ModelConfig(**dict(compose_train([*TINY, f"output_dir={tmp_path}"]).model))
+    torch.manual_seed(0)
+    model = build_model(model_cfg, QuantConfig(), LoraConfig(**lora)).model
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    return model.train()
+
+
+def _loss_and_grads(model, ids, seed=7):
+    torch.manual_seed(seed)  # the same dropout masks for both paths
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_keep_ones_keeps_the_elements_keep_mask_keeps(dtype):
+    torch.manual_seed(3)
+    mask = keep_mask((300, 77), 1638)
+    torch.manual_seed(3)
+    ones = keep_ones((300, 77), 1638, dtype)
+    assert ones.dtype == dtype and set(ones.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(ones == 1, mask)
+    assert 0.9 < mask.float().mean() < 0.99
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_model_equals_peft_with_the_same_masks_in_fp32(tmp_path, dropout):
+    peft = _tiny(tmp_path, r=4, dropout=dropout)
+    use_host_dropout(peft)
+    fused = copy.deepcopy(peft)
+    assert use_fused_lora_linear(fused) == 2 * 4  # q/k/v/o of 2 layers
+    ids = torch.randint(3, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref_loss, ref = _loss_and_grads(peft, ids)
+    loss, got = _loss_and_grads(fused, ids)
+    assert abs(loss - ref_loss) < 1e-5
+    assert ref.keys() == got.keys() and len(ref) == 2 * 2 * 4  # A and B of 8 layers
+    for name in ref:
+        assert torch.allclose(got[name], ref[name], rtol=1e-4, atol=1e-7), name
+        assert got[name].abs().sum() > 0, name
+
+
+def test_bf16_autocast_error_is_no_larger_than_peft_s(tmp_path):
+    """Against an fp32 reference, the fused layer under bf16 autocast errs no more than PEFT's layer."""
+    layer = _tiny(tmp_path, r=4, dropout=0.0).get_base_model().model.layers[1].self_attn.q_proj
+    x0 = torch.randn(3, 17, layer.in_features, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(3, 17, layer.out_features, generator=torch.Generator().manual_seed(2))
+
+    def run(autocast: bool, fused: bool):
+        x = x0.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = _fused_forward(layer, x) if fused else layer(x)
+        assert ("LoraLinear" in type(out.grad_fn).__name__) == fused
+        out.backward(grad)
+        return [out.float(), x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
+
+    ref = run(False, False)
+    for peft_value, fused_value, want in zip(run(True, False), run(True, True), ref, strict=True):
+        peft_err = ((peft_value - want).norm() / want.norm()).item()
+        fused_err = ((fused_value - want).norm() / want.norm()).item()
+        assert peft_err < 0.02 and fused_err <= 1.5 * peft_err + 1e-3, (peft_err, fused_err)
+
+
+def test_only_plain_cpu_training_calls_take_the_fused_path(tmp_path, monkeypatch):
+    model = _tiny(tmp_path, r=4, dropout=0.1)
+    use_fused_lora_linear(model)
+    calls = []
+    apply = lora_linear._LoraLinear.apply
+    monkeypatch.setattr(lora_linear._LoraLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    ids = torch.randint(3, 4000, (1, 9))
+
+    def fused_calls() -> int:
+        calls.clear()
+        model(input_ids=ids, use_cache=False)
+        return len(calls)
+
+    assert fused_calls() == 8
+    with torch.no_grad():
+        assert fused_calls() == 0
+    model.eval()
+    assert fused_calls() == 0
+    model.train()
+    with model.disable_adapter():
+        assert fused_calls() == 0
+    # A bf16 base with an fp32 LoRA outside autocast: PEFT computes in two dtypes, so PEFT computes.
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    layer.base_layer.to(torch.bfloat16)
+    calls.clear()
+    out = layer(torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16))
+    assert not calls and out.dtype == torch.bfloat16
+
+
+def test_prepare_for_training_routes_it_per_config(tmp_path):
+    from peft.tuners.lora import Linear
+
+    model_cfg = ModelConfig(**dict(compose_train([*TINY, f"output_dir={tmp_path}"]).model))
+    cases = [({}, 8), ({"fused_linear": False}, 0), ({"fast_dropout": False}, 0)]
+    cases.append(({"fast_dropout": False, "dropout": 0.0}, 8))  # no masks: nothing to disagree on
+    for lora, expected in cases:
+        lora_cfg = LoraConfig(r=4, **lora)
+        model = build_model(model_cfg, QuantConfig(), lora_cfg).model
+        prepare_for_training(model, model_cfg, lora_cfg, bf16_mixed=False)
+        routed = [m for m in model.modules() if isinstance(m, Linear) and "forward" in vars(m)]
+        assert len(routed) == expected, lora
