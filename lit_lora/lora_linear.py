@@ -19,7 +19,8 @@ rounding; in fp32 the two paths agree to fp32 rounding (tested). Masks are those
 
 :func:`use_fused_lora_linear` routes a PEFT ``lora.Linear`` through it only when the call is plain LoRA
 training on a CPU: grad enabled, module training, adapters enabled and unmerged, one active adapter, no
-variant (DoRA), a plain ``nn.Linear`` base (not 4-bit/8-bit), no extra arguments, and one compute dtype
+variant (DoRA), a plain frozen ``nn.Linear`` base (not 4-bit/8-bit; no trainable bias), no ``lora_B``
+bias, no extra arguments, and one compute dtype
 (autocast's, or that of ``x`` and all weights). Everything else takes PEFT's own forward, unchanged.
 """
 
@@ -96,6 +97,14 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
+def _trains_more_than_lora(layer, name: str) -> bool:
+    """True when the call needs gradients :class:`_LoraLinear` does not give: a trainable base weight or
+    bias (``lora.bias=all``), or a bias on ``lora_B`` (PEFT's ``lora_bias``)."""
+    base = layer.base_layer
+    trainable_base = base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
+    return trainable_base or layer.lora_B[name].bias is not None
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT ``lora.Linear.forward`` through :class:`_LoraLinear` when the call is plain LoRA training."""
     peft_forward = type(self).forward
@@ -111,6 +120,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         or adapters[0] in self.lora_variant
         or type(self.base_layer) is not nn.Linear
         or x.device.type != "cpu"  # measured on CPUs only; CUDA keeps PEFT's path
+        or _trains_more_than_lora(self, adapters[0])
     ):
         return peft_forward(self, x, *args, **kwargs)
     name = adapters[0]

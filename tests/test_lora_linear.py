@@ -109,6 +109,11 @@ def test_only_plain_cpu_training_calls_take_the_fused_path(tmp_path, monkeypatch
     calls.clear()
     out = layer(torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16))
     assert not calls and out.dtype == torch.bfloat16
+    # A trainable base weight (or bias) needs gradients the fused function does not give.
+    layer = model.get_base_model().model.layers[1].self_attn.v_proj
+    layer.base_layer.weight.requires_grad_(True)
+    layer(torch.randn(2, 5, layer.in_features))
+    assert not calls
 
 
 def test_prepare_for_training_routes_it_per_config(tmp_path):
