@@ -14,7 +14,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast bench bench-scaling bench-packing bench-gpu chaos lint format clean-venv
+.PHONY: help install train test test-fast bench bench-scaling bench-paths bench-packing bench-gpu chaos lint format clean-venv
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench: $(STAMP)  ## lit-lora vs HF Trainer vs raw loop (interleaved) + scaling t
 
 bench-scaling: $(STAMP)  ## step time and memory vs sequence length, rank, batch -> bench/results/*.png
 	$(BIN)/python -m bench.scaling $(ARGS)
+
+bench-paths: $(STAMP)  ## each CPU training path switched off in turn vs the defaults, one process -> bench/results/paths-cpu.*
+	$(BIN)/python -m bench.paths $(ARGS)
 
 bench-packing: $(STAMP)  ## packing vs padding, trained tokens/s -> experiments/packing/results-*.json
 	$(BIN)/python experiments/packing/bench.py --corpus longtail --out experiments/packing/results-longtail-segments.json $(ARGS)

@@ -55,3 +55,12 @@ def test_each_bench_system_runs_and_reports(system, data):
     result = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[7:])
     assert result["trained_tokens_per_s"] > 0 and result["peak_memory_mb"] > 0
     assert result["adapter_bytes"] > 1_000_000  # LoRA r=8 on q/k/v/o of SmolLM2-135M, fp32
+
+
+def test_bench_paths_dry_run_times_every_variant_against_the_defaults():
+    done = _run("-m", "bench.paths", "--dry-run", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout[done.stdout.index("{\n") :])["rows"]
+    names = [r["variant"] for r in rows]
+    assert names[0] == "lit-lora defaults" and "lora.fused_linear=false" in names and len(names) == 4
+    assert all(r["tokens_per_s"] > 0 and r["speed_vs_defaults"] > 0 for r in rows)
