@@ -31,6 +31,13 @@ def _lanes(n: int) -> torch.Tensor:
     return words.view(torch.int16)[:n].bitwise_and_((1 << LANE_BITS) - 1)
 
 
+def lane_threshold(p: float) -> tuple[int, float]:
+    """``(threshold, scale)`` for drop probability ``p``: lanes below ``threshold`` are dropped (``p`` on
+    the 2**-15 grid the masks realise) and kept elements are scaled by ``scale = 1 / (1 - realised p)``."""
+    threshold = round(p * (1 << LANE_BITS))
+    return threshold, 1.0 / (1.0 - threshold / (1 << LANE_BITS))
+
+
 def keep_mask(shape: torch.Size, threshold: int) -> torch.Tensor:
     """Boolean mask of ``shape``, each element True with probability ``1 - threshold / 2**15``."""
     return (_lanes(math.prod(shape)) >= threshold).view(shape)
@@ -77,8 +84,8 @@ class HostDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
-        threshold = round(self.p * (1 << LANE_BITS))  # p on the 2**-15 grid the mask realises
-        return _Masked.apply(x, keep_mask(x.shape, threshold), 1.0 / (1.0 - threshold / (1 << LANE_BITS)))
+        threshold, scale = lane_threshold(self.p)
+        return _Masked.apply(x, keep_mask(x.shape, threshold), scale)
 
 
 def use_host_dropout(model: nn.Module) -> int:

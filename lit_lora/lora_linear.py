@@ -31,7 +31,7 @@ import types
 import torch
 from torch import nn
 
-from lit_lora.dropout import LANE_BITS, keep_mask, keep_ones
+from lit_lora.dropout import keep_mask, keep_ones, lane_threshold
 
 
 def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> torch.dtype | None:
@@ -46,8 +46,7 @@ def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> torch.dtype | Non
 def _keep_ones(flat: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """A 1.0 / 0.0 keep multiplier for ``flat`` (its dtype; a CPU tensor) and the scale of kept elements:
     :mod:`lit_lora.dropout`'s masks, ``p`` on its 2**-15 grid."""
-    threshold = round(p * (1 << LANE_BITS))
-    scale = 1.0 / (1.0 - threshold / (1 << LANE_BITS))
+    threshold, scale = lane_threshold(p)
     if flat.dtype in (torch.bfloat16, torch.float16):
         return keep_ones(flat.shape, threshold, flat.dtype), scale
     return keep_mask(flat.shape, threshold).to(flat.dtype), scale
