@@ -11,7 +11,8 @@ the path it switches off pays.
 
 Variants: ``lora.fused_linear=false`` (PEFT's LoRA forward), ``lora.fast_dropout=false`` (PEFT's
 ``nn.Dropout``, which also turns the fused path off), ``model.eager_attention_max_len=0`` (SDPA for
-short sequences) and ``torch.compile`` of every decoder layer over PEFT's path with ``nn.Dropout``
+short sequences), ``model.right_padding_mask=true`` (padded batches carry their attention mask),
+``model.fused_rmsnorm=false`` (transformers' RMSNorm) and ``torch.compile`` of every decoder layer over PEFT's path with ``nn.Dropout``
 (the fused path's integer mask views do not compile).
 
 Usage: python -m bench.paths [--steps 24] [--dry-run]   (writes bench/results/paths-cpu.{md,json})
@@ -41,6 +42,8 @@ VARIANTS = {
     "lora.fused_linear=false": {"lora": {"fused_linear": False}},
     "lora.fast_dropout=false": {"lora": {"fast_dropout": False}},
     "model.eager_attention_max_len=0": {"model": {"eager_attention_max_len": 0}},
+    "model.right_padding_mask=true": {"model": {"right_padding_mask": True}},
+    "model.fused_rmsnorm=false": {"model": {"fused_rmsnorm": False}},
     "torch.compile per layer (PEFT path)": {
         "lora": {"fused_linear": False, "fast_dropout": False},
         "compile": True,
@@ -59,17 +62,18 @@ def _prepared(base_model, cfg, variant: dict):
         for layer in model.get_base_model().model.layers:
             layer.compile(dynamic=True)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    return model, optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, foreach=True)  # as LitLoRA on a CPU
+    return model, optimizer, model_cfg.right_padding_mask
 
 
-def _step(model, optimizer, batch) -> None:
+def _step(model, optimizer, right_padding_mask: bool, batch) -> None:
     from lit_lora.loss import trained_token_loss
     from lit_lora.module import LitLoRA
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         divisor = (batch["labels"][:, 1:] != -100).sum().float()
-        inputs = LitLoRA._model_inputs(batch, with_labels=False)
+        inputs = LitLoRA._model_inputs(batch, False, right_padding_mask)
         loss = trained_token_loss(model, inputs, batch["labels"], divisor)
     loss.backward()
     optimizer.step()

@@ -173,7 +173,12 @@ def run_lit(args, scratch: Path) -> dict:
 
         tune_host_allocator()
     prepare_for_training(built.model, cfg.model, cfg.lora, bf16_mixed=True)  # as lit_lora.train does
-    module = LitLoRA(built.model, cfg.optim, chunked_loss=cfg.model.chunked_loss)
+    module = LitLoRA(
+        built.model,
+        cfg.optim,
+        chunked_loss=cfg.model.chunked_loss,
+        right_padding_mask=cfg.model.right_padding_mask,
+    )
     module.optim_cfg.lr = LR
     trainer = L.Trainer(
         accelerator="auto",

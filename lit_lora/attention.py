@@ -55,30 +55,49 @@ def _plain_attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scaling) v over (B, H, T, D) queries and (B, H_kv, T, D) keys/values; (B, H, T, D).
 
-    ``allowed`` is a boolean (T, T) or (B, 1, T, T) mask, True where a query may attend. A query allowed
-    nothing gets a uniform distribution instead of NaN, as in transformers' eager attention.
+    ``allowed`` is None (every query sees every key), :data:`CAUSAL` (query i sees keys 0..i) or a boolean
+    (T, T) or (B, 1, T, T) mask, True where a query may attend. A query allowed nothing gets a uniform
+    distribution instead of NaN, as in transformers' eager attention.
     Grouped-query heads are not copied out: the G query heads sharing a key/value head are stacked
     along the sequence axis (head h reads key/value head h // G, as ``repeat_kv`` does), so each
-    product is one batched matmul against the shared head. Scores stay in the input's 16-bit dtype;
-    the CPU softmax accumulates in fp32 (scaling, then softmax, as transformers' eager attention).
+    product is one batched matmul against the shared head. As transformers' eager attention: scores in
+    the input's 16-bit dtype, scaled, masked with the dtype's minimum, softmax in fp32, probabilities
+    cast back. Two CPU costs avoided (4 x 93 positions, SmolLM2 heads, forward + backward 2.26 ms ->
+    1.57 ms causal): the causal mask is an additive bias folded into the score matmul (``baddbmm``)
+    rather than a ``masked_fill`` pass, and the softmax writes fp32 (a bf16-output softmax took twice
+    as long as an fp32-output one plus the cast).
     """
     batch, heads, length, dim = query.shape
-    kv_heads = key.shape[1]
+    kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    stacked = query.reshape(batch, kv_heads, groups * length, dim)
-    scores = torch.matmul(stacked, key.transpose(-1, -2)).mul_(scaling)
-    scores = scores.view(batch, kv_heads, groups, length, key.shape[2])
-    if allowed is not None:
-        blocked = ~(allowed[:, :, None] if allowed.dim() == 4 else allowed)
-        scores = scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, groups * length, key.shape[2])
-    return torch.matmul(probs, value).view(batch, heads, length, dim)
+    stacked = query.reshape(batch * kv_heads, groups * length, dim)
+    key_t = key.reshape(batch * kv_heads, keys, dim).transpose(-1, -2)
+    if allowed is CAUSAL and length > 1:
+        bias = _causal_bias(length, groups, query.dtype, query.device)
+        scores = torch.baddbmm(bias, stacked, key_t, alpha=scaling)
+    else:
+        scores = torch.bmm(stacked, key_t).mul_(scaling)
+        if allowed is not None and allowed is not CAUSAL:
+            blocked = ~(allowed[:, :, None] if allowed.dim() == 4 else allowed)
+            scores.view(batch, kv_heads, groups, length, keys).masked_fill_(
+                blocked, torch.finfo(scores.dtype).min
+            )
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.bmm(probs, value.reshape(batch * kv_heads, keys, dim)).view(batch, heads, length, dim)
+
+
+CAUSAL = object()  # the ``allowed`` of plain causal attention (a cached additive bias, see _causal_bias)
 
 
 @functools.lru_cache(maxsize=64)
-def _causal(length: int, device: torch.device) -> torch.Tensor:
-    """The (T, T) causal mask, True on and below the diagonal; cached (one per length per device)."""
-    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+def _causal_bias(length: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(G * T, T) additive causal mask for G stacked query heads: 0 on and below the diagonal, the
+    dtype's minimum above (as a masked score in transformers' eager attention); cached per shape."""
+    blocked = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    bias = torch.zeros(length, length, dtype=dtype, device=device).masked_fill_(
+        blocked, torch.finfo(dtype).min
+    )
+    return bias.repeat(groups, 1)
 
 
 def lit_attention_forward(
@@ -119,16 +138,14 @@ def lit_attention_forward(
             )
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal
-        allowed = attention_mask
-        if allowed is None and causal and length > 1:
-            allowed = _causal(length, query.device)
+        allowed = CAUSAL if attention_mask is None and causal else attention_mask
         out = _plain_attention(query, key, value, allowed, scale)
         return out.transpose(1, 2).contiguous(), None
     gqa = query.shape[1] != key.shape[1]
 
     def segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if plain and q.shape[1] <= max_len:
-            return _plain_attention(q[None], k[None], v[None], _causal(q.shape[1], q.device), scale)[0]
+            return _plain_attention(q[None], k[None], v[None], CAUSAL, scale)[0]
         return F.scaled_dot_product_attention(
             q[None], k[None], v[None], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa
         )[0]

@@ -55,6 +55,12 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
     return batch
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row of a (B, T) 0/1 ``attention_mask`` is ones, then only zeros (or all ones)."""
+    mask = attention_mask.bool()
+    return bool(mask[:, 0].all() and (mask[:, 1:] <= mask[:, :-1]).all())
+
+
 def pack(examples: list[dict[str, list[int]]], capacity: int) -> list[dict[str, list[int]]]:
     """Whole examples packed into rows of at most ``capacity`` tokens (first-fit decreasing).
 

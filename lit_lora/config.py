@@ -61,6 +61,13 @@ class ModelConfig:
     # matmul-softmax attention instead of SDPA's flash kernel, which is slower below ~200 positions
     # (lit_lora.attention); 0: SDPA always. Costs a (T x T) score matrix per layer, hence the bound.
     eager_attention_max_len: int = 192
+    # Pass the attention mask of right-padded training batches to the model. false: leave it out (a
+    # causal LM's real positions never attend to the padding after them: same loss and gradients) so
+    # attention runs causal-only, without a (B, 1, T, T) mask (lit_lora.module.LitLoRA._model_inputs).
+    right_padding_mask: bool = False
+    # Llama-family RMSNorms train through one autograd function with a closed-form backward on a CPU
+    # (lit_lora.norms); false: transformers' own operations.
+    fused_rmsnorm: bool = True
 
     def __post_init__(self) -> None:
         _one_of("model", "dtype", self.dtype, DTYPES)

@@ -410,7 +410,8 @@ def prepare_for_training(
     """The training-time paths lit-lora puts on a built model, each switchable from config: frozen linears
     in bf16 under ``bf16_mixed`` (:func:`cast_frozen_linears`), cheaper CPU LoRA dropout masks
     (``lora.fast_dropout``, :mod:`lit_lora.dropout`), the fused CPU LoRA linear (``lora.fused_linear``,
-    :mod:`lit_lora.lora_linear`) and lit-lora's attention function (packed segments,
+    :mod:`lit_lora.lora_linear`), the fused CPU RMSNorm (``model.fused_rmsnorm``, :mod:`lit_lora.norms`)
+    and lit-lora's attention function (packed segments,
     plain attention for short 16-bit CPU sequences, :mod:`lit_lora.attention`). ``lit_attention=False``
     keeps transformers' attention (the packing experiment's block-mask baseline).
 
@@ -420,6 +421,7 @@ def prepare_for_training(
     from lit_lora.attention import use_lit_attention
     from lit_lora.dropout import use_host_dropout
     from lit_lora.lora_linear import use_fused_lora_linear
+    from lit_lora.norms import use_fused_rmsnorm
 
     if model_cfg.bf16_frozen_linears and bf16_mixed:
         cast_frozen_linears(model, torch.bfloat16)
@@ -428,6 +430,8 @@ def prepare_for_training(
     # The fused path draws fast_dropout's masks: without fast_dropout, PEFT's nn.Dropout stays in charge.
     if lora_cfg.fused_linear and (lora_cfg.fast_dropout or lora_cfg.dropout == 0.0):
         use_fused_lora_linear(model)
+    if model_cfg.fused_rmsnorm:
+        use_fused_rmsnorm(model)
     return lit_attention and use_lit_attention(model, model_cfg.eager_attention_max_len)
 
 

@@ -243,6 +243,7 @@ def train(cfg: DictConfig) -> TrainResult:
         tokenizer=built.tokenizer,
         rendering=data.rendering,
         chunked_loss=tc.model.chunked_loss,
+        right_padding_mask=tc.model.right_padding_mask,
         on_nonfinite=tc.on_nonfinite,
         max_nonfinite_skips=tc.max_nonfinite_skips,
     )

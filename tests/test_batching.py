@@ -10,7 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lit_lora.attention import segments_from_positions, use_lit_attention
-from lit_lora.batching import MODEL_KEYS, LengthGroupedSampler, collate, pack, padding_fraction
+from lit_lora.batching import (
+    MODEL_KEYS,
+    LengthGroupedSampler,
+    collate,
+    is_right_padded,
+    pack,
+    padding_fraction,
+)
 from lit_lora.config import ModelConfig
 from lit_lora.demo import make_rows
 from lit_lora.embedded import resolve
@@ -121,26 +128,28 @@ def test_segment_attention_equals_the_masked_sdpa_path_in_loss_logits_and_gradie
         assert abs(switched.item() - model(**plain, use_cache=False).loss.item()) < 1e-6
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_plain_attention_equals_sdpa_with_grouped_heads_and_masks(padded):
-    """The short-sequence path (lit_lora.attention._plain_attention) in fp32, where any error shows."""
+@pytest.mark.parametrize("kind", ["causal-bias", "causal-bool", "padded"])
+def test_plain_attention_equals_sdpa_with_grouped_heads_and_masks(kind):
+    """The short-sequence path (lit_lora.attention._plain_attention) in fp32, where any error shows:
+    the cached additive causal bias, a boolean (T, T) mask and the padded (B, 1, T, T) mask."""
     from torch.nn import functional as F
 
-    from lit_lora.attention import _causal, _plain_attention
+    from lit_lora.attention import CAUSAL, _plain_attention
 
     torch.manual_seed(0)
     q = torch.randn(2, 9, 40, 64, requires_grad=True)  # SmolLM2's heads: 9 query, 3 key/value
     k = torch.randn(2, 3, 40, 64, requires_grad=True)
     v = torch.randn(2, 3, 40, 64, requires_grad=True)
-    mask = _causal(40, q.device)
-    if padded:  # the boolean (B, 1, T, T) mask transformers' sdpa_mask builds for right padding
+    mask = torch.ones(40, 40, dtype=torch.bool).tril()
+    if kind == "padded":  # the boolean (B, 1, T, T) mask transformers' sdpa_mask builds for right padding
         mask = mask[None, None].repeat(2, 1, 1, 1)
         mask[1, :, :, 31:] = False
+    allowed = CAUSAL if kind == "causal-bias" else mask
     grad = torch.randn(2, 9, 40, 64)
     results = []
     for attend in (
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True),
-        lambda: _plain_attention(q, k, v, mask, 0.125),
+        lambda: _plain_attention(q, k, v, allowed, 0.125),
     ):
         q.grad = k.grad = v.grad = None
         out = attend()
@@ -179,6 +188,48 @@ def test_short_16bit_sequences_take_the_plain_path_and_match_sdpa(examples, toke
         assert n_sdpa == 0 and n_plain >= 30, "the plain path must run in every layer, and only when asked"
         assert abs(loss_sdpa - loss_plain) < 0.02 * abs(loss_sdpa)  # bf16 rounding, not a different function
         assert _cosine(grad_sdpa, grad_plain) > 0.99
+
+
+def test_right_padding_mask_is_left_out_only_where_it_changes_nothing():
+    from lit_lora.module import LitLoRA
+
+    right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": right}
+    assert is_right_padded(right) and "attention_mask" not in LitLoRA._model_inputs(batch, False)
+    assert "attention_mask" in LitLoRA._model_inputs(batch, False, right_padding_mask=True)
+    for kept in ([[1, 1, 1, 1], [0, 0, 1, 1]], [[1, 0, 1, 1], [1, 1, 1, 1]]):  # left padding, a gap
+        mask = torch.tensor(kept)
+        assert not is_right_padded(mask)
+        assert LitLoRA._model_inputs({**batch, "attention_mask": mask}, False)["attention_mask"] is mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_right_padded_batch_without_its_mask_has_the_same_loss_and_gradients(examples, tokenizer, dtype):
+    """fp32: SDPA with the padding mask vs causal-only SDPA; bf16: the plain path's boolean mask vs its
+    cached causal bias. Real positions never see the padding after them, so nothing changes."""
+    from lit_lora.module import LitLoRA
+
+    model = AutoModelForCausalLM.from_pretrained(resolve("embedded:smollm2-135m"), dtype=dtype).train()
+    assert use_lit_attention(model, 512)
+    batch = collate(examples[:4], tokenizer.pad_token_id)
+    assert not batch["attention_mask"].all(), "the batch must be padded"
+    layer = model.model.layers[5].self_attn.v_proj.weight
+    runs = []
+    for keep in (True, False):
+        inputs = LitLoRA._model_inputs(batch, with_labels=True, right_padding_mask=keep)
+        assert ("attention_mask" in inputs) == keep
+        model.zero_grad()
+        loss = model(**inputs, use_cache=False).loss
+        loss.backward()
+        runs.append((loss.item(), layer.grad.float().flatten().clone()))
+    (loss_mask, grad_mask), (loss_causal, grad_causal) = runs
+    assert grad_mask.abs().sum() > 0
+    if dtype == torch.float32:
+        assert abs(loss_mask - loss_causal) < 1e-5
+        assert torch.allclose(grad_mask, grad_causal, rtol=1e-4, atol=1e-6)
+    else:  # the bias is added inside the bf16 matmul, the boolean mask after it: a rounding apart
+        assert abs(loss_mask - loss_causal) < 1e-3 * abs(loss_mask)
+        assert _cosine(grad_mask, grad_causal) > 0.999
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -62,5 +62,5 @@ def test_bench_paths_dry_run_times_every_variant_against_the_defaults():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout[done.stdout.index("{\n") :])["rows"]
     names = [r["variant"] for r in rows]
-    assert names[0] == "lit-lora defaults" and "lora.fused_linear=false" in names and len(names) == 4
+    assert names[0] == "lit-lora defaults" and "model.fused_rmsnorm=false" in names and len(names) == 6
     assert all(r["tokens_per_s"] > 0 and r["speed_vs_defaults"] > 0 for r in rows)

@@ -120,7 +120,12 @@ def one_run(examples: list[dict], tokenizer, packing: bool, args) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         started = time.perf_counter()
-        module = LitLoRA(built.model, cfg.optim, chunked_loss=cfg.model.chunked_loss)  # as lit_lora.train
+        module = LitLoRA(  # as lit_lora.train
+            built.model,
+            cfg.optim,
+            chunked_loss=cfg.model.chunked_loss,
+            right_padding_mask=cfg.model.right_padding_mask,
+        )
         trainer.fit(module, train_dataloaders=loader)
         wall = time.perf_counter() - started
     out = meter.summary_metrics()
