@@ -21,6 +21,26 @@ from lit_lora.rendering import IGNORE_INDEX
 # (lit_lora.allocator), so chunk buffers are reused from the heap instead of page-faulted in anew; 128 was
 # the fastest of 64-1024 in a CPU micro-benchmark (900 rows: 2225-2482 rows/s vs 1897 at 1024).
 CHUNK_ROWS = 128
+_CAST_ATTR = "_lit_lora_cast"
+
+
+def _frozen_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype``, cast once and kept on the weight for the following steps.
+
+    The output layer is frozen, so its cast is the same every step; with tied embeddings it stays in
+    the model's dtype (fp32), and casting SmolLM2's 49,152 x 576 weight took 22 ms, about 2.5 % of a
+    CPU step. The copy is rebuilt when the weight changes in place (its version counter moves) or
+    is reallocated; it is a detached copy, never a parameter.
+    """
+    if weight.dtype == dtype:
+        return weight
+    key = (weight._version, weight.data_ptr(), dtype)
+    cached = getattr(weight, _CAST_ATTR, None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    cast = weight.detach().to(dtype)
+    setattr(weight, _CAST_ATTR, (key, cast))
+    return cast
 
 
 class _FrozenLinearCrossEntropy(torch.autograd.Function):
@@ -31,17 +51,18 @@ class _FrozenLinearCrossEntropy(torch.autograd.Function):
         device = hidden.device.type
         # The matmuls run in the autocast dtype when autocast is on (as lm_head would), else as stored.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        w = weight.to(dtype)  # cast once, not per chunk
+        w = _frozen_cast(weight, dtype)  # not per chunk, nor per step
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(dtype)
             t = targets[start : start + chunk]
-            logits = (h @ w.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # One fused log-softmax rather than logsumexp (max, exp, sum, log as separate passes) and a
+            # second exp: 10.5 vs 20.2 ms for 123 x 49,152 fp32 logits on a CPU.
+            log_probs = torch.log_softmax((h @ w.T).float(), dim=-1)
+            total -= log_probs.gather(1, t[:, None]).sum()
             if grad is not None:
-                probs = torch.exp(logits.sub_(lse[:, None]))  # in place: the chunk's only big buffer
+                probs = log_probs.exp_()  # in place: the chunk's only big buffer
                 probs[torch.arange(len(t), device=t.device), t] -= 1
                 grad[start : start + chunk] = (probs.to(dtype) @ w).to(grad.dtype)
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))

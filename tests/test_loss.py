@@ -129,3 +129,18 @@ def test_bf16_frozen_linears_give_the_same_autocast_loss_and_keep_the_adapter_fp
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or "norm" in n or "embed" in n)
     assert dtypes["base_model.model.model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
+
+
+def test_frozen_output_weight_is_cast_once_and_again_after_it_changes():
+    from lit_lora.loss import _frozen_cast
+
+    weight = torch.nn.Parameter(torch.randn(64, 16), requires_grad=False)
+    first = _frozen_cast(weight, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, weight.to(torch.bfloat16))
+    assert _frozen_cast(weight, torch.bfloat16) is first, "a frozen weight is cast once"
+    assert _frozen_cast(weight, torch.float32) is weight
+    with torch.no_grad():
+        weight.mul_(2)  # an in-place change moves the version counter: the copy is rebuilt
+    again = _frozen_cast(weight, torch.bfloat16)
+    assert again is not first and torch.equal(again, weight.to(torch.bfloat16))
+    assert not again.requires_grad
