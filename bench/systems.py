@@ -1,7 +1,8 @@
 """One benchmark run of one system, in a process of its own (so that its peak resident memory is its own).
 
 Systems, all on the embedded SmolLM2-135M with the same LoRA (lit-lora's defaults: r=8, alpha=16, q/k/v/o,
-dropout 0.05), AdamW at the same learning rate, bf16 autocast, the same batches:
+dropout 0.05), AdamW at the same learning rate, bf16 autocast, the same batches; lit-lora and ``Trainer``
+clip gradients at norm 1.0 (both defaults), the raw loop does not:
 
 - ``lit``: lit-lora's training stack: ``build_model`` + ``LitLoRA`` in ``lightning.Trainer`` with
   lit-lora's defaults (chunked trained-position loss) and, on variable data, the project's data module
@@ -184,6 +185,8 @@ def run_lit(args, scratch: Path) -> dict:
         accelerator="auto",
         devices=1,
         precision="bf16-mixed",
+        # lit-lora's default clipping (trainer.gradient_clip_val=1.0), as Trainer's max_grad_norm=1.0
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
         max_epochs=1,
         max_steps=-1 if args.data != "fixed" else args.steps,
         callbacks=[Clock()],
