@@ -12,8 +12,8 @@ the path it switches off pays.
 Variants: ``lora.fused_linear=false`` (PEFT's LoRA forward), ``lora.fast_dropout=false`` (PEFT's
 ``nn.Dropout``, which also turns the fused path off), ``model.eager_attention_max_len=0`` (SDPA for
 short sequences), ``model.right_padding_mask=true`` (padded batches carry their attention mask),
-``model.fused_rmsnorm=false`` (transformers' RMSNorm) and ``torch.compile`` of every decoder layer over PEFT's path with ``nn.Dropout``
-(the fused path's integer mask views do not compile).
+``model.fused_rmsnorm=false`` (transformers' RMSNorm) and ``torch.compile`` of every decoder layer over
+PEFT's path with ``nn.Dropout`` (the fused path's integer mask views do not compile).
 
 Usage: python -m bench.paths [--steps 24] [--dry-run]   (writes bench/results/paths-cpu.{md,json})
 """
