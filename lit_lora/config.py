@@ -363,33 +363,65 @@ def check_cross_fields(cfg: TrainConfig) -> None:
         raise UserError("lora.init=loftq quantizes the base itself: use it with quant=none")
 
 
-def check_device(cfg: TrainConfig) -> None:
-    """Options this machine cannot serve (CUDA-only features on a CPU machine); each message says the fix.
+# Strategy names (lit_lora.strategies) whose Lightning implementation runs only on CUDA devices:
+# Lightning's accelerator connector refuses FSDP on anything but a GPU accelerator, and DeepSpeed's
+# ZeRO kernels need CUDA. The check lives here so that it runs before any weight is loaded.
+CUDA_ONLY_STRATEGIES = ("fsdp", "deepspeed")
 
-    Kept apart from :func:`check_cross_fields` so that CUDA presets still compose and validate on CPU.
+
+def require_deepspeed(strategy: str) -> None:
+    """Raises a :class:`UserError` with the install command when DeepSpeed is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError(
+            f"trainer.strategy={strategy} needs DeepSpeed: pip install 'lit-lora[deepspeed]' (CUDA machines)"
+        )
+
+
+def check_device(cfg: TrainConfig) -> None:
+    """Options the chosen accelerator cannot serve; each message says the fix.
+
+    Runs before any weight or row is loaded (a 7B model must not load for minutes only to be refused).
+    A CUDA-only option (FSDP or DeepSpeed strategies, ``16-mixed`` / ``16-true`` precision, paged 8-bit
+    AdamW) is refused when this machine has no CUDA device, or when ``trainer.accelerator=cpu`` asks
+    not to use it. Kept apart from :func:`check_cross_fields` so that CUDA presets still compose and
+    validate on a CPU machine.
     """
     import torch  # here, not at import: composing configs must stay fast
 
     accelerator = str(cfg.trainer.accelerator)
     devices = cfg.trainer.devices
-    if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        if accelerator in ("gpu", "cuda", "auto") and isinstance(devices, int) and devices > count:
-            raise UserError(
-                f"trainer.devices={devices} but this machine has {count} GPU(s); set trainer.devices<={count}"
-            )
-        return
-    if accelerator in ("gpu", "cuda"):
+    has_cuda = torch.cuda.is_available()
+    if accelerator in ("gpu", "cuda") and not has_cuda:
         raise UserError(
             f"trainer.accelerator={accelerator} needs a CUDA device; use trainer.accelerator=cpu (or auto)"
         )
+    if has_cuda and accelerator in ("gpu", "cuda", "auto") and isinstance(devices, int):
+        count = torch.cuda.device_count()
+        if devices > count:
+            raise UserError(
+                f"trainer.devices={devices} but this machine has {count} GPU(s); set trainer.devices<={count}"
+            )
+    on_cuda = has_cuda and accelerator in ("gpu", "cuda", "auto")
+    where = "this machine has none" if not has_cuda else f"trainer.accelerator={accelerator} does not use it"
+    strategy = str(cfg.trainer.strategy)
+    if strategy.startswith(CUDA_ONLY_STRATEGIES):
+        if not on_cuda:
+            fallback = "trainer=ddp (gloo on CPU)" if strategy.startswith("fsdp") else "trainer=ddp"
+            raise UserError(f"trainer.strategy={strategy} needs a CUDA device, but {where}; use {fallback}")
+        if strategy.startswith("deepspeed"):
+            require_deepspeed(strategy)
+    if on_cuda:
+        return
     if cfg.trainer.precision.startswith("16"):
         raise UserError(
-            f"trainer.precision={cfg.trainer.precision} needs a CUDA device; on CPU use bf16-mixed, bf16-true or 32"
+            f"trainer.precision={cfg.trainer.precision} needs a CUDA device, but {where}; "
+            "on CPU use bf16-mixed, bf16-true or 32"
         )
     # lora.init=loftq is checked by the model builder, which needs it without a whole TrainConfig.
     if cfg.optim.name == "paged_adamw_8bit":
-        raise UserError("optim=paged_adamw_8bit needs a CUDA device; use optim=adamw on CPU")
+        raise UserError(f"optim=paged_adamw_8bit needs a CUDA device, but {where}; use optim=adamw")
 
 
 def _check_known_keys(node: DictConfig, schema: type, prefix: str) -> None:

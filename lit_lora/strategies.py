@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lit_lora.config import TrainConfig
+from lit_lora.config import TrainConfig, require_deepspeed
 from lit_lora.errors import UserError
 
 DEEPSPEED = {"deepspeed_zero2": "deepspeed_stage_2", "deepspeed_zero3": "deepspeed_stage_3"}
@@ -72,12 +72,7 @@ def build_strategy(cfg: TrainConfig, model: torch.nn.Module) -> Any:
     """The ``strategy`` argument of ``lightning.Trainer`` for ``cfg.trainer.strategy``."""
     name = cfg.trainer.strategy
     if name in DEEPSPEED:
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError as err:
-            raise UserError(
-                f"trainer.strategy={name} needs DeepSpeed: pip install 'lit-lora[deepspeed]' (CUDA machines)"
-            ) from err
+        require_deepspeed(name)
         return DEEPSPEED[name]
     if not is_fsdp(name):
         return name

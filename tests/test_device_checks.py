@@ -1,0 +1,69 @@
+"""CUDA-only options are refused at config time, before any weight or row is loaded.
+
+Every case names a model folder that does not exist: had the model builder run first, the error would
+be about that folder. The device message therefore proves the order, and nothing of the run folder
+may have been written.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lit_lora.errors import UserError
+from lit_lora.train import train
+from tests.conftest import compose_train
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusals on a machine without CUDA"
+)
+
+MISSING_MODEL = "model.name_or_path=/nonexistent/lit-lora-model"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer=fsdp", "trainer.accelerator=cpu"], "trainer.strategy=fsdp needs a CUDA device"),
+        (["trainer=fsdp"], "use trainer=ddp"),
+        (["trainer=fsdp", "quant=nf4"], "trainer.strategy=fsdp needs a CUDA device"),
+        (["trainer=deepspeed_zero2"], "trainer.strategy=deepspeed_zero2 needs a CUDA device"),
+        (["trainer=deepspeed_zero3", "trainer.accelerator=cpu"], "deepspeed_zero3 needs a CUDA device"),
+        (["optim=paged_adamw_8bit"], "use optim=adamw"),
+        (["trainer.precision=16-mixed"], "trainer.precision=16-mixed needs a CUDA device"),
+        (["trainer.precision=16-true"], "on CPU use bf16-mixed"),
+    ],
+)
+def test_cuda_only_options_are_refused_before_the_model_loads(tmp_path, overrides, message):
+    out = tmp_path / "run"
+    cfg = compose_train(["model=tiny", MISSING_MODEL, f"output_dir={out}", *overrides])
+    started = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        train(cfg)
+    elapsed = time.perf_counter() - started
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists(), "a refused run writes nothing"
+    assert elapsed < 10, f"the refusal took {elapsed:.1f} s"
+
+
+def test_fsdp_on_cpu_from_the_command_line_is_one_line_before_any_weight(tmp_path):
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_lora.train", "trainer=fsdp", "trainer.accelerator=cpu",
+         MISSING_MODEL, f"output_dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("lit-lora: error: trainer.strategy=fsdp needs a CUDA device")
+    assert "Traceback" not in done.stderr and "Loading weights" not in done.stdout + done.stderr
+    assert not (tmp_path / "run").exists()
+    # The process time is mostly importing torch and Lightning; the 10 s promise is asserted in-process
+    # above, where the machine's load does not count. This bound only catches a check that comes late.
+    assert elapsed < 60, f"{elapsed:.1f} s"
+    print(f"fsdp on CPU refused by the CLI in {elapsed:.1f} s", file=sys.stderr)
