@@ -20,7 +20,11 @@ from lit_lora.errors import UserError
 
 @dataclass
 class MergeConfig:
-    """``adapter`` folder + base -> a plain Hugging Face model folder ``output_dir`` in ``dtype``."""
+    """``adapter`` folder + base -> a plain Hugging Face model folder ``output_dir`` in ``dtype``.
+
+    The base is the checkpoint as stored, not training's ``model.dtype`` copy; ``model`` and ``quant``
+    name the base and how training quantized it (see :mod:`lit_lora.merge`).
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)

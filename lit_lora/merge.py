@@ -1,13 +1,19 @@
 """Merge an adapter into its base: ``python -m lit_lora.merge adapter=<folder> output_dir=<new folder>``.
 
-The output is a plain Hugging Face model folder (safetensors weights, config, tokenizer whose chat
-template is the one used in training, and ``rendering.json``) that loads with
-``AutoModelForCausalLM.from_pretrained`` and nothing else. Weights are merged in ``dtype``
-(float32, bfloat16, float16) with PEFT's safe merge, which refuses NaN results.
+The output is a plain Hugging Face model folder (``save_pretrained``: safetensors weights under
+transformers' own tensor names, config, tokenizer whose chat template is the one used in training,
+and ``rendering.json``) that loads with ``AutoModelForCausalLM.from_pretrained`` and nothing else.
 
-A base loaded 4-bit (``quant=nf4`` / ``fp4``, as in training) is first dequantized to float32 module by
-module with bitsandbytes, then merged: the adapter's update lands on the dequantized weights it was
-trained against, never on re-quantized 4-bit weights.
+The merged model is the base as stored plus the adapter: the base loads at the precision its
+checkpoint stores it in (never below the output ``dtype``), whatever ``model.dtype`` training used,
+``W + scale * B @ A`` is formed in float64 with PEFT's safe merge (which refuses NaN results) and
+rounded once to ``dtype`` (float32, bfloat16, float16). Its logits therefore equal those of the
+stored base with the adapter attached by plain PEFT.
+
+An adapter trained on a 4-bit base (``quant=nf4`` / ``fp4`` / ``int8``, as in training) lands on the
+weights it was trained against: the layers training held quantized are quantized exactly as training
+did (from ``quant.compute_dtype``) and dequantized by bitsandbytes, never re-quantized after the
+merge; every other weight (embeddings, norms, the output head) is the base as stored.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from omegaconf import DictConfig
 
 from lit_lora.app_config import MergeConfig, run_app
-from lit_lora.config import register_configs
+from lit_lora.config import QuantConfig, register_configs
 from lit_lora.errors import UserError
 from lit_lora.model import attach_adapter, check_adapter_folder, load_base
 from lit_lora.paths import check_argv_paths, confined
@@ -58,6 +64,35 @@ def dequantize_linear4bit(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _quantized_linears(model: torch.nn.Module) -> list[str]:
+    """Paths of the bitsandbytes linear layers of ``model``: the layers training held quantized."""
+    return [name for name, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+
+
+def load_export_base(cfg: MergeConfig):
+    """``(base, tokenizer, source)``: the base to merge into, at the precision of the checkpoint.
+
+    Without quantization: the base as stored (:func:`lit_lora.model.load_base` with ``export_dtype``).
+    With it: the same, except that every layer training held quantized holds the dequantized weights
+    of a quantized load made exactly as training's, i.e. the values the adapter was trained against.
+    """
+    export_dtype = getattr(torch, cfg.dtype)
+    base, tokenizer, source, _ = load_base(cfg.model, QuantConfig(), export_dtype=export_dtype)
+    if cfg.quant.enabled:
+        quantized, *_ = load_base(cfg.model, cfg.quant)
+        names = _quantized_linears(quantized)
+        if cfg.quant.method in ("nf4", "fp4"):
+            quantized = dequantize_linear4bit(quantized)
+        else:
+            quantized = quantized.dequantize()
+        for name in names:
+            # The dequantized values are exact in the wider dtype of the stored base.
+            weight = quantized.get_submodule(name).weight.detach()
+            base.get_submodule(name).weight.data = weight.to(base.dtype)
+        del quantized
+    return base, tokenizer, source
+
+
 def tokenizer_for(adapter: Path, fallback):
     """The tokenizer saved with the adapter (lit-lora saves one), else the base model's."""
     if (adapter / "tokenizer_config.json").is_file():
@@ -80,9 +115,8 @@ def merge(cfg: MergeConfig) -> Path:
     out = confined("output_dir", cfg.output_dir, cfg.output_root)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; lit-lora never overwrites it")
-    base, tokenizer, source, _ = load_base(cfg.model, cfg.quant)
-    if cfg.quant.enabled:
-        base = dequantize_linear4bit(base) if cfg.quant.method in ("nf4", "fp4") else base.dequantize()
+    base, tokenizer, source = load_export_base(cfg)
+    base_dtype = str(base.dtype).removeprefix("torch.")
     # W + scale * B @ A is formed in float64 and rounded once to the output dtype.
     base = base.to(torch.float64)
     model = attach_adapter(base, adapter)
@@ -104,6 +138,7 @@ def merge(cfg: MergeConfig) -> Path:
         info = {
             "adapter": str(adapter.resolve()),
             "base": source,
+            "base_dtype": base_dtype,  # the precision the base was loaded at, as stored
             "quant": cfg.quant.method,
             "dtype": cfg.dtype,
         }
@@ -114,7 +149,9 @@ def merge(cfg: MergeConfig) -> Path:
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"lit-lora: merged {adapter} into {source} ({cfg.dtype}) -> {out}", flush=True)
+    print(
+        f"lit-lora: merged {adapter} into {source} (stored {base_dtype}) as {cfg.dtype} -> {out}", flush=True
+    )
     return out
 
 

@@ -317,10 +317,57 @@ def check_device_lora(lora_cfg: LoraConfig) -> None:
         raise UserError("lora.init=loftq needs a CUDA device; on CPU use lora.init=pissa or default")
 
 
-def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig):
+# safetensors' names of the floating dtypes a checkpoint stores weights in.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+}
+
+
+def stored_dtype(source: str, config) -> torch.dtype:
+    """The narrowest dtype that holds every floating weight of checkpoint ``source`` exactly.
+
+    A local folder is read from its safetensors headers (no weights are read); bf16 and fp16 weights
+    in one checkpoint give float32, which holds both. A hub id, or a folder without safetensors, falls
+    back to the dtype its ``config.json`` declares (``dtype``, formerly ``torch_dtype``), and to
+    float32, transformers' own default, when it declares none.
+    """
+    from safetensors import safe_open
+
+    found: set[torch.dtype] = set()
+    folder = Path(source)
+    if folder.is_dir():
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open objects are not iterable)
+                    # Integer buffers and 8-bit formats say nothing about the precision of the weights.
+                    dtype = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+                    if dtype is not None:
+                        found.add(dtype)
+    if not found:
+        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(declared, str):
+            declared = getattr(torch, declared, None)
+        found.add(
+            declared if isinstance(declared, torch.dtype) and declared.is_floating_point else torch.float32
+        )
+    result = found.pop()
+    for dtype in found:
+        result = torch.promote_types(result, dtype)
+    return result
+
+
+def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, *, export_dtype: torch.dtype | None = None):
     """``(model, tokenizer, source, config)``: the base model, quantized on load when ``quant`` asks.
 
     Shared by training, merge, generate and evaluate. The hub check happens before any weight is read.
+    Unquantized weights load in ``model.dtype`` (training's storage dtype). With ``export_dtype``
+    (merge, any export) they load instead at the precision the checkpoint stores them in
+    (:func:`stored_dtype`), never below ``export_dtype``, whatever ``model.dtype`` says: an export
+    starts from the base as stored, not from the copy rounded for training. A quantized load always
+    uses ``quant.compute_dtype``, as training did, so that it quantizes to the same 4-bit weights.
     """
     from transformers import AutoModelForCausalLM
 
@@ -328,6 +375,12 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig):
     source, local_only = resolve_source(model_cfg)
     config = _load_config(source, local_only, model_cfg)
     tokenizer = load_tokenizer(model_cfg, source, local_only)
+    if quantization is not None:
+        dtype = getattr(torch, quant_cfg.compute_dtype)
+    elif export_dtype is not None:
+        dtype = torch.promote_types(stored_dtype(source, config), export_dtype)
+    else:
+        dtype = getattr(torch, model_cfg.dtype)
     # bitsandbytes quantizes on load, on this process's own GPU (one per rank under DDP/FSDP; the
     # model is loaded before Lightning sets the device, so the rank comes from the environment).
     device_map = {"": local_rank()} if quantization is not None and torch.cuda.is_available() else None
@@ -336,7 +389,7 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig):
             source,
             config=config,
             **_hub_kwargs(model_cfg, local_only),
-            dtype=getattr(torch, quant_cfg.compute_dtype if quantization is not None else model_cfg.dtype),
+            dtype=dtype,
             quantization_config=quantization,
             attn_implementation=model_cfg.attn_implementation,
             device_map=device_map,

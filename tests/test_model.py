@@ -6,11 +6,13 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig
 
 from lit_lora.config import check_device, to_train_config
 from lit_lora.demo import make_rows
 from lit_lora.errors import UserError
-from lit_lora.model import build_model, resolve_targets
+from lit_lora.model import build_model, load_base, resolve_targets, stored_dtype
 from tests.conftest import TINY, compose_train, demo_batch
 
 
@@ -164,3 +166,31 @@ def test_other_quantizations_train_the_adapter_on_cpu(tmp_path, quant, layer):
     _loss(built.model, _batch(built.tokenizer)).backward()
     opt.step()
     assert any(not torch.equal(p, b) for p, b in zip(lora, before, strict=True))
+
+
+def test_stored_dtype_holds_every_stored_weight_exactly(tmp_path):
+    def folder(name, tensors):
+        path = tmp_path / name
+        path.mkdir()
+        if tensors:
+            save_file(tensors, str(path / "model.safetensors"))
+        return str(path)
+
+    bf16, fp16 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.float16)
+    ids = torch.zeros(2, dtype=torch.int64)  # an integer buffer says nothing about the weights' precision
+    no_dtype = LlamaConfig()
+    no_dtype.dtype = None
+    assert stored_dtype(folder("bf16", {"w": bf16, "ids": ids}), no_dtype) == torch.bfloat16
+    assert stored_dtype(folder("mixed", {"w": bf16, "v": fp16}), no_dtype) == torch.float32
+    assert (
+        stored_dtype(folder("none", {}), LlamaConfig(dtype="float16")) == torch.float16
+    )  # config.json's word
+    assert stored_dtype("some/hub-id", no_dtype) == torch.float32  # transformers' default
+
+
+def test_an_export_loads_the_base_as_stored_whatever_model_dtype_says(tmp_path):
+    tc = to_train_config(compose_train([*TINY, f"output_dir={tmp_path}", "model.dtype=bfloat16"]))
+    assert load_base(tc.model, tc.quant)[0].dtype == torch.bfloat16  # training's copy
+    # The tiny model's folder is stored in float32: an export never starts from the bf16 copy.
+    assert load_base(tc.model, tc.quant, export_dtype=torch.bfloat16)[0].dtype == torch.float32
+    assert load_base(tc.model, tc.quant, export_dtype=torch.float64)[0].dtype == torch.float64
