@@ -30,6 +30,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from jinja2 import TemplateError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -45,11 +46,19 @@ from lit_lora.batching import (
 from lit_lora.config import DataConfig
 from lit_lora.embedded import cache_root
 from lit_lora.errors import UserError
-from lit_lora.rendering import IGNORE_INDEX, Rendering, count_trained, encode_conversation, encode_text
+from lit_lora.rendering import (
+    IGNORE_INDEX,
+    Rendering,
+    TemplateMismatch,
+    count_trained,
+    encode_conversation,
+    encode_text,
+)
 from lit_lora.rows import (
     HUB_PREFIX,
     BadRows,
     Row,
+    describe,
     expand_files,
     is_saved_dataset,
     read_file,
@@ -133,7 +142,8 @@ def read_rows(
 ) -> tuple[dict[str, list[Row]], int]:
     """Validated rows of every split, and how many rows were read in all, good or bad.
 
-    Bad rows raise or are counted in ``bad``, per ``cfg.on_bad_row``."""
+    Bad rows raise (one :class:`UserError` line) or are counted in ``bad``, per ``cfg.on_bad_row``;
+    nothing about one row raises anything else (see :mod:`lit_lora.rows`)."""
     fields = asdict(cfg.fields)
     raw: dict[str, list[tuple[str, dict]]] = {}
     for split, origins in plan.items():
@@ -141,9 +151,9 @@ def read_rows(
             if kind == "file":
                 raw.setdefault(split, []).extend(read_file(Path(where), bad))
             elif kind == "hub":
-                raw.setdefault(split, []).extend(read_hub(where, cfg.hub_split, cfg.hub_subset))
+                raw.setdefault(split, []).extend(read_hub(where, cfg.hub_split, cfg.hub_subset, bad))
             else:
-                for sub, items in read_saved(Path(where)).items():
+                for sub, items in read_saved(Path(where), bad).items():
                     raw.setdefault(sub if split == "train" else split, []).extend(items)
     n_read = sum(len(items) for items in raw.values()) + sum(bad.counts.values())  # + unparseable lines
     rows: dict[str, list[Row]] = {}
@@ -183,17 +193,30 @@ def encode_rows(
     """Examples and the rows they came from, with ``truncated`` / ``dropped`` counts.
 
     Dropped: no trained token left after truncation. Reported to ``bad`` as ``too_long``: rows over
-    ``too_long_factor * max_seq_len`` tokens.
+    ``too_long_factor * max_seq_len`` tokens. A row that cannot be rendered or tokenized is a bad row
+    too (``template_mismatch``, ``template_error``, and ``encode_error`` for any other failure), so one
+    row never ends the run with a traceback; rows are validated first (:mod:`lit_lora.rows`), which
+    names the causes it knows, such as text the tokenizer cannot encode.
     """
     examples, kept = [], []
     counts = {"truncated": 0, "dropped_no_trained_token": 0}
     limit = cfg.max_seq_len
     for row in tqdm(rows, desc=desc, unit="row", disable=len(rows) < 500, mininterval=1.0):
-        ids, labels = (
-            encode_text(tokenizer, row.text)
-            if row.text is not None
-            else encode_conversation(tokenizer, rendering, row.messages)
-        )
+        try:
+            ids, labels = (
+                encode_text(tokenizer, row.text)
+                if row.text is not None
+                else encode_conversation(tokenizer, rendering, row.messages)
+            )
+        except TemplateMismatch as err:
+            bad.add(row.loc, "template_mismatch", str(err))
+            continue
+        except TemplateError as err:  # the template's own raise_exception(), or a row it cannot render
+            bad.add(row.loc, "template_error", f"the chat template refuses this row: {describe(err)}")
+            continue
+        except Exception as err:  # safety net: whatever the tokenizer or template raise, it costs one row
+            bad.add(row.loc, "encode_error", f"cannot be tokenized: {describe(err)}")
+            continue
         if cfg.too_long_factor is not None and len(ids) > cfg.too_long_factor * limit:
             bad.add(
                 row.loc,
@@ -280,11 +303,13 @@ class DataModule(L.LightningDataModule):
         if self.examples:
             return
         plan = plan_sources(self.cfg, self.data_dir)
-        root = Path(self.cfg.cache_dir).expanduser() if self.cfg.cache_dir else cache_root() / "data"
-        folder = root / cache_key(plan, self.tokenizer, self.rendering, self.cfg)
+        folder = None
+        if self.cfg.cache:  # the key hashes the whole vocabulary: worth it only when a cache is used
+            root = Path(self.cfg.cache_dir).expanduser() if self.cfg.cache_dir else cache_root() / "data"
+            folder = root / cache_key(plan, self.tokenizer, self.rendering, self.cfg)
         cached = (
             _load_cache(folder)
-            if self.cfg.cache and not any(k == "hub" for o in plan.values() for k, _ in o)
+            if folder is not None and not any(k == "hub" for o in plan.values() for k, _ in o)
             else None
         )
         if cached:
@@ -293,7 +318,7 @@ class DataModule(L.LightningDataModule):
         else:
             self._prepare(plan)
             self.stats["cache"] = "miss"
-            if self.cfg.cache:
+            if folder is not None:
                 _save_cache(folder, self.examples, self.rows, self.stats)
         self._finish()
 

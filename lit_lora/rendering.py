@@ -42,6 +42,11 @@ NAMED_TEMPLATES = {
 }
 
 
+class TemplateMismatch(UserError):
+    """The chat template renders an earlier turn of one conversation differently once later turns follow,
+    so that turn's answer cannot be located; :func:`lit_lora.data.encode_rows` makes it a bad row."""
+
+
 @dataclass
 class Rendering:
     """How a conversation becomes tokens; saved as ``rendering.json`` beside the adapter.
@@ -138,7 +143,7 @@ def encode_conversation(
         end = next((j + 1 for j in range(start, len(upto)) if upto[j] == eos), len(upto))
         # Tokens after the answer's EOS may merge differently once more text follows; up to it they must not.
         if full[:end] != upto[:end]:
-            raise UserError(
+            raise TemplateMismatch(
                 "the chat template renders an earlier turn differently once later turns follow; "
                 "choose data.template=chatml or alpaca"
             )

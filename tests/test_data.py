@@ -10,10 +10,10 @@ import pytest
 
 from lit_lora import demo
 from lit_lora.config import ModelConfig, to_train_config
-from lit_lora.data import DataModule
+from lit_lora.data import DataModule, encode_rows
 from lit_lora.errors import UserError
 from lit_lora.model import load_tokenizer
-from lit_lora.rendering import count_trained
+from lit_lora.rendering import Rendering, count_trained
 from lit_lora.train import train
 from tests.conftest import TINY, compose_train
 
@@ -103,6 +103,37 @@ def test_mixed_corpus_skip_trains_and_reports_counts_by_reason(tmp_path):
     assert stats["examples"]["train"] + stats["examples"]["val"] == good
     assert any("byte-order mark" in note for note in stats["notes"])
     assert result.summary["global_step"] == 2
+
+
+def test_a_row_the_template_or_tokenizer_refuses_is_one_bad_row(tmp_path, tokenizer):
+    """Rendering and tokenizing are contained per row: a template's raise_exception() is
+    ``template_error``, anything else the tokenizer raises (here a lone surrogate in a row that skipped
+    validation) is ``encode_error``; ``fail`` names the row, ``skip`` keeps the others."""
+    from lit_lora.rows import BadRows, Row
+
+    own = Rendering.resolve(tokenizer).chat_template
+    picky = Rendering(
+        template="tokenizer",
+        chat_template="{% for m in messages %}{% if 'forbidden' in m['content'] %}"
+        "{{ raise_exception('no forbidden words') }}{% endif %}{% endfor %}" + own,
+    )
+    rows = [
+        Row("f.jsonl:1", messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]),
+        Row("f.jsonl:2", messages=[{"role": "user", "content": "forbidden"}, {"role": "assistant", "content": "a"}]),
+        Row("f.jsonl:3", text="\ud800 never validated"),
+        Row("f.jsonl:4", text="plain text"),
+    ]  # fmt: skip
+    cfg = _cfg(tmp_path).data
+    bad = BadRows("skip")
+    examples, kept, _ = encode_rows(rows, tokenizer, picky, cfg, bad, desc="t")
+    assert [r.loc for r in kept] == ["f.jsonl:1", "f.jsonl:4"] and len(examples) == 2
+    assert dict(bad.counts) == {"template_error": 1, "encode_error": 1}
+    assert bad.first["template_error"] == (
+        "f.jsonl:2: the chat template refuses this row: TemplateError: no forbidden words"
+    )
+    assert bad.first["encode_error"].startswith("f.jsonl:3: cannot be tokenized: TypeError: ")
+    with pytest.raises(UserError, match=r"^f.jsonl:2: .*\[template_error\]"):
+        encode_rows(rows, tokenizer, picky, cfg, BadRows("fail"), desc="t")
 
 
 def test_every_example_has_a_trained_token_and_splits_are_seeded(tmp_path, tokenizer):
