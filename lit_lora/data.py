@@ -70,7 +70,7 @@ from lit_lora.rows import (
 )
 
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1  # bump when encoding changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when encoding or validation changes, so old caches are not reused
 __all__ = ["IGNORE_INDEX", "DataModule", "Rendering", "collate"]
 
 

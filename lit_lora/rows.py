@@ -303,9 +303,6 @@ class _JsonRows:
             )
             return None
         text = self.strip_bom(text, loc)
-        if not text.strip():
-            bad.add(loc, "invalid_json", "not valid JSON (nothing but a byte-order mark)")
-            return None
         if too_deep if too_deep is not None else json_too_deep(text):
             bad.add(loc, "too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
             return None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import random
 import re
@@ -62,7 +63,7 @@ BAD_ROW_LINE = re.compile(
 
 @pytest.fixture(scope="module", autouse=True)
 def quiet_datasets():
-    """No progress bars from writing the fuzz tables (hundreds of them with FUZZ_ROWS=10000)."""
+    """No progress bars from writing the fuzz tables: they would bury the output of a failure."""
     datasets.disable_progress_bars()
     yield
     datasets.enable_progress_bars()
@@ -342,17 +343,18 @@ def _table_variants(gen: Hostile, fmt: str, n: int) -> list[tuple[str, dict, dat
 
     def storable(text: str | None) -> str | None:
         # Arrow stores UTF-8: a str with a lone surrogate cannot even be written to a table.
-        return (
-            text
-            if text is None or text.encode("utf-8", "surrogatepass").decode("utf-8", "ignore") == text
-            else "?"
-        )
+        if text is not None:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return "?"
+        return text
 
     def maybe_none(make):
         return None if gen.chance(0.1) else make()
 
     string = datasets.Value("string")
-    k = max(1, n // 5)
+    k = max(1, n // 6)  # six variants' worth of rows in all: n rows
     if fmt == "alpaca":
         texts = {
             name: [Hostile.good_object(fmt, i)[name] if i % 4 == 0 else maybe_none(lambda: storable(gen.text())) for i in range(2 * k)]
@@ -362,15 +364,23 @@ def _table_variants(gen: Hostile, fmt: str, n: int) -> list[tuple[str, dict, dat
         return [
             ("texts", texts, datasets.Features({name: string for name in texts})),
             (
-                "typed",
+                "typed",  # the answer a float (NaN and infinities included), the input a bool
                 {
-                    "instruction": [[storable(gen.text())] for _ in range(k)],
-                    "output": [gen.rng.randint(-(2**62), 2**62) for _ in range(k)],
+                    "instruction": [gen.rng.choice(GOOD_TEXTS) for _ in range(k)],
+                    "output": [gen.rng.choice([math.nan, math.inf, -math.inf, 1e308, 0.5]) for _ in range(k)],
                     "input": [gen.chance(0.5) for _ in range(k)],
                 },
                 datasets.Features(
-                    {"instruction": datasets.List(string), "output": datasets.Value("int64"), "input": datasets.Value("bool")}
+                    {"instruction": string, "output": datasets.Value("float64"), "input": datasets.Value("bool")}
                 ),
+            ),
+            (
+                "lists",  # the instruction a list of text, the answer a 64-bit integer
+                {
+                    "instruction": [[storable(gen.text())] for _ in range(k)],
+                    "output": [gen.rng.randint(-(2**62), 2**62) for _ in range(k)],
+                },
+                datasets.Features({"instruction": datasets.List(string), "output": datasets.Value("int64")}),
             ),
             (
                 "image",
@@ -393,7 +403,7 @@ def _table_variants(gen: Hostile, fmt: str, n: int) -> list[tuple[str, dict, dat
             for _ in range(gen.rng.randint(0, 4))
         ]  # fmt: skip
 
-    messages = [turns(i) for i in range(3 * k)]
+    messages = [turns(i) for i in range(4 * k)]
     messages[k] = [
         {"role": "user", "content": "q"},
         {"role": "assistant", "content": "x" * (MAX_ROW_BYTES + 1)},
