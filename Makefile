@@ -14,7 +14,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast bench bench-scaling bench-paths bench-packing bench-gpu chaos lint format clean-venv
+.PHONY: help install train test test-fast bench bench-scaling bench-paths bench-packing bench-gpu chaos fuzz ddp-stress lint format clean-venv
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -54,6 +54,12 @@ bench-packing: $(STAMP)  ## packing vs padding, trained tokens/s -> experiments/
 
 chaos: $(STAMP)  ## 20 SIGKILLs at random moments (some inside checkpoint writes), resume=auto each time
 	CHAOS_KILLS=20 $(BIN)/python -m pytest -q -s tests/test_reliability.py -k chaos $(ARGS)
+
+fuzz: $(STAMP)  ## 10,000 hostile rows per file and row format through the row-to-token pipeline (CI runs a few hundred)
+	FUZZ_ROWS=10000 $(BIN)/python -m pytest -q tests/test_fuzz.py $(ARGS)
+
+ddp-stress: $(STAMP)  ## 20 short 2-process gloo DDP runs back to back: every one must exit 0 (CI runs 3)
+	DDP_STRESS_RUNS=20 $(BIN)/python -m pytest -q -s tests/test_ddp_shutdown.py $(ARGS)
 
 bench-gpu: $(STAMP)  ## QLoRA on a Mistral-7B-shaped model, lit-lora vs HF Trainer (CUDA; ARGS=--dry-run on CPU)
 	$(BIN)/python -m bench.gpu $(ARGS)
