@@ -45,6 +45,7 @@ from lit_lora.allocator import tune_host_allocator
 from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, clean_stale, find_resumable
 from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
 from lit_lora.data import DataModule
+from lit_lora.distributed import end_process_group, wait_for_launched_ranks
 from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, UserError
 from lit_lora.graceful import GracefulStop
 from lit_lora.model import build_model, prepare_for_training
@@ -307,8 +308,10 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
         stopper = GracefulStop(out / CHECKPOINTS, tc.grace_period_s)
         trainer.callbacks.append(stopper)
         stopper.install(slurm_requeue=GracefulStop.slurm_requeue(trainer))
+        fitted = False
         try:
             trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+            fitted = True
         except SIGTERMException as err:  # Lightning stopped on SIGTERM before a safe point of ours
             raise Interrupted(
                 "SIGTERM received; Lightning stopped the run before a step boundary, so no new checkpoint was "
@@ -324,6 +327,13 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
                 f"no space left on the device while writing ({err}); the newest complete checkpoint, "
                 f"which resume=auto takes, is {last or 'none yet'}. Free space and run again with resume=auto"
             ) from err
+        finally:
+            # Nothing after fit is collective (scoring and the summary are rank zero's; the memory
+            # tracker gathered every rank in on_train_end), so the process group ends here, on every
+            # rank and also on failure, while the interpreter is fully alive. Left to Lightning, a gloo
+            # group was destroyed only during interpreter finalization, with its threads running,
+            # which could abort the process (issue 17; see lit_lora.distributed).
+            end_process_group(completed=fitted, barrier=trainer.strategy.barrier)
 
     summary: dict = {
         "status": "completed" if not trainer.interrupted else "interrupted",
@@ -363,6 +373,9 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
             summary.update(callback.summary_metrics())
     summary["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+    # Rank zero's exit status stands for the whole run (shell, sweep, SLURM): it covers the ranks it
+    # started only if it outlives them and checks how they ended, before it reports completion.
+    wait_for_launched_ranks(trainer)
     if trainer.is_global_zero:
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         _print_report(summary, out)
