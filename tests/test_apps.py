@@ -68,6 +68,17 @@ def adapter(tmp_path_factory):
     )
 
 
+def run_merge(adapter: Path, out: Path, timeout: float) -> subprocess.CompletedProcess:
+    """``python -m lit_lora.merge adapter=<adapter> output_dir=<out>`` with default settings, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "lit_lora.merge", f"adapter={adapter}", f"output_dir={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def _merged_logits_in_new_process(folder: Path, tmp_path: Path) -> torch.Tensor:
     save_file({"ids": IDS}, str(tmp_path / "ids.safetensors"))
     done = subprocess.run(
@@ -92,13 +103,7 @@ def test_merge_with_default_settings_is_the_stored_base_plus_the_adapter(adapter
     # The defaults train model=smollm2-135m with model.dtype=bfloat16; the merge must start from the
     # base as stored (fp32), not from that bf16 copy (which moved the logits by about 0.2).
     out = tmp_path / "merged"
-    done = subprocess.run(
-        [sys.executable, "-m", "lit_lora.merge", f"adapter={adapter}", f"output_dir={out}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_merge(adapter, out, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert {"model.safetensors", "config.json", "tokenizer.json", "rendering.json"} <= {
         p.name for p in out.iterdir()
@@ -209,13 +214,7 @@ def test_generate_is_deterministic_and_reports_why_it_stopped(tmp_path):
 
 
 def test_cli_bad_adapter_folder_is_one_line(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "lit_lora.merge", f"adapter={tmp_path}", f"output_dir={tmp_path / 'out'}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_merge(tmp_path, tmp_path / "out", timeout=120)
     assert (
         done.returncode == 2
         and "is not a PEFT adapter folder" in done.stderr
