@@ -363,19 +363,55 @@ def check_cross_fields(cfg: TrainConfig) -> None:
         raise UserError("lora.init=loftq quantizes the base itself: use it with quant=none")
 
 
-# Strategy names (lit_lora.strategies) whose Lightning implementation runs only on CUDA devices:
-# Lightning's accelerator connector refuses FSDP on anything but a GPU accelerator, and DeepSpeed's
-# ZeRO kernels need CUDA. The check lives here so that it runs before any weight is loaded.
-CUDA_ONLY_STRATEGIES = ("fsdp", "deepspeed")
+# Strategy names (lit_lora.strategies) that need CUDA devices. FSDP is the exception when asked for on
+# the CPU explicitly (trainer.accelerator=cpu: gloo, for tests of the sharded path; slow, never a
+# default). The check lives here so that it runs before any weight is loaded.
+CUDA_ONLY_STRATEGIES = ("fsdp",)
 
 
-def require_deepspeed(strategy: str) -> None:
-    """Raises a :class:`UserError` with the install command when DeepSpeed is not installed."""
-    import importlib.util
+def check_strategy_combinations(cfg: TrainConfig) -> None:
+    """Combinations that cannot train correctly, refused with the reason and the alternative.
 
-    if importlib.util.find_spec("deepspeed") is None:
+    - ``trainer.precision=16-true``: the adapter's weights and AdamW's state in fp16, where ``eps=1e-8``
+      rounds to 0 while LoRA A's first gradient is exactly 0 (B starts at 0): 0/0, a NaN loss at step 2
+      (seen on an NVIDIA H200, 2026-11-30).
+    - DeepSpeed: Lightning's DeepSpeed save bypasses the CheckpointIO plugin (pickled folders with the
+      frozen base, which ``resume`` does not recognise), and ZeRO-3 partitions ``lm_head.weight``, which
+      the chunked loss reads outside a forward, and the adapter the export saves. Not shipped until it
+      is fixed and run on GPUs.
+    - FSDP with a 4-bit base and a precision other than the compute dtype's mixed precision: FSDP would
+      cast the packed 4-bit storage to another dtype.
+    - FSDP with ``quant=int8``: 8-bit weights are integers, which FSDP cannot flatten with the float
+      weights of the same layer (the published FSDP + QLoRA recipe is 4-bit).
+    """
+    strategy = str(cfg.trainer.strategy)
+    if cfg.trainer.precision == "16-true":
         raise UserError(
-            f"trainer.strategy={strategy} needs DeepSpeed: pip install 'lit-lora[deepspeed]' (CUDA machines)"
+            "trainer.precision=16-true trains the adapter and AdamW's state in fp16, where eps=1e-8 is 0: "
+            "the loss is NaN from step 2. Use 16-mixed (fp16 compute, fp32 adapter) or bf16-mixed"
+        )
+    if strategy.startswith("deepspeed"):
+        raise UserError(
+            f"trainer.strategy={strategy} is not supported: DeepSpeed's checkpoints bypass lit-lora's "
+            "adapter checkpoints (resume would restart at step 0) and ZeRO-3 partitions weights the loss "
+            "and the adapter export read. Use trainer=fsdp (sharded, with QLoRA) or trainer=ddp"
+        )
+    if strategy.startswith("fsdp") and cfg.quant.method in ("nf4", "fp4"):
+        wanted = {"bfloat16": "bf16-mixed", "float16": "16-mixed"}.get(cfg.quant.compute_dtype)
+        if cfg.trainer.precision != wanted:
+            # FSDP's mixed precision casts each flat parameter to param_dtype: with 4-bit weights stored
+            # in the compute dtype, any other param_dtype would reinterpret their packed bytes.
+            raise UserError(
+                f"trainer.strategy=fsdp with quant={cfg.quant.method} and quant.compute_dtype="
+                f"{cfg.quant.compute_dtype} needs trainer.precision={wanted} (got {cfg.trainer.precision})"
+                if wanted
+                else f"trainer.strategy=fsdp with quant={cfg.quant.method} needs a 16-bit quant.compute_dtype "
+                "(bfloat16 with trainer.precision=bf16-mixed, or float16 with 16-mixed)"
+            )
+    if strategy.startswith("fsdp") and cfg.quant.method == "int8":
+        raise UserError(
+            "trainer.strategy=fsdp cannot shard quant=int8 (integer weights beside float ones in a layer); "
+            "use quant=nf4 with FSDP, or trainer=ddp with int8"
         )
 
 
@@ -406,12 +442,12 @@ def check_device(cfg: TrainConfig) -> None:
     on_cuda = has_cuda and accelerator in ("gpu", "cuda", "auto")
     where = "this machine has none" if not has_cuda else f"trainer.accelerator={accelerator} does not use it"
     strategy = str(cfg.trainer.strategy)
-    if strategy.startswith(CUDA_ONLY_STRATEGIES):
-        if not on_cuda:
-            fallback = "trainer=ddp (gloo on CPU)" if strategy.startswith("fsdp") else "trainer=ddp"
-            raise UserError(f"trainer.strategy={strategy} needs a CUDA device, but {where}; use {fallback}")
-        if strategy.startswith("deepspeed"):
-            require_deepspeed(strategy)
+    check_strategy_combinations(cfg)
+    if strategy.startswith(CUDA_ONLY_STRATEGIES) and not on_cuda and accelerator != "cpu":
+        raise UserError(
+            f"trainer.strategy={strategy} needs a CUDA device, but {where}; use trainer=ddp (gloo on CPU), "
+            "or add trainer.accelerator=cpu to test the sharded path on the CPU (slow)"
+        )
     if on_cuda:
         return
     if cfg.trainer.precision.startswith("16"):

@@ -296,8 +296,9 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for param in model.parameters():
         n = param.numel()
-        if type(param).__name__ == "Params4bit":
-            n = int(param.quant_state.shape.numel()) if param.quant_state is not None else 2 * n
+        if type(param).__name__ == "Params4bit" and param.quant_state is not None:
+            # Packed storage -> unpacked count; one not yet quantized still holds every element.
+            n = int(param.quant_state.shape.numel())
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total
@@ -359,7 +360,13 @@ def stored_dtype(source: str, config) -> torch.dtype:
     return result
 
 
-def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, *, export_dtype: torch.dtype | None = None):
+def load_base(
+    model_cfg: ModelConfig,
+    quant_cfg: QuantConfig,
+    *,
+    export_dtype: torch.dtype | None = None,
+    cuda_index: int | str | None = "auto",
+):
     """``(model, tokenizer, source, config)``: the base model, quantized on load when ``quant`` asks.
 
     Shared by training, merge, generate and evaluate. The hub check happens before any weight is read.
@@ -368,6 +375,12 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, *, export_dtype: t
     (:func:`stored_dtype`), never below ``export_dtype``, whatever ``model.dtype`` says: an export
     starts from the base as stored, not from the copy rounded for training. A quantized load always
     uses ``quant.compute_dtype``, as training did, so that it quantizes to the same 4-bit weights.
+
+    ``cuda_index``: the GPU a quantized base is loaded (and quantized) on; None loads it on the CPU
+    (bitsandbytes' CPU path); ``"auto"`` takes this process's rank when CUDA is available. Training
+    passes the device it trains on (:func:`lit_lora.strategies.cuda_index_for`), so that
+    ``trainer.accelerator=cpu`` or ``trainer.devices=[k]`` are obeyed. Unquantized bases load on the CPU
+    and Lightning moves them.
     """
     from transformers import AutoModelForCausalLM
 
@@ -381,9 +394,11 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantConfig, *, export_dtype: t
         dtype = torch.promote_types(stored_dtype(source, config), export_dtype)
     else:
         dtype = getattr(torch, model_cfg.dtype)
-    # bitsandbytes quantizes on load, on this process's own GPU (one per rank under DDP/FSDP; the
-    # model is loaded before Lightning sets the device, so the rank comes from the environment).
-    device_map = {"": local_rank()} if quantization is not None and torch.cuda.is_available() else None
+    # bitsandbytes quantizes on load, on the GPU this process trains on (one per rank under DDP/FSDP;
+    # the model is loaded before Lightning sets the device).
+    if cuda_index == "auto":
+        cuda_index = local_rank() if torch.cuda.is_available() else None
+    device_map = {"": cuda_index} if quantization is not None and cuda_index is not None else None
     try:
         base = AutoModelForCausalLM.from_pretrained(
             source,
@@ -459,6 +474,7 @@ def prepare_for_training(
     *,
     bf16_mixed: bool,
     lit_attention: bool = True,
+    sharded: bool = False,
 ) -> bool:
     """The training-time paths lit-lora puts on a built model, each switchable from config: frozen linears
     in bf16 under ``bf16_mixed`` (:func:`cast_frozen_linears`), cheaper CPU LoRA dropout masks
@@ -469,39 +485,58 @@ def prepare_for_training(
     keeps transformers' attention (the packing experiment's block-mask baseline).
 
     One place, so that the benchmarks measure exactly what ``lit_lora.train`` runs. Returns whether
-    lit-lora's attention function is in use.
+    lit-lora's attention function is in use. ``sharded`` (FSDP) keeps the dtypes ``build_model`` chose
+    (no bf16 cast of frozen linears) and PEFT's LoRA forward, which calls the LoRA modules that FSDP
+    wraps (the fused path reads their weights directly, which are shards outside a unit's forward).
     """
     from lit_lora.attention import use_lit_attention
     from lit_lora.dropout import use_host_dropout
     from lit_lora.lora_linear import use_fused_lora_linear
     from lit_lora.norms import use_fused_rmsnorm
 
-    if model_cfg.bf16_frozen_linears and bf16_mixed:
+    if model_cfg.bf16_frozen_linears and bf16_mixed and not sharded:
         cast_frozen_linears(model, torch.bfloat16)
     if lora_cfg.fast_dropout:
         use_host_dropout(model)
     # The fused path draws fast_dropout's masks: without fast_dropout, PEFT's nn.Dropout stays in charge.
-    if lora_cfg.fused_linear and (lora_cfg.fast_dropout or lora_cfg.dropout == 0.0):
+    if lora_cfg.fused_linear and (lora_cfg.fast_dropout or lora_cfg.dropout == 0.0) and not sharded:
         use_fused_lora_linear(model)
     if model_cfg.fused_rmsnorm:
         use_fused_rmsnorm(model)
     return lit_attention and use_lit_attention(model, model_cfg.eager_attention_max_len)
 
 
-def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, lora_cfg: LoraConfig) -> BuiltModel:
+def build_model(
+    model_cfg: ModelConfig,
+    quant_cfg: QuantConfig,
+    lora_cfg: LoraConfig,
+    *,
+    sharded: bool = False,
+    cuda_index: int | str | None = "auto",
+) -> BuiltModel:
     """Load the base, quantize it if asked, and wrap it with a LoRA adapter. Only the adapter trains.
+
+    ``sharded=True`` builds for FSDP (the published FSDP + QLoRA recipe, see :mod:`lit_lora.strategies`):
+    the base keeps one dtype per decoder layer (4-bit storage in the compute dtype, no float32 upcast of
+    norms and embeddings by ``prepare_model_for_kbit_training``) and transformers' activation
+    checkpointing stays off, since FSDP applies its own per layer. ``quant_cfg`` is not changed.
+    ``cuda_index``: see :func:`load_base`.
 
     Raises :class:`UserError` for every mistake a user can fix: unknown model, unreachable hub,
     target modules that match nothing, quantization bitsandbytes cannot run here.
     """
+    import dataclasses
+
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     check_device_lora(lora_cfg)
     # 1. Targets, on a weightless skeleton, when the architecture is known without a download.
     targets = check_targets_early(model_cfg, lora_cfg)
+    if sharded and quant_cfg.method in ("nf4", "fp4"):
+        quant_cfg = dataclasses.replace(quant_cfg, storage_dtype=quant_cfg.compute_dtype)
     quantization = bnb_config(quant_cfg) if quant_cfg.enabled else None  # fails early if bnb cannot
 
-    base, tokenizer, source, config = load_base(model_cfg, quant_cfg)
+    base, tokenizer, source, config = load_base(model_cfg, quant_cfg, cuda_index=cuda_index)
     if targets is None:
         targets = resolve_targets(
             lora_cfg.target_modules, config.model_type, linear_module_paths(_skeleton(config))
@@ -509,7 +544,9 @@ def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, lora_cfg: LoraCo
 
     # 2. k-bit preparation: norms to fp32, input grads on, optional non-reentrant checkpointing.
     gc_kwargs = {"use_reentrant": False}
-    if quantization is not None:
+    if sharded:
+        base.config.use_cache = False  # FSDP: uniform dtypes, FSDP's checkpointing (see the docstring)
+    elif quantization is not None:
         base = prepare_model_for_kbit_training(
             base,
             use_gradient_checkpointing=model_cfg.gradient_checkpointing,

@@ -1,33 +1,38 @@
-"""Lightning strategies from ``trainer.strategy``: DDP, FSDP (with QLoRA), DeepSpeed ZeRO 2/3.
+"""Lightning strategies from ``trainer.strategy``: DDP and FSDP (with QLoRA).
 
 lit-lora has no distributed code of its own: every name maps to a Lightning strategy. Plain names
-(``auto``, ``ddp``, ``ddp_spawn``, ``deepspeed_stage_2``...) go to ``lightning.Trainer`` unchanged.
-``fsdp`` is built here because FSDP needs to know the model:
+(``auto``, ``ddp``, ``ddp_spawn``...) go to ``lightning.Trainer`` unchanged. ``fsdp`` is built here
+because FSDP needs to know the model. It follows the published FSDP + QLoRA recipe (bitsandbytes,
+PEFT, TRL), in which FSDP flattens every wrapped unit into one flat parameter of ONE dtype:
 
-- the wrapping policy is per decoder layer (the model's ``_no_split_modules`` classes), so each layer's
-  frozen base weights and adapter are sharded and gathered together;
-- the mixed-precision policy computes in the quantization (or model) compute dtype and reduces
-  gradients in float32;
-- activation checkpointing (``model.gradient_checkpointing=true``) is applied by FSDP per decoder layer
-  (non-reentrant), instead of transformers' own, which does not compose with FSDP's wrapping;
-- for QLoRA the 4-bit storage dtype must equal the compute dtype (FSDP flattens parameters of one
-  dtype): :func:`align_quant_storage` sets it before the model is loaded.
+- units: PEFT's :func:`peft.utils.other.fsdp_auto_wrap_policy`, i.e. one unit per decoder layer (the
+  model's ``_no_split_modules`` classes) holding the frozen base weights, and one unit per trainable
+  leaf (each LoRA A and B): the adapter keeps its float32 storage while the base stays in its own dtype;
+- the base is built for it (``build_model(..., sharded=True)``): no float32 upcast of norms and
+  embeddings, no frozen linears cast to bf16, and a 4-bit storage dtype equal to the compute dtype
+  (``build_model``), so that each decoder layer is uniform (:func:`flat_param_dtypes` checks it);
+- mixed precision computes in autocast's dtype (for a 4-bit base, its compute and storage dtype) and
+  reduces gradients in float32; buffers (RoPE frequencies) are left as they are;
+- activation checkpointing (``model.gradient_checkpointing=true``) is applied by FSDP per decoder layer,
+  and transformers' own is then off (one mechanism, not two);
+- checkpoints: :class:`AdapterFSDPStrategy` saves and loads lit-lora's adapter-only checkpoint folders
+  through the CheckpointIO plugin (Lightning's own FSDP save refuses an existing folder and its load
+  expects a file or ``meta.pt``), and never gathers the frozen base to do it.
 
-Adapter checkpoints under FSDP are gathered on every rank and written by rank zero (see
-``LitLoRA.on_save_checkpoint``); they are the same PEFT-format files as on one device.
+DeepSpeed is refused at config time (:func:`lit_lora.config.check_device`): its checkpoints bypass the
+CheckpointIO plugin and ZeRO-3 partitions the weights the loss and the adapter export read.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
 import torch
 
-from lit_lora.config import TrainConfig, require_deepspeed
+from lit_lora.config import TrainConfig
 from lit_lora.errors import UserError
-
-DEEPSPEED = {"deepspeed_zero2": "deepspeed_stage_2", "deepspeed_zero3": "deepspeed_stage_3"}
 
 
 def local_rank() -> int:
@@ -42,17 +47,63 @@ def is_fsdp(name: str) -> bool:
     return name.startswith("fsdp")
 
 
-def align_quant_storage(cfg: TrainConfig) -> str | None:
-    """Under FSDP with a 4-bit base, make the 4-bit storage dtype the compute dtype; returns a note."""
-    quant = cfg.quant
-    if (
-        is_fsdp(cfg.trainer.strategy)
-        and quant.method in ("nf4", "fp4")
-        and quant.storage_dtype != quant.compute_dtype
-    ):
-        before, quant.storage_dtype = quant.storage_dtype, quant.compute_dtype
-        return f"FSDP: quant.storage_dtype {before} -> {quant.compute_dtype} (must equal the compute dtype)"
-    return None
+def cuda_index_for(accelerator: str, devices: Any, rank: int, cuda_available: bool) -> int | None:
+    """The CUDA device index this process trains on (where a quantized base must be loaded), or None
+    for the CPU. ``trainer.devices`` as Lightning reads it: a count (ranks take GPUs 0..n-1), a list of
+    indices or a string ``"2,3"`` (rank ``r`` takes the ``r``-th listed), ``-1`` / ``"auto"`` (rank ``r``
+    takes GPU ``r``). A pure function, so that the mapping is tested without GPUs."""
+    if not cuda_available or str(accelerator) not in ("auto", "gpu", "cuda"):
+        return None
+    listed: list[int] | None = None
+    if isinstance(devices, (list, tuple)):
+        listed = [int(d) for d in devices]
+    elif isinstance(devices, str) and "," in devices:
+        listed = [int(d) for d in devices.split(",") if d.strip()]
+    elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit() and devices.strip() != "-1":
+        devices = int(devices)
+    if listed:
+        return listed[rank] if rank < len(listed) else listed[-1]
+    return rank
+
+
+def fsdp_wrap_policy(model: torch.nn.Module):
+    """FSDP's ``auto_wrap_policy`` for a PEFT model: PEFT's own (decoder layers + trainable leaves)."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    decoder_layer_classes(model)  # a clear error when the model has no known decoder layer class
+    return fsdp_auto_wrap_policy(model)
+
+
+def flat_param_dtypes(model: torch.nn.Module, policy) -> dict[str, set[torch.dtype]]:
+    """The dtypes each FSDP unit would flatten together, computed from ``policy`` without wrapping.
+
+    Keys are the unit's module path ("" for the root). FSDP raises "Must flatten tensors with uniform
+    dtype" for any unit with two; this lets a CPU test (and :func:`build_strategy`) see it first.
+    """
+    units: dict[str, set[torch.dtype]] = {}
+
+    def visit(module: torch.nn.Module, path: str, owner: str) -> None:
+        for name, child in module.named_children():
+            child_path = f"{path}.{name}" if path else name
+            numel = sum(p.numel() for p in child.parameters())
+            wraps = policy(module=child, recurse=False, nonwrapped_numel=numel)
+            visit(child, child_path, child_path if wraps else owner)
+        for param in module.parameters(recurse=False):
+            units.setdefault(owner, set()).add(param.dtype)
+
+    visit(model, "", "")
+    return units
+
+
+def check_uniform_units(model: torch.nn.Module, policy) -> None:
+    """Raise (a bug, not a user mistake) if an FSDP unit would mix dtypes; names the first such unit."""
+    mixed = {path: dtypes for path, dtypes in flat_param_dtypes(model, policy).items() if len(dtypes) > 1}
+    if mixed:
+        path, dtypes = next(iter(mixed.items()))
+        raise RuntimeError(
+            f"FSDP unit {path or '<root>'!r} would mix dtypes {sorted(map(str, dtypes))} "
+            f"({len(mixed)} such unit(s)); the model was not built for FSDP (build_model(..., sharded=True))"
+        )
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
@@ -71,24 +122,139 @@ def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
 def build_strategy(cfg: TrainConfig, model: torch.nn.Module) -> Any:
     """The ``strategy`` argument of ``lightning.Trainer`` for ``cfg.trainer.strategy``."""
     name = cfg.trainer.strategy
-    if name in DEEPSPEED:
-        require_deepspeed(name)
-        return DEEPSPEED[name]
     if not is_fsdp(name):
         return name
-    from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import MixedPrecision
 
     layers = decoder_layer_classes(model)
-    compute = getattr(torch, cfg.quant.compute_dtype if cfg.quant.enabled else cfg.model.dtype)
-    if compute == torch.float32 and cfg.trainer.precision.startswith("bf16"):
-        compute = torch.bfloat16
-    return FSDPStrategy(
-        auto_wrap_policy=layers,
-        mixed_precision=MixedPrecision(param_dtype=compute, reduce_dtype=torch.float32, buffer_dtype=compute),
+    policy = fsdp_wrap_policy(model)
+    check_uniform_units(model, policy)
+    precision = cfg.trainer.precision
+    mixed = None
+    if precision.endswith("-mixed"):
+        # Units compute in autocast's dtype (PEFT's LoRA layer skips its own casts under autocast); for a
+        # 4-bit base it is the storage dtype (lit_lora.config refuses any other precision), so the packed
+        # bytes are never cast. Gradients reduce in float32; buffers keep their dtype (RoPE's inverse
+        # frequencies would lose precision in bf16). Other precisions: Lightning's FSDP defaults.
+        compute = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        mixed = MixedPrecision(param_dtype=compute, reduce_dtype=torch.float32, buffer_dtype=None)
+    return AdapterFSDPStrategy(
+        auto_wrap_policy=policy,
+        mixed_precision=mixed,
         activation_checkpointing_policy=layers if cfg.model.gradient_checkpointing else None,
         sharding_strategy="SHARD_GRAD_OP" if name == "fsdp_grad_op" else "FULL_SHARD",
-        # Frozen and trainable parameters share flat parameters: keep the original ones visible.
+        # Each LoRA leaf is its own unit, but the optimizer and PEFT address the original parameters.
         use_orig_params=True,
         state_dict_type="full",
     )
+
+
+@functools.cache
+def _adapter_fsdp_strategy_class():
+    """:class:`AdapterFSDPStrategy`, defined lazily so that importing this module stays light."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    class AdapterFSDPStrategy(FSDPStrategy):
+        """Lightning's FSDP with lit-lora's adapter-only checkpoint folders (``lit_lora.checkpoint_io``).
+
+        Saving: the checkpoint dict's ``state_dict`` is empty (``LitLoRA.on_save_checkpoint`` puts the
+        adapter in), so the frozen base is never gathered; optimizer states are gathered in full to rank
+        zero (Lightning's ``optimizer_state``; only the adapter has any) and rank zero writes the folder
+        through the CheckpointIO plugin, replacing an existing one atomically. Loading: every rank reads
+        the folder; the adapter is loaded by ``LitLoRA.on_load_checkpoint``, the optimizer states here.
+        """
+
+        def lightning_module_state_dict(self) -> dict[str, Any]:
+            return {}
+
+        def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+            # On the CPU (trainer.accelerator=cpu, gloo: tests of the sharded path) torch's FSDP needs
+            # device_id=cpu said explicitly; Lightning passes the device index, which is None there.
+            if self.root_device.type != "cpu":
+                return super()._setup_model(model)
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            if "mixed" in self.precision_plugin.precision:
+                # Lightning's FSDP precision autocasts on "cuda" only: on the CPU, without autocast, PEFT
+                # casts inputs to the adapter's float32 (read outside its unit) and FSDP computes in bf16.
+                self.precision_plugin = _cpu_autocast_precision(self.precision_plugin.precision)
+
+            return FullyShardedDataParallel(
+                module=model,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=torch.device("cpu"),
+                **self.kwargs,
+            )
+
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+            if self.is_global_zero:
+                self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+            self.barrier("AdapterFSDPStrategy.save_checkpoint")
+
+        def remove_checkpoint(self, filepath) -> None:
+            if self.is_global_zero:
+                self.checkpoint_io.remove_checkpoint(filepath)
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
+            from torch.distributed.fsdp import (
+                FullOptimStateDictConfig,
+                FullStateDictConfig,
+                OptimStateKeyType,
+                StateDictType,
+            )
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            checkpoint = self.checkpoint_io.load_checkpoint(self.broadcast(checkpoint_path))
+            states = checkpoint.get("optimizer_states")
+            if not states or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+                return checkpoint
+            with FSDP.state_dict_type(
+                self.model,
+                StateDictType.FULL_STATE_DICT,
+                FullStateDictConfig(offload_to_cpu=True, rank0_only=False),
+                FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=False),
+            ):
+                for optimizer, state in zip(self.optimizers, states, strict=True):
+                    if state.get("state") and isinstance(next(iter(state["state"])), int):
+                        # Lightning's full optimizer_state keys parameters by id; loading needs names.
+                        state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
+                    flat = FSDP.optim_state_dict_to_load(
+                        model=self.model, optim=optimizer, optim_state_dict=state
+                    )
+                    optimizer.load_state_dict(flat)
+            return checkpoint
+
+    return AdapterFSDPStrategy
+
+
+def _cpu_autocast_precision(precision: str):
+    """Lightning's FSDP precision plugin with its autocast on the CPU (``bf16-mixed``: the CPU tests)."""
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    class CPUAutocastFSDPPrecision(FSDPPrecision):
+        def forward_context(self):
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    return CPUAutocastFSDPPrecision(precision)
+
+
+def AdapterFSDPStrategy(**kwargs):
+    """An instance of the FSDP strategy described in :func:`_adapter_fsdp_strategy_class`."""
+    return _adapter_fsdp_strategy_class()(**kwargs)
+
+
+def scoring_device(strategy: Any) -> torch.device | None:
+    """The device held-out scoring runs on after ``fit``: the one training used (``root_device``), or
+    None under a sharded strategy (FSDP, DeepSpeed), whose wrapped layers only run collectively.
+
+    Needed because Lightning's ``Strategy.teardown`` moves the module to the CPU at the end of ``fit``:
+    taken from the parameters, the device would be the CPU after a GPU run (generation through
+    bitsandbytes' CPU kernels, hours for a 7B model)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        return None
+    return strategy.root_device

@@ -35,7 +35,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -52,7 +52,7 @@ from lit_lora.model import build_model, prepare_for_training
 from lit_lora.module import LitLoRA
 from lit_lora.paths import check_argv_paths, confined
 from lit_lora.score import exact_match_score
-from lit_lora.strategies import align_quant_storage, build_strategy
+from lit_lora.strategies import build_strategy, cuda_index_for, is_fsdp, local_rank, scoring_device
 from lit_lora.sweep import record_failure
 from lit_lora.wandb_logging import finish_runs, flat_config, redacted_config
 
@@ -228,12 +228,17 @@ def train(cfg: DictConfig) -> TrainResult:
     if tc.tune_host_allocator:
         tune_host_allocator()
 
-    storage_note = align_quant_storage(tc)
-    if storage_note:
-        _say(storage_note)
-    built = build_model(tc.model, tc.quant, tc.lora)
+    sharded = is_fsdp(tc.trainer.strategy)
+    if sharded and tc.quant.method in ("nf4", "fp4") and tc.quant.storage_dtype != tc.quant.compute_dtype:
+        _say(f"FSDP: 4-bit weights stored as {tc.quant.compute_dtype} (one dtype per FSDP unit; same bytes)")
+    cuda_index = cuda_index_for(
+        tc.trainer.accelerator, tc.trainer.devices, local_rank(), torch.cuda.is_available()
+    )
+    built = build_model(tc.model, tc.quant, tc.lora, sharded=sharded, cuda_index=cuda_index)
     bf16_mixed = tc.trainer.precision == "bf16-mixed" and not tc.quant.enabled
-    lit_attention = prepare_for_training(built.model, tc.model, tc.lora, bf16_mixed=bf16_mixed)
+    lit_attention = prepare_for_training(
+        built.model, tc.model, tc.lora, bf16_mixed=bf16_mixed, sharded=sharded
+    )
     data = DataModule(tc.data, built.tokenizer, out / "data")
     data.setup()
     if lit_attention and tc.data.packing:
@@ -250,6 +255,10 @@ def train(cfg: DictConfig) -> TrainResult:
     )
     callbacks = _instantiate_all("callbacks", cfg.callbacks)
     loggers = [lg for lg in _instantiate_all("logger", cfg.logger) if lg is not None]
+    if not loggers:
+        # logger=none: Lightning's LearningRateMonitor refuses a Trainer without a logger; it has
+        # nothing to write to, so it is left out rather than failing the run at its first step.
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     summary: dict | None = None
     try:
         summary = _fit_and_summarise(
@@ -351,7 +360,16 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
     summary["val_ppl"] = metrics.get("val/ppl")
     summary["best_val_loss"] = module.best_val_loss
 
-    if tc.score and trainer.is_global_zero and data.rows["test"] and tc.data.format != "text":
+    # Lightning's teardown moved the model to the CPU; scoring runs where training ran (None: sharded).
+    score_on = scoring_device(trainer.strategy) if tc.score else None
+    if tc.score and score_on is None and trainer.is_global_zero:
+        _say(
+            f"held-out scoring skipped: under {tc.trainer.strategy} the model is sharded across ranks; "
+            f"score it with python -m lit_lora.evaluate adapters=[{out / 'adapter'}]"
+        )
+    if score_on is not None and trainer.is_global_zero and data.rows["test"] and tc.data.format != "text":
+        built.model.to(score_on)
+        summary["score_device"] = str(score_on)
         args = (
             built.model,
             built.tokenizer,
@@ -362,8 +380,7 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
         )
         # Frozen linears stored in bf16 (model.bf16_frozen_linears) need the autocast they trained under.
         bf16 = tc.model.bf16_frozen_linears and tc.trainer.precision == "bf16-mixed" and not tc.quant.enabled
-        device = next(built.model.parameters()).device.type
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(score_on.type, dtype=torch.bfloat16, enabled=bf16):
             if tc.score_base:
                 summary["score_base"] = exact_match_score(*args, use_adapter=False)
             summary["score_tuned"] = exact_match_score(*args, use_adapter=True)

@@ -7,7 +7,6 @@ show up as a difference.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from lit_lora.batching import EpochSampler, StepBatchSampler
 from lit_lora.config import to_train_config
 from lit_lora.errors import UserError
 from lit_lora.model import build_model
-from lit_lora.strategies import align_quant_storage, build_strategy
+from lit_lora.strategies import build_strategy
 from lit_lora.train import train
 from tests.conftest import TINY, compose_train, run_cli
 
@@ -104,38 +103,31 @@ def test_ddp_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp
     assert ddp.stdout.count("effective batch") == 1, "progress lines come from rank zero only"
 
 
-@pytest.mark.parametrize("name", ["default", "cpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("name", ["default", "cpu", "ddp", "fsdp"])
 def test_every_strategy_config_composes_and_maps_to_a_lightning_strategy(tmp_path, name):
     cfg = to_train_config(compose_train(["model=tiny", f"trainer={name}", f"output_dir={tmp_path}"]))
-    if name.startswith("deepspeed"):
-        if importlib.util.find_spec("deepspeed") is None:
-            with pytest.raises(UserError, match=r"pip install 'lit-lora\[deepspeed\]'"):
-                build_strategy(cfg, None)
-        else:
-            assert build_strategy(cfg, None) == {"deepspeed_zero2": "deepspeed_stage_2"}.get(
-                name, "deepspeed_stage_3"
-            )
-        return
-    model = build_model(cfg.model, cfg.quant, cfg.lora).model
+    model = build_model(cfg.model, cfg.quant, cfg.lora, sharded=name == "fsdp").model
     strategy = build_strategy(cfg, model)
     if name == "fsdp":
         assert isinstance(strategy, FSDPStrategy)
-        wrapped = strategy.kwargs["auto_wrap_policy"]
-        assert {c.__name__ for c in wrapped._module_classes} == {"LlamaDecoderLayer"}
+        layer = next(m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer")
+        lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+        policy = strategy.kwargs["auto_wrap_policy"]
+        # PEFT's policy: a unit per decoder layer and one per trainable leaf (LoRA A and B).
+        assert policy(module=layer, recurse=False, nonwrapped_numel=1)
+        assert policy(module=lora_a, recurse=False, nonwrapped_numel=1)
+        assert not policy(module=layer.input_layernorm, recurse=False, nonwrapped_numel=1)
     else:
         assert strategy == {"ddp": "ddp"}.get(name, "auto")
 
 
-def test_fsdp_with_qlora_stores_4bit_weights_in_the_compute_dtype(tmp_path):
-    cfg = to_train_config(
-        compose_train(["model=tiny", "trainer=fsdp", "quant=nf4", f"output_dir={tmp_path}"])
-    )
-    assert cfg.quant.storage_dtype == "uint8"
-    assert "bfloat16" in align_quant_storage(cfg)
-    assert cfg.quant.storage_dtype == cfg.quant.compute_dtype == "bfloat16"
-    # Another strategy keeps bitsandbytes' default packing.
-    plain = to_train_config(compose_train(["model=tiny", "quant=nf4", f"output_dir={tmp_path}"]))
-    assert align_quant_storage(plain) is None and plain.quant.storage_dtype == "uint8"
+@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_configs_compose_and_are_refused_with_the_reason(tmp_path, name):
+    from lit_lora.config import check_strategy_combinations
+
+    cfg = to_train_config(compose_train(["model=tiny", f"trainer={name}", f"output_dir={tmp_path}"]))
+    with pytest.raises(UserError, match="resume would restart at step 0"):
+        check_strategy_combinations(cfg)
 
 
 @pytest.fixture(scope="module")

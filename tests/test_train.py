@@ -23,6 +23,7 @@ def test_tiny_run_writes_the_run_folder(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(result.summary))
     assert summary["status"] == "completed" and summary["global_step"] == 4
+    assert summary["score_device"] == "cpu", "scored where it trained"
     assert summary["trainable_params"] > 0 and summary["trainable_params"] < summary["total_params"]
     assert {"score_base", "score_tuned", "val_loss", "tokens_per_s", "wall_time_s", "peak_rss_mb"} <= set(
         summary
@@ -137,3 +138,12 @@ def test_real_model_qlora_nf4_trains_on_cpu(tmp_path):
     assert result.summary["quant"] == "nf4" and result.summary["global_step"] == 2
     assert any(type(p).__name__ == "Params4bit" for p in result.model.parameters())
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_logger_none_trains_without_the_learning_rate_monitor(tmp_path):
+    """logger=none with the default callbacks: Lightning's LearningRateMonitor would refuse the Trainer."""
+    result = train(
+        compose_train([*TINY, "logger=none", "trainer.max_steps=2", f"output_dir={tmp_path / 'run'}"])
+    )
+    assert result.summary["global_step"] == 2
+    assert not (tmp_path / "run" / "metrics.csv").exists()

@@ -1,0 +1,140 @@
+"""The sharded (FSDP) path, on the CPU: dtypes FSDP can flatten, clipping, adapter checkpoints and resume,
+scoring and the device the base loads on (issue 18).
+
+FSDP normally runs on GPUs; ``trainer=fsdp trainer.accelerator=cpu`` runs the same Lightning strategy
+with gloo on the CPU, so that the strategy, the model built for it and the checkpoint path are exercised
+here by real processes, not by a stand-in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+from safetensors.torch import load_file
+
+from lit_lora.config import to_train_config
+from lit_lora.model import build_model
+from lit_lora.strategies import (
+    check_uniform_units,
+    cuda_index_for,
+    flat_param_dtypes,
+    fsdp_wrap_policy,
+    scoring_device,
+)
+from tests.conftest import compose_train, run_cli
+
+FSDP_CPU = [
+    "model=tiny",
+    "trainer=fsdp",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "data.train_size=64",
+    "data.val_size=8",
+    "data.test_size=4",
+    "data.score_max_new_tokens=4",
+]
+
+
+def _built(tmp_path, *overrides, sharded: bool):
+    cfg = to_train_config(compose_train(["model=tiny", f"output_dir={tmp_path}", *overrides]))
+    return build_model(cfg.model, cfg.quant, cfg.lora, sharded=sharded, cuda_index=None).model
+
+
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_every_fsdp_unit_of_the_model_built_for_fsdp_has_one_dtype(tmp_path, quant):
+    model = _built(tmp_path, f"quant={quant}", "model.dtype=bfloat16", sharded=True)
+    units = flat_param_dtypes(model, fsdp_wrap_policy(model))
+    assert all(len(dtypes) == 1 for dtypes in units.values()), units
+    check_uniform_units(model, fsdp_wrap_policy(model))
+    # The adapter keeps float32 storage in units of its own; the base is in the compute dtype.
+    lora_units = {path: d for path, d in units.items() if "lora_" in path}
+    assert lora_units and all(d == {torch.float32} for d in lora_units.values())
+    layer_units = {path: d for path, d in units.items() if path.endswith(("layers.0", "layers.1"))}
+    assert len(layer_units) == 2 and all(d == {torch.bfloat16} for d in layer_units.values())
+
+
+def test_the_single_device_build_would_mix_dtypes_under_fsdp_so_the_check_can_fail(tmp_path):
+    # prepare_model_for_kbit_training upcasts norms to float32 beside 4-bit storage: what FSDP refused
+    # on an H200 ("Must flatten tensors with uniform dtype but got torch.bfloat16 and torch.float32").
+    model = _built(tmp_path, "quant=nf4", sharded=False)
+    with pytest.raises(RuntimeError, match="would mix dtypes"):
+        check_uniform_units(model, fsdp_wrap_policy(model))
+
+
+def test_fsdp_build_leaves_activation_checkpointing_to_fsdp(tmp_path):
+    """One checkpointing mechanism: with FSDP, transformers' own stays off (FSDP wraps each layer)."""
+    sharded = _built(tmp_path, "quant=nf4", "model.gradient_checkpointing=true", sharded=True)
+    single = _built(tmp_path, "quant=nf4", "model.gradient_checkpointing=true", sharded=False)
+    assert single.base_model.model.is_gradient_checkpointing
+    assert not sharded.base_model.model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "devices", "rank", "cuda", "expected"),
+    [
+        ("auto", 1, 0, True, 0),
+        ("gpu", 4, 3, True, 3),
+        ("gpu", [2], 0, True, 2),  # trainer.devices=[k]: GPU k, not GPU 0
+        ("gpu", [2, 5], 1, True, 5),
+        ("cuda", "1,3", 1, True, 3),
+        ("auto", "auto", 1, True, 1),
+        ("auto", -1, 2, True, 2),
+        ("cpu", 1, 0, True, None),  # trainer=cpu on a GPU host: the quantized base loads on the CPU
+        ("auto", 1, 0, False, None),
+    ],
+)
+def test_the_base_loads_on_the_gpu_this_rank_trains_on(accelerator, devices, rank, cuda, expected):
+    assert cuda_index_for(accelerator, devices, rank, cuda) == expected
+
+
+def test_scoring_runs_on_the_training_device_and_not_under_fsdp():
+    # After fit, Lightning's teardown has moved the module to the CPU; the strategy still names the
+    # device training used. A sharded strategy gets None: scoring is skipped with a message.
+    assert scoring_device(SingleDeviceStrategy(device=torch.device("cpu"))) == torch.device("cpu")
+    assert scoring_device(FSDPStrategy()) is None
+
+
+def _b_weights(run: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    return {k: v for k, v in weights.items() if "lora_B" in k}
+
+
+@pytest.mark.slow
+def test_fsdp_qlora_on_two_cpu_ranks_trains_saves_and_resumes(tmp_path):
+    """Two gloo ranks, nf4 base, FSDP's activation checkpointing, the default gradient_clip_val=1.0 and
+    checkpoints every 2 steps (``last.ckpt`` replaced twice): Lightning's own FSDP save refuses an existing
+    folder, its load wants a file or ``meta.pt``, and its precision plugin refuses norm clipping."""
+    first = tmp_path / "first"
+    done = run_cli(
+        *FSDP_CPU, "quant=nf4", "model.gradient_checkpointing=true", "trainer.max_steps=4",
+        f"output_dir={first}", timeout=400,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert "held-out scoring skipped: under fsdp" in done.stdout
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["global_step"] == 4 and "score_tuned" not in summary
+    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == [
+        "last.ckpt", "step-000002.ckpt", "step-000004.ckpt"
+    ]  # fmt: skip
+    trained = _b_weights(first)
+    assert trained and all(t.abs().max() > 0 for t in trained.values()), "LoRA B trained on both ranks"
+    # The checkpoint holds the adapter and the optimizer moments, never the base.
+    state = json.loads((first / "checkpoints" / "step-000002.ckpt" / "state.json").read_text())
+    assert state["state_dict"] == {} and state["optimizer_states"]
+
+    resumed = tmp_path / "resumed"
+    done = run_cli(
+        *FSDP_CPU, "quant=nf4", "model.gradient_checkpointing=true", "trainer.max_steps=6",
+        f"output_dir={resumed}", f"resume={first / 'checkpoints' / 'step-000002.ckpt'}", timeout=400,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout
+    assert json.loads((resumed / "summary.json").read_text())["global_step"] == 6
