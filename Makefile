@@ -14,7 +14,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast bench bench-scaling bench-paths bench-packing bench-gpu chaos fuzz ddp-stress lint format clean-venv
+.PHONY: help install train test test-fast bench bench-scaling bench-paths bench-packing bench-gpu gpu-check chaos fuzz ddp-stress lint format clean-venv
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ fuzz: $(STAMP)  ## 10,000 hostile rows per file and row format through the row-t
 
 ddp-stress: $(STAMP)  ## 20 back-to-back 2-process gloo DDP runs: exit 0, no abort, no process-group thread left at exit (CI runs 3)
 	DDP_STRESS_RUNS=20 $(BIN)/python -m pytest -q -s tests/test_ddp_shutdown.py $(ARGS)
+
+gpu-check: $(STAMP)  ## every GPU path through the CLI within a time budget -> bench/results/gpu-<device>.json (CUDA; ARGS=--dry-run on CPU)
+	$(BIN)/python -m bench.gpu_check $(ARGS)
 
 bench-gpu: $(STAMP)  ## QLoRA on a Mistral-7B-shaped model, lit-lora vs HF Trainer (CUDA; ARGS=--dry-run on CPU)
 	$(BIN)/python -m bench.gpu $(ARGS)

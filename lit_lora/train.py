@@ -368,6 +368,7 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
             f"score it with python -m lit_lora.evaluate adapters=[{out / 'adapter'}]"
         )
     if score_on is not None and trainer.is_global_zero and data.rows["test"] and tc.data.format != "text":
+        scoring_started = time.perf_counter()
         built.model.to(score_on)
         summary["score_device"] = str(score_on)
         args = (
@@ -384,6 +385,7 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
             if tc.score_base:
                 summary["score_base"] = exact_match_score(*args, use_adapter=False)
             summary["score_tuned"] = exact_match_score(*args, use_adapter=True)
+        summary["score_wall_s"] = round(time.perf_counter() - scoring_started, 2)
     # Callback summaries last, so that memory peaks include held-out generation.
     for callback in callbacks:
         if hasattr(callback, "summary_metrics"):
