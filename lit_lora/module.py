@@ -3,7 +3,14 @@
 Batches come from :func:`lit_lora.batching.collate`: ``input_ids``, ``labels``, ``token_mask`` and
 either ``attention_mask`` (padded) or ``position_ids`` (packed) (B, T); positions with label ``-100``
 do not count in the loss. Logged keys: ``train/loss``, ``train/pad_frac`` (share of padded positions),
-``val/loss``, ``val/ppl`` (token-weighted over the whole validation set, through torchmetrics).
+``val/loss``, ``val/ppl`` (token-weighted over the whole validation set, through torchmetrics), and with
+a loss scaler (``trainer.precision=16-mixed``) ``train/scaler_skipped``: how many optimizer steps the
+scaler has skipped for overflowing gradients so far.
+
+Every decision about non-finite values is taken by all ranks together
+(``strategy.reduce_boolean_decision``): under FSDP each rank sees only its shard of the gradients and
+every rank has its own batches, so a rank that stopped or skipped alone would leave the others waiting
+in the next collective. On one device that reduction returns its input, at no cost.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections.abc import Iterator
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torchmetrics.text import Perplexity
@@ -28,6 +36,10 @@ from lit_lora.config import OptimConfig
 from lit_lora.errors import UserError
 from lit_lora.loss import supports_chunked_loss, trained_token_loss
 from lit_lora.rendering import IGNORE_INDEX, Rendering
+
+# Under a loss scaler, a step whose gradients overflow although the scale it used was at most this is
+# not an overflow of scaled gradients: the run itself has diverged (see on_before_optimizer_step).
+MIN_LOSS_SCALE = 1.0
 
 
 def _json_default(value):
@@ -73,11 +85,21 @@ class LitLoRA(L.LightningModule):
         self.max_nonfinite_skips = max_nonfinite_skips
         self.nonfinite_skips = 0  # consecutive skipped steps
         self.skipped_steps: list[int] = []  # every step skipped for a non-finite gradient
+        # Steps the loss scaler (16-mixed) skipped because the scaled gradients overflowed.
+        self.scaler_skipped_steps = 0
         self._batch_idx = 0
+        # Counted here, on the model as built: once FSDP (use_orig_params) or DeepSpeed ZeRO-3 has
+        # wrapped it, a parameter's numel on a rank is the size of that rank's shard.
+        self._trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------ checkpoints: the adapter only
     def trainable_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        """The number of trainable (adapter) parameters, whole (not a rank's shard), on every rank.
+
+        Counted once, in ``__init__``, before any strategy shards the model; the trainable set does not
+        change afterwards (``lit_lora.model.check_only_adapter_trainable``), and loading a checkpoint
+        only copies values into the existing parameters."""
+        return self._trainable_params
 
     @contextlib.contextmanager
     def full_params(self, writeback: bool = False) -> Iterator[None]:
@@ -134,13 +156,13 @@ class LitLoRA(L.LightningModule):
                     f"the checkpoint's adapter does not fit this model: {name} is {tuple(tensor.shape)} there, "
                     f"{tuple(own[name].shape)} here (same lora.r and target modules as the run that saved it?)"
                 )
-        before = self.trainable_count()
+        count = self.trainable_count()
+        if checkpoint.get("trainable_params", count) != count:
+            raise UserError(
+                f"trainable parameters changed on resume: {checkpoint.get('trainable_params')} saved, {count} now"
+            )
         with self.full_params(writeback=True):
             set_peft_model_state_dict(self.model, adapter["weights"])
-        if self.trainable_count() != before or before != checkpoint.get("trainable_params", before):
-            raise UserError(
-                f"trainable parameters changed on resume: {checkpoint.get('trainable_params')} saved, {before} now"
-            )
 
     @staticmethod
     def _model_inputs(
@@ -183,6 +205,12 @@ class LitLoRA(L.LightningModule):
         the mean loss over all its trained tokens, the same for 8 x 1, 4 x 2 or 2 x 4 micro-batches and
         for one or several processes. (Averaging per micro-batch instead over-weights the tokens of
         short micro-batches.) A batch without ``step_tokens`` is weighted as a micro-batch mean.
+
+        ``on_nonfinite=abort``: every rank stops (:class:`UserError`) when the loss of any rank is NaN or
+        infinite, all at the same micro-batch. This holds under ``16-mixed`` too: the loss is computed
+        before the scaler multiplies it, so a non-finite loss is not a scaling overflow. With ``skip``
+        the loss is not checked here: its gradients are non-finite and the step is skipped in
+        :meth:`on_before_optimizer_step`.
         """
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
         if "step_tokens" in batch:
@@ -196,12 +224,21 @@ class LitLoRA(L.LightningModule):
         loss = self._loss(batch, divisor)
         if faults.at("nan_loss", step):
             loss = loss * float("nan")
-        if not torch.isfinite(loss) and self.on_nonfinite == "abort":
-            raise UserError(
-                f"step {step} (batch {batch_idx} of epoch {self.current_epoch}): the training loss is "
-                f"{loss.item()}; training stopped before the optimizer step. Lower optim.lr, set "
-                "trainer.gradient_clip_val, check that batch's data, or set on_nonfinite=skip"
-            )
+        if self.on_nonfinite == "abort":
+            finite = bool(torch.isfinite(loss))
+            if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+                rank = f"rank {self.global_rank} of {self.trainer.world_size}"
+                if finite:
+                    what = f"the training loss is not finite on another rank ({rank} has {loss.item()})"
+                elif self.trainer.world_size > 1:
+                    what = f"the training loss is {loss.item()} on {rank}"
+                else:
+                    what = f"the training loss is {loss.item()}"
+                raise UserError(
+                    f"step {step} (batch {batch_idx} of epoch {self.current_epoch}): {what}; training "
+                    "stopped before the optimizer step. Lower optim.lr, set "
+                    "trainer.gradient_clip_val, check that batch's data, or set on_nonfinite=skip"
+                )
         # This micro-batch's share of the optimizer step's mean loss; summed in on_before_optimizer_step.
         share = loss.detach() / scale
         self._step_loss = share if self._step_loss is None else self._step_loss + share
@@ -219,20 +256,52 @@ class LitLoRA(L.LightningModule):
             return trained_token_loss(self.model, inputs, batch["labels"], divisor)
         return self(batch, num_items_in_batch=divisor).loss
 
+    def loss_scaler(self):
+        """The loss scaler of the precision plugin (``trainer.precision=16-mixed``: a
+        ``torch.amp.GradScaler``, under FSDP a ``ShardedGradScaler``), or None (every other precision)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Check the gradients (``on_nonfinite``) and log ``train/loss``, the token-weighted mean loss of
         the optimizer step, all ranks together.
 
-        ``skip`` drops every gradient of a step with a non-finite one: AdamW leaves parameters without a
-        gradient untouched, moments included, so the weights stay bitwise what they were.
+        Whether any gradient is NaN or infinite is decided over every rank's gradients
+        (``reduce_boolean_decision``; under FSDP a rank holds only its shard), so all ranks abort, skip
+        or step together. ``skip`` drops every gradient of a step with a non-finite one: AdamW leaves
+        parameters without a gradient untouched, moments included, so the weights stay bitwise what
+        they were.
+
+        With a loss scaler (``16-mixed``) a non-finite gradient is the scaler's business, whatever
+        ``on_nonfinite`` says: Lightning's precision plugin has unscaled the gradients before this hook
+        and calls ``scaler.step`` after it, which skips the optimizer step and halves the scale. That is
+        expected in the first steps (the scale starts at 65,536), so the step is neither aborted nor
+        counted as a skip and the gradients are left alone; it is counted in ``scaler_skipped_steps``
+        (logged as ``train/scaler_skipped``) and the first one is reported in one line. Two things still
+        stop the run: a non-finite loss (checked in :meth:`training_step`: the loss is not scaled), and
+        gradients that overflow although the scale of their step was at most ``MIN_LOSS_SCALE`` (1.0):
+        those are not scaled-up gradients overflowing but a diverged run, and the scale would otherwise
+        go on halving towards zero while no step trains. With the default initial scale that happens at
+        the 17th overflow in a row. No cap on consecutive overflows is set besides: a larger initial
+        scale legitimately takes more of them to come down.
         """
         step = self.global_step + 1
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-        if faults.at("inf_grad", step) and params:
-            params[0].grad.view(-1)[0] = float("inf")
-        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all() if params else True
-        if not bool(finite):
+        if faults.at("inf_grad", step):
+            # The first gradient with elements on this rank (under FSDP a rank's shard may be empty).
+            target = next((p for p in params if p.grad.numel()), None)
+            if target is not None:
+                target.grad.view(-1)[0] = float("inf")
+        local = bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all()) if params else True
+        finite = self.trainer.strategy.reduce_boolean_decision(local, all=True)
+        scaler = self.loss_scaler() if not finite else None
+        if scaler is not None:
+            self._scaler_overflow(step, scaler)
+        elif not finite:
             where = f"step {step} (last batch {self._batch_idx} of epoch {self.current_epoch})"
+            if self.trainer.world_size > 1:
+                rank = f"rank {self.global_rank} of {self.trainer.world_size}"
+                where += f" ({rank}: {'finite' if local else 'not finite'} here)"
             if self.on_nonfinite == "abort":
                 raise UserError(
                     f"{where}: a gradient is NaN or infinite; training stopped before the optimizer step. "
@@ -250,12 +319,70 @@ class LitLoRA(L.LightningModule):
                 )
         else:
             self.nonfinite_skips = 0
+        if self.loss_scaler() is not None:
+            self.log("train/scaler_skipped", float(self.scaler_skipped_steps), rank_zero_only=True)
         if self._step_loss is None:
             return
         total = self.trainer.strategy.reduce(self._step_loss, reduce_op="sum")
         self._step_loss = None
         self.last_step_loss = float(total)
         self.log("train/loss", total, prog_bar=True, rank_zero_only=True)
+
+    def _scaler_overflow(self, step: int, scaler) -> None:
+        """A step whose gradients are not finite under a loss scaler: the scaler skips it (see
+        :meth:`on_before_optimizer_step`); stop if the scale has collapsed."""
+        scale = float(scaler.get_scale())  # the scale this step's backward used (update comes later)
+        self.scaler_skipped_steps += 1
+        if scale <= MIN_LOSS_SCALE:
+            raise UserError(
+                f"step {step}: gradients are NaN or infinite although the fp16 loss scale is down to "
+                f"{scale:g} ({self.scaler_skipped_steps} steps skipped by the loss scaler so far): not "
+                "an overflow of scaled gradients; training stopped. Lower optim.lr, use "
+                "trainer.precision=bf16-mixed, or check the data"
+            )
+        if self.scaler_skipped_steps == 1 and self.trainer.is_global_zero:
+            print(
+                f"lit-lora: step {step}: the fp16 loss scaler found overflowing gradients at scale "
+                f"{scale:g} and skips the step (expected while it finds its scale; counted in "
+                "train/scaler_skipped, reported once)",
+                flush=True,
+            )
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clip by norm under FSDP through FSDP's own ``clip_grad_norm_``; elsewhere Lightning's default.
+
+        Lightning's FSDP precision plugin refuses norm clipping (``FSDPPrecision.clip_grad_by_norm``
+        raises): ``torch.nn.utils.clip_grad_norm_`` on a rank would see only that rank's gradient
+        shards, and the plugin has no reference to the root FSDP module. The strategy has it
+        (``strategy.model``); its ``clip_grad_norm_`` computes the norm over all shards of all ranks (a
+        collective: this hook runs on every rank). Under ``16-mixed`` the precision plugin has unscaled
+        the gradients before this hook runs, so the clip applies to the true gradients; an optimizer
+        that unscales inside its own step (fused) cannot be clipped and is refused, as Lightning does.
+        Clipping by value is element-wise and needs no global view: Lightning's default does it.
+        """
+        strategy = self.trainer.strategy
+        algorithm = gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm"
+        by_norm = str(getattr(algorithm, "value", algorithm)).lower() == GradClipAlgorithmType.NORM.value
+        if not (isinstance(strategy, FSDPStrategy) and by_norm):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        value = gradient_clip_val if gradient_clip_val is not None else self.trainer.gradient_clip_val
+        if not value or value <= 0:
+            return
+        root = strategy.model
+        if not isinstance(root, FSDP):
+            raise UserError(
+                f"trainer.gradient_clip_val={value} under FSDP needs the model wrapped in "
+                f"FullyShardedDataParallel, found {type(root).__name__}; set trainer.gradient_clip_val=null"
+            )
+        if self.loss_scaler() is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise UserError(
+                f"{type(optimizer).__name__} unscales gradients inside its step, so they cannot be clipped "
+                "before it; set trainer.gradient_clip_val=null or use a non-fused optimizer"
+            )
+        root.clip_grad_norm_(value)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch, with_labels=False).logits
