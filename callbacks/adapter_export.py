@@ -39,7 +39,10 @@ class AdapterExport(L.Callback):
         self.dirpath.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.dirpath.name}.", dir=self.dirpath.parent))
         try:
-            pl_module.model.save_pretrained(tmp, safe_serialization=True)
+            # The adapter's own tensors: PEFT would otherwise read the whole model's state_dict.
+            adapter = getattr(pl_module, "adapter_state_dict", None)
+            extra = {"state_dict": adapter()} if adapter is not None else {}
+            pl_module.model.save_pretrained(tmp, safe_serialization=True, **extra)
             if getattr(pl_module, "tokenizer", None) is not None:
                 pl_module.tokenizer.save_pretrained(tmp)
             if getattr(pl_module, "rendering", None) is not None:

@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torchmetrics.text import Perplexity
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -36,6 +36,17 @@ from lit_lora.config import OptimConfig
 from lit_lora.errors import UserError
 from lit_lora.loss import supports_chunked_loss, trained_token_loss
 from lit_lora.rendering import IGNORE_INDEX, Rendering
+
+# Prefixes FSDP and its activation checkpointing insert into parameter names.
+_FSDP_PREFIX = "_fsdp_wrapped_module."
+_CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
+
+
+def _all_trainable(params: Iterator[torch.nn.Parameter]) -> bool:
+    """True if there is at least one parameter and every one requires grad (an adapter-only unit)."""
+    flags = [p.requires_grad for p in params]
+    return bool(flags) and all(flags)
+
 
 # Under a loss scaler, a step whose gradients overflow although the scale it used was at most this is
 # not an overflow of scaled gradients: the run itself has diverged (see on_before_optimizer_step).
@@ -103,14 +114,48 @@ class LitLoRA(L.LightningModule):
 
     @contextlib.contextmanager
     def full_params(self, writeback: bool = False) -> Iterator[None]:
-        """Inside, every parameter is whole on every rank: FSDP's shards are gathered (a collective:
-        enter it on every rank); with any other strategy it does nothing. ``writeback`` keeps changes."""
+        """Inside, every adapter parameter is whole on every rank; with any strategy but FSDP it does
+        nothing. ``writeback`` keeps changes made inside.
+
+        Under FSDP (a collective: enter it on every rank) only the units that hold the adapter are
+        gathered: each LoRA A and B is a unit of its own (PEFT's wrap policy, lit_lora.strategies), so a
+        save never gathers the frozen base. If some trainable parameter lives in a unit with frozen ones
+        (another wrap policy, a trainable bias), the whole model is gathered instead, as before.
+        """
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, FSDPStrategy) and isinstance(strategy.model, FSDP):
-            with FSDP.summon_full_params(strategy.model, writeback=writeback):
-                yield
-        else:
+        if not (isinstance(strategy, FSDPStrategy) and isinstance(strategy.model, FSDP)):
             yield
+            return
+        units = [
+            unit
+            for unit in FSDP.fsdp_modules(strategy.model)
+            if unit is not strategy.model and _all_trainable(unit.module.parameters())
+        ]
+        covered = {id(p) for unit in units for p in unit.module.parameters()}
+        whole = any(p.requires_grad and id(p) not in covered for p in self.model.parameters())
+        with contextlib.ExitStack() as stack:
+            if whole:
+                stack.enter_context(FSDP.summon_full_params(strategy.model, writeback=writeback))
+            else:
+                for unit in units:
+                    stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=writeback))
+            yield
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's parameters (the tensors themselves) under their ``model.state_dict()`` names.
+
+        Read from the parameters rather than from ``state_dict()``, which would visit the frozen base too
+        (under FSDP, gathering it). Whole tensors inside :meth:`full_params` under FSDP. PEFT's
+        ``get_peft_model_state_dict`` / ``save_pretrained(state_dict=...)`` take it as is."""
+        return {
+            name.replace(_FSDP_PREFIX, "").replace(_CHECKPOINT_PREFIX, ""): param
+            for name, param in self.model.named_parameters()
+            if param.requires_grad
+        }
+
+    def _peft_weights(self) -> dict[str, torch.Tensor]:
+        """The adapter under PEFT's saved names (no adapter name), as views of the parameters."""
+        return get_peft_model_state_dict(self.model, state_dict=self.adapter_state_dict())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Replace Lightning's full ``state_dict`` with the adapter (PEFT names and config).
@@ -119,7 +164,7 @@ class LitLoRA(L.LightningModule):
         resume a broken run.
         """
         with self.full_params():
-            weights = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+            weights = {k: v.detach().cpu().clone() for k, v in self._peft_weights().items()}
         broken = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
         if broken:
             raise UserError(
@@ -141,28 +186,31 @@ class LitLoRA(L.LightningModule):
             raise UserError(
                 "the checkpoint holds no adapter weights; resume from a lit-lora checkpoint folder"
             )
-        own = get_peft_model_state_dict(self.model)
-        expected, given = set(own), set(adapter["weights"])
-        if given != expected:
-            missing, unexpected = sorted(expected - given), sorted(given - expected)
-            raise UserError(
-                f"the checkpoint's adapter does not fit this model: {len(missing)} missing keys "
-                f"{missing[:2]}, {len(unexpected)} unexpected keys {unexpected[:2]} "
-                "(same model and lora settings as the run that saved it?)"
-            )
-        for name, tensor in adapter["weights"].items():
-            if tensor.shape != own[name].shape:
-                raise UserError(
-                    f"the checkpoint's adapter does not fit this model: {name} is {tuple(tensor.shape)} there, "
-                    f"{tuple(own[name].shape)} here (same lora.r and target modules as the run that saved it?)"
-                )
         count = self.trainable_count()
         if checkpoint.get("trainable_params", count) != count:
             raise UserError(
                 f"trainable parameters changed on resume: {checkpoint.get('trainable_params')} saved, {count} now"
             )
-        with self.full_params(writeback=True):
-            set_peft_model_state_dict(self.model, adapter["weights"])
+        with self.full_params(writeback=True):  # shapes are whole only inside, under FSDP
+            own = self._peft_weights()
+            expected, given = set(own), set(adapter["weights"])
+            if given != expected:
+                missing, unexpected = sorted(expected - given), sorted(given - expected)
+                raise UserError(
+                    f"the checkpoint's adapter does not fit this model: {len(missing)} missing keys "
+                    f"{missing[:2]}, {len(unexpected)} unexpected keys {unexpected[:2]} "
+                    "(same model and lora settings as the run that saved it?)"
+                )
+            for name, tensor in adapter["weights"].items():
+                if tensor.shape != own[name].shape:
+                    raise UserError(
+                        f"the checkpoint's adapter does not fit this model: {name} is {tuple(tensor.shape)} "
+                        f"there, {tuple(own[name].shape)} here (same lora.r and target modules as the run "
+                        "that saved it?)"
+                    )
+            with torch.no_grad():  # into the parameters themselves: the base is never visited
+                for name, tensor in adapter["weights"].items():
+                    own[name].copy_(tensor.to(device=own[name].device, dtype=own[name].dtype))
 
     @staticmethod
     def _model_inputs(

@@ -352,6 +352,9 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
         "total_params": built.total_params,
         "trainable_pct": round(built.trainable_pct, 4),
         "global_step": trainer.global_step,
+        # Steps not taken: on_nonfinite=skip's, and the loss scaler's overflow skips (16-mixed).
+        "skipped_steps": list(module.skipped_steps),
+        "scaler_skipped_steps": module.scaler_skipped_steps,
         "data": data.stats,
     }
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
