@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import lightning as L
+from safetensors.torch import save_file
 
 
 class AdapterExport(L.Callback):
@@ -39,10 +41,7 @@ class AdapterExport(L.Callback):
         self.dirpath.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.dirpath.name}.", dir=self.dirpath.parent))
         try:
-            # The adapter's own tensors: PEFT would otherwise read the whole model's state_dict.
-            adapter = getattr(pl_module, "adapter_state_dict", None)
-            extra = {"state_dict": adapter()} if adapter is not None else {}
-            pl_module.model.save_pretrained(tmp, safe_serialization=True, **extra)
+            write_adapter(pl_module, tmp)
             if getattr(pl_module, "tokenizer", None) is not None:
                 pl_module.tokenizer.save_pretrained(tmp)
             if getattr(pl_module, "rendering", None) is not None:
@@ -58,3 +57,22 @@ class AdapterExport(L.Callback):
             return {}
         weights = self.saved_to / "adapter_model.safetensors"
         return {"adapter_dir": str(self.saved_to), "adapter_bytes": weights.stat().st_size}
+
+
+def write_adapter(pl_module: L.LightningModule, folder: Path) -> None:
+    """The adapter as PEFT's ``save_pretrained`` writes it: ``adapter_config.json`` (inference mode) and
+    ``adapter_model.safetensors`` under PEFT's names.
+
+    The weights come from ``LitLoRA.adapter_weights`` (the adapter's own parameters), not from PEFT's
+    ``save_pretrained``, which reads the whole model's ``state_dict`` (under FSDP: gathering the frozen
+    base) and selects entries by module names that FSDP's wrappers change (it saved nothing there)."""
+    model = pl_module.model
+    if not hasattr(pl_module, "adapter_weights"):  # any LightningModule holding a PeftModel
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    config = copy.deepcopy(model.peft_config[model.active_adapter])
+    config.inference_mode = True
+    config.save_pretrained(str(folder))
+    save_file(
+        pl_module.adapter_weights(), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"}
+    )

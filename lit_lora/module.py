@@ -48,6 +48,20 @@ def _all_trainable(params: Iterator[torch.nn.Parameter]) -> bool:
     return bool(flags) and all(flags)
 
 
+def _peft_names(model: torch.nn.Module) -> dict[str, str]:
+    """``{state_dict name: PEFT saved name}`` for every trainable parameter of an unwrapped PEFT model.
+
+    PEFT's own selection (``get_peft_model_state_dict``) returns the parameters themselves under their
+    saved names; matching them by identity gives the renaming without restating PEFT's rules."""
+    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    saved = {id(tensor): key for key, tensor in get_peft_model_state_dict(model, state_dict=params).items()}
+    names = {name: saved.get(id(param)) for name, param in params.items()}
+    unnamed = [name for name, key in names.items() if key is None]
+    if unnamed:
+        raise RuntimeError(f"trainable parameters PEFT does not save: {unnamed[:3]}")
+    return names
+
+
 # Under a loss scaler, a step whose gradients overflow although the scale it used was at most this is
 # not an overflow of scaled gradients: the run itself has diverged (see on_before_optimizer_step).
 MIN_LOSS_SCALE = 1.0
@@ -102,6 +116,7 @@ class LitLoRA(L.LightningModule):
         # Counted here, on the model as built: once FSDP (use_orig_params) or DeepSpeed ZeRO-3 has
         # wrapped it, a parameter's numel on a rank is the size of that rank's shard.
         self._trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self._peft_names = _peft_names(model)
 
     # ------------------------------------------------------------------ checkpoints: the adapter only
     def trainable_count(self) -> int:
@@ -154,8 +169,16 @@ class LitLoRA(L.LightningModule):
         }
 
     def _peft_weights(self) -> dict[str, torch.Tensor]:
-        """The adapter under PEFT's saved names (no adapter name), as views of the parameters."""
-        return get_peft_model_state_dict(self.model, state_dict=self.adapter_state_dict())
+        """The adapter under PEFT's saved names (no adapter name): the parameters themselves.
+
+        The names come from PEFT on the model as built (:func:`_peft_names`): PEFT finds adapter entries
+        through the model's module names, which FSDP's wrappers change, so asked after wrapping it
+        finds none (an FSDP run exported an empty adapter before this)."""
+        return {self._peft_names[name]: param for name, param in self.adapter_state_dict().items()}
+
+    def adapter_weights(self) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the adapter under PEFT's names (inside :meth:`full_params` under FSDP)."""
+        return {k: v.detach().cpu().clone().contiguous() for k, v in self._peft_weights().items()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Replace Lightning's full ``state_dict`` with the adapter (PEFT names and config).
@@ -164,7 +187,7 @@ class LitLoRA(L.LightningModule):
         resume a broken run.
         """
         with self.full_params():
-            weights = {k: v.detach().cpu().clone() for k, v in self._peft_weights().items()}
+            weights = self.adapter_weights()
         broken = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
         if broken:
             raise UserError(
