@@ -124,6 +124,7 @@ class Step:
     timeout_s: float
     needs: str | None = None  # a step that must have passed first
     excluded: bool = False  # left out by --only
+    min_gpus: int = 0  # FSDP: lit-lora refuses it on one device (nothing to shard)
     result: dict = field(default_factory=dict)
 
 
@@ -499,6 +500,10 @@ class Check:
                 step.result.update(status="skipped: not in --only", passed=None)
             elif step.cuda_only and not self.cuda:
                 step.result.update(status="skipped: needs CUDA", passed=None)
+            elif self.devices < step.min_gpus:
+                step.result.update(
+                    status=f"skipped: needs {step.min_gpus} GPUs, {self.devices} here", passed=None
+                )
             elif needed is not None and needed.result.get("passed") is not True:
                 step.result.update(status=f"skipped: {needed.name} did not pass", passed=None)
             elif self.left() < step.min_s:
@@ -543,7 +548,7 @@ def plan(devices: int) -> list[Step]:
         Step("fp16_mixed_article", "experiment=mistral7b_qlora (16-mixed, nf4 fp16 compute) on the small model",
              True, 25, 100),
         Step("fsdp_nf4", f"trainer=fsdp quant=nf4 model.gradient_checkpointing=true on {devices} GPU(s)",
-             True, 30, 120),
+             True, 30, 120, min_gpus=2),
         Step("fp16_true_refused", "trainer.precision=16-true refused at config time", False, 12, 60),
         Step("memory_snapshot", "callbacks.memory.snapshot_at_step: a CUDA memory snapshot", True, 25, 90),
         Step("bench_gpu", "python -m bench.gpu --rounds 1 --steps 4 (Mistral-7B shape, NF4)", True, 90, 300),

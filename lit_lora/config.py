@@ -369,6 +369,22 @@ def check_cross_fields(cfg: TrainConfig) -> None:
 CUDA_ONLY_STRATEGIES = ("fsdp",)
 
 
+def planned_world_size(trainer: TrainerConfig, cuda_count: int) -> int:
+    """How many processes ``trainer.devices`` x ``trainer.num_nodes`` asks for, as Lightning reads
+    ``devices``: a count, a list or ``"0,1"`` string of indices, or ``-1`` / ``"auto"`` (every GPU here;
+    1 on the CPU)."""
+    devices = trainer.devices
+    if isinstance(devices, str):
+        devices = [d for d in devices.split(",") if d.strip()] if "," in devices else devices.strip()
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif devices in (-1, "-1", "auto"):
+        per_node = cuda_count if str(trainer.accelerator) != "cpu" and cuda_count else 1
+    else:
+        per_node = int(devices)
+    return per_node * max(1, int(trainer.num_nodes))
+
+
 def check_strategy_combinations(cfg: TrainConfig) -> None:
     """Combinations that cannot train correctly, refused with the reason and the alternative.
 
@@ -447,6 +463,13 @@ def check_device(cfg: TrainConfig) -> None:
         raise UserError(
             f"trainer.strategy={strategy} needs a CUDA device, but {where}; use trainer=ddp (gloo on CPU), "
             "or add trainer.accelerator=cpu to test the sharded path on the CPU (slow)"
+        )
+    if strategy.startswith("fsdp") and planned_world_size(cfg.trainer, torch.cuda.device_count()) < 2:
+        # torch's FSDP falls back to NO_SHARD on one process, where a model with tied embeddings and a
+        # 4-bit base fails at its second forward (an assertion in FSDP's unsharded views, seen on CPU).
+        raise UserError(
+            "trainer.strategy=fsdp with one device has nothing to shard; use the default trainer on one "
+            "device, or trainer.devices>=2"
         )
     if on_cuda:
         return

@@ -209,11 +209,6 @@ class LitLoRA(L.LightningModule):
             raise UserError(
                 "the checkpoint holds no adapter weights; resume from a lit-lora checkpoint folder"
             )
-        count = self.trainable_count()
-        if checkpoint.get("trainable_params", count) != count:
-            raise UserError(
-                f"trainable parameters changed on resume: {checkpoint.get('trainable_params')} saved, {count} now"
-            )
         with self.full_params(writeback=True):  # shapes are whole only inside, under FSDP
             own = self._peft_weights()
             expected, given = set(own), set(adapter["weights"])
@@ -231,6 +226,12 @@ class LitLoRA(L.LightningModule):
                         f"there, {tuple(own[name].shape)} here (same lora.r and target modules as the run "
                         "that saved it?)"
                     )
+            count = self.trainable_count()
+            if checkpoint.get("trainable_params", count) != count:
+                raise UserError(
+                    f"trainable parameters changed on resume: {checkpoint.get('trainable_params')} saved, "
+                    f"{count} now"
+                )
             with torch.no_grad():  # into the parameters themselves: the base is never visited
                 for name, tensor in adapter["weights"].items():
                     own[name].copy_(tensor.to(device=own[name].device, dtype=own[name].dtype))

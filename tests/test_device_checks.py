@@ -31,6 +31,17 @@ MISSING_MODEL = "model.name_or_path=/nonexistent/lit-lora-model"
         (["trainer=fsdp"], "use trainer=ddp"),
         (["trainer=fsdp", "quant=nf4"], "trainer.strategy=fsdp needs a CUDA device"),
         (["trainer=fsdp", "trainer.accelerator=cpu", "quant=int8"], "cannot shard quant=int8"),
+        (["trainer=fsdp", "trainer.accelerator=cpu"], "with one device has nothing to shard"),
+        (
+            [
+                "trainer=fsdp",
+                "trainer.accelerator=cpu",
+                "trainer.devices=2",
+                "quant=nf4",
+                "trainer.precision=32",
+            ],
+            "needs trainer.precision=bf16-mixed",
+        ),
         (["trainer=deepspeed_zero2"], "trainer.strategy=deepspeed_zero2 is not supported"),
         (["trainer=deepspeed_zero3", "trainer.accelerator=cpu"], "ZeRO-3 partitions weights"),
         (["optim=paged_adamw_8bit"], "use optim=adamw"),
