@@ -397,6 +397,8 @@ def check_strategy_combinations(cfg: TrainConfig) -> None:
       is fixed and run on GPUs.
     - FSDP with a 4-bit base and a precision other than the compute dtype's mixed precision: FSDP would
       cast the packed 4-bit storage to another dtype.
+    - FSDP with ``optim=paged_adamw_8bit`` (its 8-bit state cannot be gathered into a checkpoint), and
+      FSDP strategy names lit-lora does not build (``fsdp_cpu_offload``: its options would be dropped).
     - FSDP with ``quant=int8``: 8-bit weights are integers, which FSDP cannot flatten with the float
       weights of the same layer (the published FSDP + QLoRA recipe is 4-bit).
     """
@@ -424,6 +426,17 @@ def check_strategy_combinations(cfg: TrainConfig) -> None:
                 else f"trainer.strategy=fsdp with quant={cfg.quant.method} needs a 16-bit quant.compute_dtype "
                 "(bfloat16 with trainer.precision=bf16-mixed, or float16 with 16-mixed)"
             )
+    if strategy.startswith("fsdp") and strategy not in ("fsdp", "fsdp_grad_op"):
+        raise UserError(
+            f"trainer.strategy={strategy} is not built by lit-lora (its options would be dropped); "
+            "use trainer.strategy=fsdp or fsdp_grad_op"
+        )
+    if strategy.startswith("fsdp") and cfg.optim.name == "paged_adamw_8bit":
+        raise UserError(
+            "trainer.strategy=fsdp cannot gather optim=paged_adamw_8bit's state for a checkpoint (8-bit "
+            "moments with float32 block scales per parameter; FSDP's full optimizer state needs one dtype "
+            "and the shard's shape); use optim=adamw with FSDP"
+        )
     if strategy.startswith("fsdp") and cfg.quant.method == "int8":
         raise UserError(
             "trainer.strategy=fsdp cannot shard quant=int8 (integer weights beside float ones in a layer); "

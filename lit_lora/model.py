@@ -360,6 +360,15 @@ def stored_dtype(source: str, config) -> torch.dtype:
     return result
 
 
+def quantized_device_map(cuda_index: int | None, cuda_available: bool) -> dict | None:
+    """``device_map`` for a bitsandbytes load: the training GPU, or the CPU said explicitly on a GPU host
+    (given no map, transformers' bitsandbytes quantizers pick the current CUDA device, so
+    ``trainer.accelerator=cpu`` would load the base onto cuda:0); None on a machine without CUDA."""
+    if cuda_index is not None:
+        return {"": cuda_index}
+    return {"": "cpu"} if cuda_available else None
+
+
 def load_base(
     model_cfg: ModelConfig,
     quant_cfg: QuantConfig,
@@ -398,7 +407,9 @@ def load_base(
     # the model is loaded before Lightning sets the device).
     if cuda_index == "auto":
         cuda_index = local_rank() if torch.cuda.is_available() else None
-    device_map = {"": cuda_index} if quantization is not None and cuda_index is not None else None
+    device_map = (
+        quantized_device_map(cuda_index, torch.cuda.is_available()) if quantization is not None else None
+    )
     try:
         base = AutoModelForCausalLM.from_pretrained(
             source,

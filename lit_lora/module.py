@@ -117,6 +117,8 @@ class LitLoRA(L.LightningModule):
         # wrapped it, a parameter's numel on a rank is the size of that rank's shard.
         self._trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self._peft_names = _peft_names(model)
+        params = dict(model.named_parameters())
+        self._peft_shapes = {peft: tuple(params[name].shape) for name, peft in self._peft_names.items()}
 
     # ------------------------------------------------------------------ checkpoints: the adapter only
     def trainable_count(self) -> int:
@@ -140,6 +142,13 @@ class LitLoRA(L.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         if not (isinstance(strategy, FSDPStrategy) and isinstance(strategy.model, FSDP)):
             yield
+            return
+        if getattr(strategy.model, "_is_root", None) is None:
+            # FSDP not yet initialised (no forward, no optimizer-state load): summoning a child unit
+            # first would make it a root and break the real root's initialisation. The whole model,
+            # once, initialises it properly.
+            with FSDP.summon_full_params(strategy.model, writeback=writeback):
+                yield
             return
         units = [
             unit
@@ -202,39 +211,43 @@ class LitLoRA(L.LightningModule):
         checkpoint["state_dict"] = {}  # the frozen base is never stored
         checkpoint["trainable_params"] = self.trainable_count()
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Load the adapter of a checkpoint; its keys must be exactly this model's adapter keys."""
+    def check_adapter_fits(self, checkpoint: dict) -> None:
+        """Raise :class:`UserError` unless the checkpoint's adapter has exactly this model's adapter keys
+        and shapes (the shapes as built, so that nothing is gathered: FSDP's strategy calls this before
+        it loads the optimizer moments)."""
         adapter = checkpoint.get("adapter")
         if adapter is None:
             raise UserError(
                 "the checkpoint holds no adapter weights; resume from a lit-lora checkpoint folder"
             )
-        with self.full_params(writeback=True):  # shapes are whole only inside, under FSDP
+        expected, given = set(self._peft_shapes), set(adapter["weights"])
+        if given != expected:
+            missing, unexpected = sorted(expected - given), sorted(given - expected)
+            raise UserError(
+                f"the checkpoint's adapter does not fit this model: {len(missing)} missing keys "
+                f"{missing[:2]}, {len(unexpected)} unexpected keys {unexpected[:2]} "
+                "(same model and lora settings as the run that saved it?)"
+            )
+        for name, tensor in adapter["weights"].items():
+            if tuple(tensor.shape) != self._peft_shapes[name]:
+                raise UserError(
+                    f"the checkpoint's adapter does not fit this model: {name} is {tuple(tensor.shape)} "
+                    f"there, {self._peft_shapes[name]} here (same lora.r and target modules as the run "
+                    "that saved it?)"
+                )
+        count = self.trainable_count()
+        if checkpoint.get("trainable_params", count) != count:
+            raise UserError(
+                f"trainable parameters changed on resume: {checkpoint.get('trainable_params')} saved, {count} now"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Load the adapter of a checkpoint (:meth:`check_adapter_fits` first) into the parameters."""
+        self.check_adapter_fits(checkpoint)
+        with self.full_params(writeback=True), torch.no_grad():  # the base is never visited
             own = self._peft_weights()
-            expected, given = set(own), set(adapter["weights"])
-            if given != expected:
-                missing, unexpected = sorted(expected - given), sorted(given - expected)
-                raise UserError(
-                    f"the checkpoint's adapter does not fit this model: {len(missing)} missing keys "
-                    f"{missing[:2]}, {len(unexpected)} unexpected keys {unexpected[:2]} "
-                    "(same model and lora settings as the run that saved it?)"
-                )
-            for name, tensor in adapter["weights"].items():
-                if tensor.shape != own[name].shape:
-                    raise UserError(
-                        f"the checkpoint's adapter does not fit this model: {name} is {tuple(tensor.shape)} "
-                        f"there, {tuple(own[name].shape)} here (same lora.r and target modules as the run "
-                        "that saved it?)"
-                    )
-            count = self.trainable_count()
-            if checkpoint.get("trainable_params", count) != count:
-                raise UserError(
-                    f"trainable parameters changed on resume: {checkpoint.get('trainable_params')} saved, "
-                    f"{count} now"
-                )
-            with torch.no_grad():  # into the parameters themselves: the base is never visited
-                for name, tensor in adapter["weights"].items():
-                    own[name].copy_(tensor.to(device=own[name].device, dtype=own[name].dtype))
+            for name, tensor in checkpoint["adapter"]["weights"].items():
+                own[name].copy_(tensor.to(device=own[name].device, dtype=own[name].dtype))
 
     @staticmethod
     def _model_inputs(

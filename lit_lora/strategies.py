@@ -180,7 +180,7 @@ def _adapter_fsdp_strategy_class():
                 # casts inputs to the adapter's float32 (read outside its unit) and FSDP computes in bf16.
                 self.precision_plugin = _cpu_autocast_precision(self.precision_plugin.precision)
 
-            return FullyShardedDataParallel(
+            wrapped = FullyShardedDataParallel(
                 module=model,
                 cpu_offload=self.cpu_offload,
                 mixed_precision=self.mixed_precision_config,
@@ -188,6 +188,35 @@ def _adapter_fsdp_strategy_class():
                 device_id=torch.device("cpu"),
                 **self.kwargs,
             )
+            # Lightning's own setup of an already wrapped model: torchmetrics' device and, above all, the
+            # activation checkpointing policy (model.gradient_checkpointing=true), as on a GPU.
+            self.kwargs.pop("auto_wrap_policy", None)
+            return super()._setup_model(wrapped)
+
+        def setup(self, trainer) -> None:
+            super().setup(trainer)
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+            wrapped = sum(isinstance(m, CheckpointWrapper) for m in self.model.modules())
+            if wrapped and self.is_global_zero:
+                print(f"lit-lora: FSDP activation checkpointing on {wrapped} decoder layers", flush=True)
+
+        def optimizer_state(self, optimizer) -> dict[str, Any]:
+            """Rank zero: the full optimizer state keyed by position in the optimizer (as a plain torch
+            optimizer numbers its parameters), so checkpoints move between FSDP, DDP and one device.
+            Lightning numbers by position in the whole model, which another strategy would misread."""
+            from lightning.pytorch.core.optimizer import LightningOptimizer
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.fsdp import OptimStateKeyType
+
+            optimizer = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+            with _full_state_dict_type(self.model, self.root_device):
+                state = FSDP.optim_state_dict(self.model, optimizer)
+                if self.global_rank == 0:
+                    state = FSDP.rekey_optim_state_dict(
+                        state, OptimStateKeyType.PARAM_ID, self.model, optim=optimizer
+                    )
+            return state
 
         def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
             if self.is_global_zero:
@@ -199,28 +228,22 @@ def _adapter_fsdp_strategy_class():
                 self.checkpoint_io.remove_checkpoint(filepath)
 
         def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
-            from torch.distributed.fsdp import (
-                FullOptimStateDictConfig,
-                FullStateDictConfig,
-                OptimStateKeyType,
-                StateDictType,
-            )
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.fsdp import OptimStateKeyType
 
             checkpoint = self.checkpoint_io.load_checkpoint(self.broadcast(checkpoint_path))
+            # The adapter must fit before its optimizer moments are loaded (else a torch traceback).
+            self.lightning_module.check_adapter_fits(checkpoint)
             states = checkpoint.get("optimizer_states")
             if not states or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
                 return checkpoint
-            with FSDP.state_dict_type(
-                self.model,
-                StateDictType.FULL_STATE_DICT,
-                FullStateDictConfig(offload_to_cpu=True, rank0_only=False),
-                FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=False),
-            ):
+            with _full_state_dict_type(self.model, self.root_device, rank0_only=False):
                 for optimizer, state in zip(self.optimizers, states, strict=True):
                     if state.get("state") and isinstance(next(iter(state["state"])), int):
-                        # Lightning's full optimizer_state keys parameters by id; loading needs names.
-                        state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
+                        # Positions in the optimizer (optimizer_state above, DDP, one device) -> names.
+                        state = FSDP.rekey_optim_state_dict(
+                            state, OptimStateKeyType.PARAM_NAME, self.model, optim=optimizer
+                        )
                     flat = FSDP.optim_state_dict_to_load(
                         model=self.model, optim=optimizer, optim_state_dict=state
                     )
@@ -228,6 +251,27 @@ def _adapter_fsdp_strategy_class():
             return checkpoint
 
     return AdapterFSDPStrategy
+
+
+def _full_state_dict_type(model: torch.nn.Module, device: torch.device, rank0_only: bool = True):
+    """FSDP's full (unsharded) state-dict context for model and optimizer states, offloaded to the CPU
+    from a GPU.
+
+    Not "offloaded" when training on the CPU: torch's FSDP gathers every optimizer state (exp_avg,
+    exp_avg_sq) of a unit into ONE reused buffer and, with offload on, keeps ``value.cpu()`` of its
+    views, which on the CPU is the view itself: each state was overwritten by the next (a checkpoint
+    held exp_avg_sq as exp_avg; seen on 2 CPU ranks, torch 2.13, ``_allgather_orig_param_states``).
+    Without offload it clones each view."""
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    offload = device.type != "cpu"
+    return FSDP.state_dict_type(
+        model,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+    )
 
 
 def _cpu_autocast_precision(precision: str):

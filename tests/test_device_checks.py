@@ -33,6 +33,14 @@ MISSING_MODEL = "model.name_or_path=/nonexistent/lit-lora-model"
         (["trainer=fsdp", "trainer.accelerator=cpu", "quant=int8"], "cannot shard quant=int8"),
         (["trainer=fsdp", "trainer.accelerator=cpu"], "with one device has nothing to shard"),
         (
+            ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "optim=paged_adamw_8bit"],
+            "use optim=adamw with FSDP",
+        ),
+        (
+            ["trainer=fsdp", "trainer.strategy=fsdp_cpu_offload", "trainer.accelerator=cpu"],
+            "not built by lit-lora",
+        ),
+        (
             [
                 "trainer=fsdp",
                 "trainer.accelerator=cpu",

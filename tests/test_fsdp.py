@@ -94,6 +94,15 @@ def test_the_base_loads_on_the_gpu_this_rank_trains_on(accelerator, devices, ran
     assert cuda_index_for(accelerator, devices, rank, cuda) == expected
 
 
+def test_a_quantized_base_on_a_gpu_host_loads_where_the_rank_trains():
+    from lit_lora.model import quantized_device_map
+
+    assert quantized_device_map(2, cuda_available=True) == {"": 2}
+    # trainer.accelerator=cpu on a GPU host: the CPU, said explicitly (transformers would pick cuda:0).
+    assert quantized_device_map(None, cuda_available=True) == {"": "cpu"}
+    assert quantized_device_map(None, cuda_available=False) is None
+
+
 def test_scoring_runs_on_the_training_device_and_not_under_fsdp():
     # After fit, Lightning's teardown has moved the module to the CPU; the strategy still names the
     # device training used. A sharded strategy gets None: scoring is skipped with a message.
@@ -107,10 +116,10 @@ def _b_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_fsdp_qlora_on_two_cpu_ranks_trains_saves_and_resumes(tmp_path):
+def test_fsdp_qlora_on_two_cpu_ranks_trains_and_saves(tmp_path):
     """Two gloo ranks, nf4 base, FSDP's activation checkpointing, the default gradient_clip_val=1.0 and
     checkpoints every 2 steps (``last.ckpt`` replaced twice): Lightning's own FSDP save refuses an existing
-    folder, its load wants a file or ``meta.pt``, and its precision plugin refuses norm clipping."""
+    folder and its precision plugin refuses norm clipping."""
     first = tmp_path / "first"
     done = run_cli(
         *FSDP_CPU, "quant=nf4", "model.gradient_checkpointing=true", "trainer.max_steps=4",
@@ -118,6 +127,7 @@ def test_fsdp_qlora_on_two_cpu_ranks_trains_saves_and_resumes(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
+    assert "FSDP activation checkpointing on 2 decoder layers" in done.stdout
     assert "held-out scoring skipped: under fsdp" in done.stdout
     summary = json.loads((first / "summary.json").read_text())
     assert summary["global_step"] == 4 and "score_tuned" not in summary
@@ -125,16 +135,48 @@ def test_fsdp_qlora_on_two_cpu_ranks_trains_saves_and_resumes(tmp_path):
         "last.ckpt", "step-000002.ckpt", "step-000004.ckpt"
     ]  # fmt: skip
     trained = _b_weights(first)
-    assert trained and all(t.abs().max() > 0 for t in trained.values()), "LoRA B trained on both ranks"
+    assert len(trained) == 8 and all(t.abs().max() > 0 for t in trained.values()), "LoRA B trained"
     # The checkpoint holds the adapter and the optimizer moments, never the base.
     state = json.loads((first / "checkpoints" / "step-000002.ckpt" / "state.json").read_text())
     assert state["state_dict"] == {} and state["optimizer_states"]
 
-    resumed = tmp_path / "resumed"
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys() and a
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_one_device_and_fsdp_and_resume_exactly(tmp_path):
+    """One process (micro-batch 8) for 6 steps is the reference. FSDP on 2 ranks (micro-batch 4) resumed
+    from its step-2 checkpoint ends where it ends; a second FSDP run resumed from the first FSDP run's
+    step-4 checkpoint ends where that one ends. A wrong optimizer moment on resume (Lightning numbers
+    them by position in the whole model) or an adapter not restored would show here."""
+    common = ["model=tiny", "trainer.precision=32", "lora.dropout=0", "trainer.val_check_interval=2",
+              "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.max_steps=6",
+              "data.train_size=64", "data.val_size=8", "data.test_size=4", "score=false",
+              "callbacks.adapter_checkpoint.every_n_train_steps=2", "callbacks.adapter_checkpoint.monitor=null",
+              "callbacks.adapter_checkpoint.save_top_k=-1"]  # fmt: skip
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=4"]
+    single = tmp_path / "single"
+    done = run_cli(*common, "data.batch_size=8", f"output_dir={single}", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    moved = tmp_path / "moved"
     done = run_cli(
-        *FSDP_CPU, "quant=nf4", "model.gradient_checkpointing=true", "trainer.max_steps=6",
-        f"output_dir={resumed}", f"resume={first / 'checkpoints' / 'step-000002.ckpt'}", timeout=400,
+        *common, *fsdp, f"output_dir={moved}", f"resume={single / 'checkpoints' / 'step-000002.ckpt'}",
+        timeout=400,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from" in done.stdout
-    assert json.loads((resumed / "summary.json").read_text())["global_step"] == 6
+    assert _max_diff(_adapter(moved), _adapter(single)) < 1e-5
+    again = tmp_path / "again"
+    done = run_cli(
+        *common, *fsdp, f"output_dir={again}", f"resume={moved / 'checkpoints' / 'step-000004.ckpt'}",
+        timeout=400,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((again / "summary.json").read_text())["global_step"] == 6
+    assert _max_diff(_adapter(again), _adapter(moved)) < 1e-6
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
