@@ -14,7 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from lit_lora.config import DTYPES, DataConfig, ModelConfig, QuantConfig, _one_of
+from lit_lora.config import DTYPES, DataConfig, ModelConfig, QuantConfig, _one_of, register_configs
 from lit_lora.errors import UserError
 
 
@@ -80,6 +80,8 @@ class EvaluateConfig:
 
 
 def register_app_configs() -> None:
+    """Register the merge / generate / evaluate schemas, and the training schema they compose with."""
+    register_configs()
     store = ConfigStore.instance()
     store.store(name="merge_schema", node=MergeConfig)
     store.store(name="generate_schema", node=GenerateConfig)

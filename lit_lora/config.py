@@ -341,11 +341,9 @@ def sample_path(name: str) -> str:
 
 def register_configs() -> None:
     """Register the schema as ``train_schema`` (used first in ``conf/train.yaml``'s defaults) and the
-    ``${sample:...}`` resolver that data presets use to find the sample files wherever lit-lora is installed."""
+    ``${sample:...}`` resolver that data presets use to find the sample files wherever lit-lora is installed.
+    The after-training apps' schemas: :func:`lit_lora.app_config.register_app_configs`."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    from lit_lora.app_config import register_app_configs  # here: app_config imports this module
-
-    register_app_configs()
     if not OmegaConf.has_resolver("sample"):
         OmegaConf.register_new_resolver("sample", sample_path)
 

@@ -24,9 +24,8 @@ from omegaconf import DictConfig
 from torchmetrics.functional.text import rouge_score, squad
 
 from lit_lora import demo
-from lit_lora.app_config import EvaluateConfig, run_app
+from lit_lora.app_config import EvaluateConfig, register_app_configs, run_app
 from lit_lora.batching import MODEL_KEYS, collate
-from lit_lora.config import register_configs
 from lit_lora.data import DataModule
 from lit_lora.errors import UserError
 from lit_lora.merge import rendering_for
@@ -143,7 +142,7 @@ def _print_table(report: dict, out: Path) -> None:
     print(f"lit-lora: written {out}", flush=True)
 
 
-register_configs()
+register_app_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

@@ -15,8 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from lit_lora.app_config import GenerateConfig, run_app
-from lit_lora.config import register_configs
+from lit_lora.app_config import GenerateConfig, register_app_configs, run_app
 from lit_lora.merge import rendering_for, tokenizer_for
 from lit_lora.model import attach_adapter, load_base, resolve_source
 from lit_lora.rendering import prompt_ids
@@ -108,7 +107,7 @@ def run(cfg: GenerateConfig) -> Reply | None:
     return None
 
 
-register_configs()
+register_app_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")

@@ -29,8 +29,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from lit_lora.app_config import MergeConfig, run_app
-from lit_lora.config import QuantConfig, register_configs
+from lit_lora.app_config import MergeConfig, register_app_configs, run_app
+from lit_lora.config import QuantConfig
 from lit_lora.errors import UserError
 from lit_lora.model import attach_adapter, check_adapter_folder, load_base
 from lit_lora.paths import check_argv_paths, confined
@@ -155,7 +155,7 @@ def merge(cfg: MergeConfig) -> Path:
     return out
 
 
-register_configs()
+register_app_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="merge")

@@ -10,19 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from lit_lora import embedded
 from lit_lora.config import LoraConfig, ModelConfig, QuantConfig
+from lit_lora.environment import hub_host, hub_reachable, local_rank
 from lit_lora.errors import UserError
-from lit_lora.strategies import local_rank
 
 # The attention projections of each architecture, as PEFT target names (suffixes of module paths).
 ATTENTION_TARGETS = {
@@ -38,7 +36,6 @@ ATTENTION_TARGETS = {
     "falcon": ["query_key_value", "self_attention.dense"],
 }
 PRESETS = ("attention", "all-linear")
-HUB_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -123,21 +120,6 @@ def check_targets_early(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> list[st
 
 
 # ---------------------------------------------------------------------------------------------- sources
-def _hub_host() -> str:
-    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-
-
-def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
-    """One TCP connection attempt to the hub: seconds, where transformers' own retries take half a minute."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        with socket.create_connection((_hub_host(), 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _random_init_folder(model_cfg: ModelConfig) -> Path:
     """Materialise a random-init model (seed 0) as a local folder, so quantization loads it like any other."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -198,7 +180,7 @@ def _load_config(source: str, local_only: bool, model_cfg: ModelConfig):
     except (OSError, ValueError) as err:
         if local_only and not Path(source).is_dir():
             raise UserError(
-                f"model {source!r} is not in the local Hugging Face cache and the hub ({_hub_host()}) "
+                f"model {source!r} is not in the local Hugging Face cache and the hub ({hub_host()}) "
                 f"cannot be reached. Point at a local copy instead: model.name_or_path=/path/to/folder "
                 f"(a folder with config.json, weights and tokenizer), or make the hub reachable"
             ) from err

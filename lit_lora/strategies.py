@@ -26,21 +26,12 @@ CheckpointIO plugin and ZeRO-3 partitions the weights the loss and the adapter e
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 
 from lit_lora.config import TrainConfig
 from lit_lora.errors import UserError
-
-
-def local_rank() -> int:
-    """This process's device index on its node (torchrun, SLURM, or Lightning's own launcher)."""
-    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
 
 
 def is_fsdp(name: str) -> bool:
@@ -64,6 +55,21 @@ def cuda_index_for(accelerator: str, devices: Any, rank: int, cuda_available: bo
     if listed:
         return listed[rank] if rank < len(listed) else listed[-1]
     return rank
+
+
+def fsdp_storage_dtype(cfg: TrainConfig) -> str | None:
+    """The 4-bit storage dtype FSDP needs when it differs from ``quant.storage_dtype``, else None: under
+    FSDP with a 4-bit base, the compute dtype, which the decoder layer's other weights are stored in
+    (FSDP flattens one dtype per unit). Packed 4-bit bytes take the same memory in any storage dtype.
+    ``build_model(..., sharded=True)`` applies the same rule to a config that did not."""
+    quant = cfg.quant
+    if (
+        is_fsdp(cfg.trainer.strategy)
+        and quant.method in ("nf4", "fp4")
+        and quant.storage_dtype != quant.compute_dtype
+    ):
+        return quant.compute_dtype
+    return None
 
 
 def fsdp_wrap_policy(model: torch.nn.Module):

@@ -46,13 +46,14 @@ from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, cle
 from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
 from lit_lora.data import DataModule
 from lit_lora.distributed import end_process_group, wait_for_launched_ranks
+from lit_lora.environment import local_rank
 from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, UserError
 from lit_lora.graceful import GracefulStop
 from lit_lora.model import build_model, prepare_for_training
 from lit_lora.module import LitLoRA
 from lit_lora.paths import check_argv_paths, confined
 from lit_lora.score import exact_match_score
-from lit_lora.strategies import build_strategy, cuda_index_for, is_fsdp, local_rank, scoring_device
+from lit_lora.strategies import build_strategy, cuda_index_for, fsdp_storage_dtype, is_fsdp, scoring_device
 from lit_lora.sweep import record_failure
 from lit_lora.wandb_logging import finish_runs, flat_config, redacted_config
 
@@ -219,6 +220,11 @@ def train(cfg: DictConfig) -> TrainResult:
     resume_from = _resume_from(tc.resume, out)
     if resume_from is not None:
         _keep_earlier_files(out, checkpoint_step(resume_from))
+    storage = fsdp_storage_dtype(tc)
+    if storage is not None:
+        # Decided before config.yaml is written, so that it records the storage dtype that ran.
+        _say(f"FSDP: 4-bit weights stored as {storage} (one dtype per FSDP unit; same bytes)")
+        cfg.quant.storage_dtype = tc.quant.storage_dtype = storage
     config_yaml = OmegaConf.to_yaml(redacted_config(cfg))  # secrets from ${oc.env:...} become ***
     if not (out / "config.yaml").exists():
         (out / "config.yaml").write_text(config_yaml)
@@ -229,8 +235,6 @@ def train(cfg: DictConfig) -> TrainResult:
         tune_host_allocator()
 
     sharded = is_fsdp(tc.trainer.strategy)
-    if sharded and tc.quant.method in ("nf4", "fp4") and tc.quant.storage_dtype != tc.quant.compute_dtype:
-        _say(f"FSDP: 4-bit weights stored as {tc.quant.compute_dtype} (one dtype per FSDP unit; same bytes)")
     cuda_index = cuda_index_for(
         tc.trainer.accelerator, tc.trainer.devices, local_rank(), torch.cuda.is_available()
     )

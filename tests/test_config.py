@@ -138,9 +138,9 @@ def test_after_training_apps_compose_with_the_training_groups(app, overrides, ki
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from lit_lora.config import register_configs
+    from lit_lora.app_config import register_app_configs
 
-    register_configs()
+    register_app_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         typed = OmegaConf.to_object(compose(config_name=app, overrides=overrides))

@@ -128,6 +128,7 @@ def test_fsdp_qlora_on_two_cpu_ranks_trains_and_saves(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert "FSDP activation checkpointing on 2 decoder layers" in done.stdout
+    assert "storage_dtype: bfloat16" in (first / "config.yaml").read_text(), "config.yaml shows what ran"
     assert "held-out scoring skipped: under fsdp" in done.stdout
     summary = json.loads((first / "summary.json").read_text())
     assert summary["global_step"] == 4 and "score_tuned" not in summary
