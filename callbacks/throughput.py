@@ -28,6 +28,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from torch import nn
 
 from lit_lora.model import count_params
+from lit_lora.rendering import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ class Throughput(L.Callback):
         self, trainer, pl_module, outputs, batch: dict[str, torch.Tensor], batch_idx: int
     ) -> None:
         tokens = int(batch["token_mask"].sum())
-        trained = int((batch["labels"][:, 1:] != -100).sum())
+        trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         # A packed row holds several examples: count the examples (position resets), not the rows.
         samples = (
             int((batch["position_ids"] == 0).logical_and(batch["token_mask"].bool()).sum())

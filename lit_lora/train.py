@@ -280,9 +280,11 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
         logger.log_hyperparams(flat_config(redacted_config(cfg)))
 
     _say(f"model {built.source} ({type(built.model.base_model.model).__name__}), quant={tc.quant.method}")
+    # The adapter's own settings: with lora.init_from they come from the loaded adapter, not lora.r.
+    adapter = built.model.peft_config[built.model.active_adapter]
     _say(
         f"trainable params {built.trainable_params:,} of {built.total_params:,} "
-        f"({built.trainable_pct:.3f}%), LoRA r={tc.lora.r} alpha={tc.lora.alpha} on {built.target_modules}"
+        f"({built.trainable_pct:.3f}%), LoRA r={adapter.r} alpha={adapter.lora_alpha} on {built.target_modules}"
     )
     _report_data(data.stats, tc.data.on_bad_row)
 

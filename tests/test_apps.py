@@ -168,7 +168,7 @@ def test_merge_of_a_4bit_trained_adapter_uses_the_dequantized_base(adapter, tmp_
     )
 
 
-def test_foreign_adapter_is_evaluated_and_continued(tmp_path):
+def test_foreign_adapter_is_evaluated_and_continued(tmp_path, capsys):
     tiny = compose_train([*TINY, f"output_dir={tmp_path / 'x'}"]).model
     from lit_lora.model import resolve_source
 
@@ -195,6 +195,8 @@ def test_foreign_adapter_is_evaluated_and_continued(tmp_path):
     assert all(k.split(".")[-3] in ("q_proj", "k_proj") for k in after if "lora_" in k)
     assert any(not torch.equal(before[k], after[k]) for k in before), "training moved the weights"
     assert result.summary["trainable_params"] == sum(t.numel() for t in before.values())
+    rank = json.loads((folder / "adapter_config.json").read_text())["r"]
+    assert rank != 8 and f"LoRA r={rank} " in capsys.readouterr().out, "the start-up line gives the adapter's r"
 
 
 def _tiny_data():
