@@ -216,21 +216,6 @@ def read_summary(run_dir: Path) -> dict | None:
         return None
 
 
-def last_metric(run_dir: Path, column: str) -> float | None:
-    """The last logged value of ``column`` in the run's ``metrics.csv`` (None: absent)."""
-    import csv
-
-    value = None
-    try:
-        with (run_dir / "metrics.csv").open() as f:
-            for row in csv.DictReader(f):
-                if row.get(column) not in (None, ""):
-                    value = float(row[column])
-    except (OSError, ValueError):
-        return None
-    return value
-
-
 def figures(summary: dict | None) -> dict:
     """The figures of a run's ``summary.json`` worth comparing across machines."""
     if not summary:
@@ -317,39 +302,42 @@ class Check:
         if not step.result["passed"]:
             step.result["error_tail"] = tail(done["output"])
 
+    def judge_training(
+        self, step: Step, done: dict, run: Path, steps: int, fig: dict | None = None, **checks: bool | None
+    ) -> None:
+        """Record a training run's figures and judge it: exit 0, ``steps`` reached, a finite training loss,
+        plus the step's own ``checks``."""
+        fig = figures(read_summary(run)) if fig is None else fig
+        step.result["figures"] = fig
+        common = {
+            "exit_0": done["rc"] == 0,
+            f"global_step_{steps}": fig.get("global_step") == steps,
+            "train_loss_finite": _finite(fig.get("final_train_loss")),
+        }
+        self.judge(step, done, {**common, **checks})
+
     # The steps, each filling step.result.
     def qlora(self, step: Step) -> None:
         n = self.steps_of("qlora")
         done, run = self.train(
             step, ["quant=nf4", f"trainer.max_steps={n}", f"trainer.val_check_interval={n // 2}"]
         )
-        summary = read_summary(run)
-        fig = figures(summary)
-        score_start = time_of(done, "scoring base") or time_of(done, "`Trainer.fit` stopped")
-        score_end = time_of(done, "lit-lora: run folder")
-        if "score_wall_s" not in fig and score_start is not None and score_end is not None:
-            fig["score_wall_s"] = round(score_end - score_start, 1)
-            fig["score_wall_s_from"] = "output timestamps (summary.json has no score_wall_s)"
-        step.result["figures"] = fig
+        fig = figures(read_summary(run))
         where = "cuda" if self.cuda else "cpu"
         scored_on = (fig.get("score_device") or "").split(":")[0] or None
-        self.judge(
-            step,
-            done,
-            {
-                "exit_0": done["rc"] == 0,
-                "summary_completed": fig.get("status") == "completed",
-                f"global_step_{n}": fig.get("global_step") == n,
-                "train_loss_finite": _finite(fig.get("final_train_loss")),
-                "val_loss_finite": _finite(fig.get("val_loss")),
-                "scored_base_and_tuned": "score_base_exact_match" in fig and "score_tuned_exact_match" in fig,
-                "adapter_saved": (run / "adapter" / "adapter_model.safetensors").is_file(),
-                "last_checkpoint": (run / "checkpoints" / "last.ckpt").is_dir(),
+        self.judge_training(
+            step, done, run, n, fig,
+            summary_completed=fig.get("status") == "completed",
+            val_loss_finite=_finite(fig.get("val_loss")),
+            scored_base_and_tuned="score_base_exact_match" in fig and "score_tuned_exact_match" in fig,
+            adapter_saved=(run / "adapter" / "adapter_model.safetensors").is_file(),
+            last_checkpoint=(run / "checkpoints" / "last.ckpt").is_dir(),
+            **{
                 f"trained_on_{where}": (fig.get("memory_device") or "").startswith(where),
                 # None (not judged) where summary.json does not say where scoring ran.
                 f"scored_on_{where}": None if scored_on is None else scored_on == where,
             },
-        )
+        )  # fmt: skip
         if scored_on is None:
             step.result["note"] = "summary.json does not record the scoring device (score_device)"
 
@@ -366,17 +354,8 @@ class Check:
                 "score=false",
             ],
         )
-        fig = figures(read_summary(run))
-        step.result["figures"] = fig
-        self.judge(
-            step,
-            done,
-            {
-                "exit_0": done["rc"] == 0,
-                f"resumed_from_step_{before}": f"(step {before})" in done["output"],
-                f"global_step_{n}": fig.get("global_step") == n,
-                "train_loss_finite": _finite(fig.get("final_train_loss")),
-            },
+        self.judge_training(
+            step, done, run, n, **{f"resumed_from_step_{before}": f"(step {before})" in done["output"]}
         )
 
     def fp16_mixed_article(self, step: Step) -> None:
@@ -386,20 +365,7 @@ class Check:
             [f"trainer.max_steps={n}", f"trainer.val_check_interval={n}", "score=false"],
             first=["experiment=mistral7b_qlora"],
         )
-        fig = figures(read_summary(run))
-        if "scaler_skipped_steps" not in fig:
-            fig["scaler_skipped_steps"] = last_metric(run, "train/scaler_skipped")
-            fig["scaler_skipped_steps_from"] = "metrics.csv train/scaler_skipped (None: not logged)"
-        step.result["figures"] = fig
-        self.judge(
-            step,
-            done,
-            {
-                "exit_0": done["rc"] == 0,
-                f"global_step_{n}": fig.get("global_step") == n,
-                "train_loss_finite": _finite(fig.get("final_train_loss")),
-            },
-        )
+        self.judge_training(step, done, run, n)
 
     def fsdp_nf4(self, step: Step) -> None:
         n = self.steps_of("fsdp")
@@ -415,17 +381,8 @@ class Check:
                 "score=false",
             ],
         )
-        fig = figures(read_summary(run))
-        step.result["figures"] = fig
-        self.judge(
-            step,
-            done,
-            {
-                "exit_0": done["rc"] == 0,
-                f"global_step_{n}": fig.get("global_step") == n,
-                "train_loss_finite": _finite(fig.get("final_train_loss")),
-                "adapter_saved": (run / "adapter" / "adapter_model.safetensors").is_file(),
-            },
+        self.judge_training(
+            step, done, run, n, adapter_saved=(run / "adapter" / "adapter_model.safetensors").is_file()
         )
 
     def fp16_true_refused(self, step: Step) -> None:

@@ -21,6 +21,7 @@ from lit_lora import embedded
 from lit_lora.config import LoraConfig, ModelConfig, QuantConfig
 from lit_lora.environment import hub_host, hub_reachable, local_rank
 from lit_lora.errors import UserError
+from lit_lora.strategies import sharded_storage_dtype
 
 # The attention projections of each architecture, as PEFT target names (suffixes of module paths).
 ATTENTION_TARGETS = {
@@ -525,8 +526,8 @@ def build_model(
     check_device_lora(lora_cfg)
     # 1. Targets, on a weightless skeleton, when the architecture is known without a download.
     targets = check_targets_early(model_cfg, lora_cfg)
-    if sharded and quant_cfg.method in ("nf4", "fp4"):
-        quant_cfg = dataclasses.replace(quant_cfg, storage_dtype=quant_cfg.compute_dtype)
+    if sharded:
+        quant_cfg = dataclasses.replace(quant_cfg, storage_dtype=sharded_storage_dtype(quant_cfg))
     quantization = bnb_config(quant_cfg) if quant_cfg.enabled else None  # fails early if bnb cannot
 
     base, tokenizer, source, config = load_base(model_cfg, quant_cfg, cuda_index=cuda_index)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lit_lora.config import TrainConfig
+from lit_lora.config import QuantConfig, TrainConfig
 from lit_lora.errors import UserError
 
 
@@ -57,19 +57,20 @@ def cuda_index_for(accelerator: str, devices: Any, rank: int, cuda_available: bo
     return rank
 
 
+def sharded_storage_dtype(quant: QuantConfig) -> str:
+    """The 4-bit storage dtype a base built for FSDP uses: the compute dtype, which the decoder layer's
+    other weights are stored in (FSDP flattens one dtype per unit); packed 4-bit bytes take the same
+    memory in any storage dtype. Any other quantization keeps ``quant.storage_dtype``."""
+    return quant.compute_dtype if quant.method in ("nf4", "fp4") else quant.storage_dtype
+
+
 def fsdp_storage_dtype(cfg: TrainConfig) -> str | None:
-    """The 4-bit storage dtype FSDP needs when it differs from ``quant.storage_dtype``, else None: under
-    FSDP with a 4-bit base, the compute dtype, which the decoder layer's other weights are stored in
-    (FSDP flattens one dtype per unit). Packed 4-bit bytes take the same memory in any storage dtype.
-    ``build_model(..., sharded=True)`` applies the same rule to a config that did not."""
-    quant = cfg.quant
-    if (
-        is_fsdp(cfg.trainer.strategy)
-        and quant.method in ("nf4", "fp4")
-        and quant.storage_dtype != quant.compute_dtype
-    ):
-        return quant.compute_dtype
-    return None
+    """:func:`sharded_storage_dtype` when the run uses FSDP and it differs from ``quant.storage_dtype``,
+    else None (train.py records it in the config before ``config.yaml`` is written)."""
+    if not is_fsdp(cfg.trainer.strategy):
+        return None
+    storage = sharded_storage_dtype(cfg.quant)
+    return storage if storage != cfg.quant.storage_dtype else None
 
 
 def fsdp_wrap_policy(model: torch.nn.Module):
