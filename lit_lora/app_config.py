@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -73,7 +72,6 @@ class EvaluateConfig:
     work_dir: str = MISSING
     output_root: str | None = None  # work_dir and output must lie under it; see lit_lora/paths.py
     generate: bool = True  # task metrics need generation; perplexity alone does not
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _one_of("evaluate", "split", self.split, ("train", "val", "test"))

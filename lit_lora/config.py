@@ -203,12 +203,12 @@ class DataConfig:
     cache_dir: str | None = None  # default: <lit-lora cache>/data
     seed: int = 1234
     train_size: int = 2000  # demo only
-    val_size: int = 64  # demo only
+    val_size: int = 32  # demo only
     test_size: int = 100  # demo only
     batch_size: int = 8
-    eval_batch_size: int = 16
+    eval_batch_size: int = 32
     num_workers: int = 0
-    score_max_new_tokens: int = 64  # generation budget when scoring the held-out split
+    score_max_new_tokens: int = 48  # generation budget when scoring the held-out split
 
     def __post_init__(self) -> None:
         from lit_lora.rendering import TEMPLATES
