@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import lightning as L
 from safetensors.torch import save_file
+
+from lit_lora.staging import staged_folder
 
 
 class AdapterExport(L.Callback):
@@ -38,18 +37,12 @@ class AdapterExport(L.Callback):
                 self._write(pl_module)
 
     def _write(self, pl_module: L.LightningModule) -> None:
-        self.dirpath.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.dirpath.name}.", dir=self.dirpath.parent))
-        try:
+        with staged_folder(self.dirpath, mode=0o755) as tmp:
             write_adapter(pl_module, tmp)
             if getattr(pl_module, "tokenizer", None) is not None:
                 pl_module.tokenizer.save_pretrained(tmp)
             if getattr(pl_module, "rendering", None) is not None:
                 pl_module.rendering.save(tmp)
-            os.chmod(tmp, 0o755)
-            os.rename(tmp, self.dirpath)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         self.saved_to = self.dirpath
 
     def summary_metrics(self) -> dict:

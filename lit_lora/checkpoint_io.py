@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from lit_lora import faults
 from lit_lora.errors import UserError
+from lit_lora.staging import staged_folder
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -116,9 +116,10 @@ def write_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f"{TMP_PREFIX}*"):  # leftovers of a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
-    (tmp / ADAPTER_DIR).mkdir(parents=True)
-    try:
+    # The .tmp- prefix marks leftovers for the cleanup above and clean_stale; an existing checkpoint
+    # (e.g. last.ckpt) is moved aside, replaced, then dropped.
+    with staged_folder(path, replace=True, prefix=f"{TMP_PREFIX}{path.name}-") as tmp:
+        (tmp / ADAPTER_DIR).mkdir()
         rest = dict(checkpoint)
         adapter = rest.pop("adapter", None)
         if adapter is not None:
@@ -133,17 +134,7 @@ def write_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
         _write_json(tmp / STATE_JSON, skeleton)
         _fsync(tmp / ADAPTER_DIR)
         _fsync(tmp)
-        if path.exists():  # replacing e.g. last.ckpt: move the old one aside first, then drop it
-            old = path.parent / f"{TMP_PREFIX}old-{path.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-        _fsync(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _fsync(path.parent)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -18,13 +18,11 @@ that changes the result, so a second run with the same inputs starts training wi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -68,6 +66,7 @@ from lit_lora.rows import (
     split_files,
     to_row,
 )
+from lit_lora.staging import staged_folder
 
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 2  # bump when encoding or validation changes, so old caches are not reused
@@ -242,9 +241,10 @@ def encode_rows(
 def _save_cache(folder: Path, examples: dict, rows: dict, stats: dict) -> None:
     import datasets
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-    try:
+    folder.parent.mkdir(parents=True, exist_ok=True)  # an unwritable cache root is an error, as before
+    # The folder is complete or absent, and private (0o700). An OSError while writing or publishing it
+    # is not fatal: another run wrote the folder first, or the disk is full.
+    with contextlib.suppress(OSError), staged_folder(folder, mode=0o700) as tmp:
         for split, items in examples.items():
             columns = {"input_ids": [e["input_ids"] for e in items], "labels": [e["labels"] for e in items]}
             if items:  # datasets cannot read back an empty saved dataset
@@ -253,9 +253,6 @@ def _save_cache(folder: Path, examples: dict, rows: dict, stats: dict) -> None:
                 for row in rows[split]:
                     f.write(json.dumps(row.to_json(), ensure_ascii=False) + "\n")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-        os.replace(tmp, folder)  # atomic: a cache folder is complete or absent
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another run wrote it first, or the disk is full: not fatal
 
 
 def _load_cache(folder: Path) -> tuple[dict, dict, dict] | None:

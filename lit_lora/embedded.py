@@ -25,12 +25,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from lit_lora.errors import UserError
+from lit_lora.staging import scratch_folder, staged_folder, write_text_atomic
 
 PREFIX = "embedded:"
 COMPLETE_MARKER = "lit_lora_embedded.json"
@@ -107,19 +106,11 @@ def resolve(name_or_path: str) -> Path:
         if _format(target) < FORMAT:
             _upgrade(target, source, name)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    # If another process (a DDP rank, a parallel sweep job) finished first, its folder, complete since it
+    # holds the marker, is kept and ours is dropped.
+    with staged_folder(target, keep_if_has=COMPLETE_MARKER, mode=0o700) as tmp:
         _convert(source, tmp)
         _write_marker(tmp, source, name)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process (a DDP rank, a parallel sweep job) finished first; its folder is complete.
-            if not (target / COMPLETE_MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -134,11 +125,8 @@ def _format(folder: Path) -> int:
 def _write_marker(folder: Path, source: Path | str, name: str) -> None:
     # Written last and atomically: its presence means the folder is complete.
     marker = {"source": str(source), "name": name, "format": FORMAT}
-    fd, tmp = tempfile.mkstemp(prefix=f".{COMPLETE_MARKER}.", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(marker))
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the marker from other users of a shared cache
-    os.replace(tmp, folder / COMPLETE_MARKER)
+    # 0o644: mkstemp's 0600 would hide the marker from other users of a shared cache
+    write_text_atomic(folder / COMPLETE_MARKER, json.dumps(marker), mode=0o644)
 
 
 def _save_standard(model, out: Path) -> None:
@@ -194,11 +182,8 @@ def _upgrade(target: Path, source: Path, name: str) -> None:
         flush=True,
     )
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with scratch_folder(target.parent, f".{target.name}.") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)  # a plain model: no quantizer to refuse it
         for path in tmp.iterdir():  # config.json, generation_config.json, model.safetensors
             os.replace(path, target / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     _write_marker(target, source, name)
