@@ -46,8 +46,8 @@ bench: $(STAMP)  ## lit-lora vs HF Trainer vs raw loop (interleaved) + scaling t
 bench-scaling: $(STAMP)  ## step time and memory vs sequence length, rank, batch -> bench/results/*.png
 	$(BIN)/python -m bench.scaling $(ARGS)
 
-bench-paths: $(STAMP)  ## each CPU training path switched off in turn vs the defaults, one process -> bench/results/paths-cpu.*
-	$(BIN)/python -m bench.paths $(ARGS)
+bench-paths: $(STAMP)  ## each CPU speed path vs speed=off and vs the defaults, one process -> bench/results/paths-cpu.*
+	$(BIN)/python -m bench.speed_paths $(ARGS)
 
 bench-packing: $(STAMP)  ## packing vs padding, trained tokens/s -> experiments/packing/results-*.json
 	$(BIN)/python experiments/packing/bench.py --corpus longtail --out experiments/packing/results-longtail-segments.json $(ARGS)

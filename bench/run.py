@@ -74,10 +74,11 @@ def nf4_bits_per_param() -> dict:
     """
     from bitsandbytes.nn import Linear4bit
 
+    from lit_lora.builder import BaseConfig, build_model
     from lit_lora.config import ModelConfig, QuantConfig
-    from lit_lora.model import load_base
 
-    model, *_ = load_base(ModelConfig(name_or_path="embedded:smollm2-135m"), QuantConfig(method="nf4"))
+    base = BaseConfig(ModelConfig(name_or_path="embedded:smollm2-135m"), QuantConfig(method="nf4"))
+    model = build_model(base).model
     params = bits = 0
     for module in model.modules():
         if isinstance(module, Linear4bit):

@@ -141,21 +141,22 @@ def _adapter_bytes(model, scratch: Path) -> int:
 
 
 def _peft_model(overrides: list[str]):
-    from lit_lora.model import build_model
+    """The config and the model ``lit_lora.train`` would build for it (``speed=off`` in ``overrides``:
+    plain transformers + PEFT, what the ``hf`` and ``raw`` systems get)."""
+    from lit_lora.builder import build_model
 
     cfg = _config(overrides)
     torch.manual_seed(0)
-    return cfg, build_model(cfg.model, cfg.quant, cfg.lora)
+    return cfg, build_model(cfg)
 
 
 def run_lit(args, scratch: Path) -> dict:
     import lightning as L
 
     from lit_lora.data import DataModule
-    from lit_lora.model import prepare_for_training
     from lit_lora.module import LitLoRA
 
-    overrides = [f"model.chunked_loss={str(not args.no_chunked_loss).lower()}"]
+    overrides = [f"speed.chunked_loss={str(not args.no_chunked_loss).lower()}"]
     if args.data != "fixed":
         grouping = "data.packing=true" if args.lit_batching == "packed" else "data.group_by_length=true"
         overrides += [grouping, f"data.train_size={args.examples}", "data.val_size=8"]
@@ -169,16 +170,11 @@ def run_lit(args, scratch: Path) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.step(int(batch["token_mask"].sum()), _trained(batch["labels"]))
 
-    if cfg.tune_host_allocator:  # as lit_lora.train does
-        from lit_lora.allocator import tune_host_allocator
-
-        tune_host_allocator()
-    prepare_for_training(built.model, cfg.model, cfg.lora, bf16_mixed=True)  # as lit_lora.train does
     module = LitLoRA(
         built.model,
         cfg.optim,
-        chunked_loss=cfg.model.chunked_loss,
-        right_padding_mask=cfg.model.right_padding_mask,
+        chunked_loss=cfg.speed.chunked_loss,
+        right_padding_mask=cfg.speed.right_padding_mask,
     )
     module.optim_cfg.lr = LR
     trainer = L.Trainer(

@@ -6,15 +6,22 @@ the same overrides work: ``python -m lit_lora.evaluate model=... quant=nf4 data=
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from lit_lora.config import DTYPES, DataConfig, ModelConfig, QuantConfig, _one_of, register_configs
-from lit_lora.errors import UserError
+from lit_lora.config import (
+    DTYPES,
+    DataConfig,
+    ModelConfig,
+    QuantConfig,
+    _one_of,
+    register_configs,
+    to_schema_object,
+)
+from lit_lora.errors import UserError, exit_with
 
 
 @dataclass
@@ -88,21 +95,13 @@ def register_app_configs() -> None:
 
 def typed(cfg: DictConfig, kind: type):
     """``cfg`` as its schema dataclass ``kind``; bad values become a :class:`UserError`."""
-    try:
-        obj = OmegaConf.to_object(cfg)
-    except UserError:
-        raise
-    except Exception as err:  # omegaconf raises several types for missing / mistyped values
-        raise UserError(f"invalid config: {err}".splitlines()[0]) from err
-    if not isinstance(obj, kind):
-        raise UserError(f"the config does not use the {kind.__name__} schema")
-    return obj
+    return to_schema_object(cfg, kind, f"the config does not use the {kind.__name__} schema")
 
 
 def run_app(command: Callable, cfg: DictConfig, kind: type) -> None:
-    """Run ``command`` on the typed config; a user mistake ends as one line on stderr and exit status 2."""
+    """Run ``command`` on the typed config; a user mistake ends as one line on stderr and its exit status
+    (:func:`lit_lora.errors.exit_with`)."""
     try:
         command(typed(cfg, kind))
     except UserError as err:
-        print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        exit_with(err)

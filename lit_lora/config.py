@@ -50,24 +50,6 @@ class ModelConfig:
     dtype: str = "float32"  # storage dtype of unquantized frozen weights
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
-    # Training loss over trained positions only, in chunks, never full-vocabulary logits for the whole
-    # batch (lit_lora.loss); false: transformers' own loss. Models it cannot serve fall back by themselves.
-    chunked_loss: bool = True
-    # Frozen nn.Linear weights stored in bf16 when training under bf16-mixed (autocast would cast them to
-    # bf16 in every op anyway): same matmuls, no per-op casts, half the weight memory. Norms,
-    # embeddings and the adapter stay in model.dtype. false: keep model.dtype everywhere.
-    bf16_frozen_linears: bool = True
-    # On a CPU in bf16/fp16, sequences (and packed examples) up to this many positions use plain
-    # matmul-softmax attention instead of SDPA's flash kernel, which is slower below ~200 positions
-    # (lit_lora.attention); 0: SDPA always. Costs a (T x T) score matrix per layer, hence the bound.
-    eager_attention_max_len: int = 192
-    # Pass the attention mask of right-padded training batches to the model. false: leave it out (a
-    # causal LM's real positions never attend to the padding after them: same loss and gradients) so
-    # attention runs causal-only, without a (B, 1, T, T) mask (lit_lora.module.LitLoRA._model_inputs).
-    right_padding_mask: bool = False
-    # Llama-family RMSNorms train through one autograd function with a closed-form backward on a CPU
-    # (lit_lora.norms); false: transformers' own operations.
-    fused_rmsnorm: bool = True
 
     def __post_init__(self) -> None:
         _one_of("model", "dtype", self.dtype, DTYPES)
@@ -79,10 +61,6 @@ class ModelConfig:
             raise UserError(
                 "model.trust_remote_code=true runs Python code from the model repository: pin the code you "
                 "reviewed with model.revision=<commit sha>"
-            )
-        if self.eager_attention_max_len < 0:
-            raise UserError(
-                f"model.eager_attention_max_len must be >= 0 (0 = always SDPA), got {self.eager_attention_max_len}"
             )
 
 
@@ -125,14 +103,6 @@ class LoraConfig:
     # Continue from an existing PEFT LoRA adapter folder (lit-lora's or any other tool's); its own
     # r / alpha / targets then apply and the keys above are ignored.
     init_from: str | None = None
-    # On a CPU, draw LoRA dropout masks from 15-bit random lanes rather than with bernoulli_
-    # (lit_lora.dropout): p rounded to a multiple of 2**-15, a different random stream, half the cost.
-    # false: PEFT's nn.Dropout.
-    fast_dropout: bool = True
-    # On a CPU, each LoRA linear layer's training forward and backward as one autograd function
-    # (lit_lora.lora_linear): the same function as PEFT's, fewer operations; its masks are fast_dropout's.
-    # Only with fast_dropout (or dropout 0); false: PEFT's own forward.
-    fused_linear: bool = True
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -151,6 +121,70 @@ class LoraConfig:
         ):
             raise UserError(f"lora.target_modules must be a preset name or a list of names, got {targets!r}")
         self.target_modules = list(targets)
+
+
+@dataclass
+class SpeedConfig:
+    """lit-lora's own training paths (:mod:`lit_lora.speedups`), each measured against plain transformers +
+    PEFT by ``make bench-paths`` and pinned to compute the same function by its own test. ``speed=off``
+    turns every one off: transformers' attention, norms and loss, PEFT's LoRA forward and dropout.
+
+    All but ``chunked_loss`` and ``right_padding_mask`` act on a CPU only (on CUDA they change nothing);
+    under FSDP the fused LoRA linear and the bf16 frozen linears stay off (see
+    :func:`lit_lora.speedups.apply_speedups`).
+    """
+
+    # Training loss over trained positions only, in chunks, never full-vocabulary logits for the whole
+    # batch (lit_lora.speedups.chunked_loss); false: transformers' own loss. Models it cannot serve fall
+    # back by themselves.
+    chunked_loss: bool = True
+    # Frozen nn.Linear weights stored in bf16 when training under bf16-mixed (autocast would cast them to
+    # bf16 in every op anyway): same matmuls, no per-op casts, half the weight memory. Norms,
+    # embeddings and the adapter stay in model.dtype. false: keep model.dtype everywhere.
+    bf16_frozen_linears: bool = True
+    # On a CPU in bf16/fp16, sequences (and packed examples) up to this many positions use plain
+    # matmul-softmax attention instead of SDPA's flash kernel, which is slower below ~200 positions; packed
+    # rows attend per example (lit_lora.speedups.attention). 0: SDPA always (packed rows still per example);
+    # null: transformers' attention unchanged (packed rows through its block-diagonal mask).
+    eager_attention_max_len: int | None = 192
+    # Pass the attention mask of right-padded training batches to the model. false: leave it out (a
+    # causal LM's real positions never attend to the padding after them: same loss and gradients) so
+    # attention runs causal-only, without a (B, 1, T, T) mask (lit_lora.module.LitLoRA._model_inputs).
+    right_padding_mask: bool = False
+    # Llama-family RMSNorms train through one autograd function with a closed-form backward on a CPU
+    # (lit_lora.speedups.rmsnorm); false: transformers' own operations.
+    fused_rmsnorm: bool = True
+    # On a CPU, draw LoRA dropout masks from 15-bit random lanes rather than with bernoulli_
+    # (lit_lora.speedups.dropout): p rounded to a multiple of 2**-15, a different random stream, half the
+    # cost. false: PEFT's nn.Dropout.
+    fast_dropout: bool = True
+    # On a CPU, each LoRA linear layer's training forward and backward as one autograd function
+    # (lit_lora.speedups.lora_linear): the same function as PEFT's, fewer operations; its masks are
+    # fast_dropout's. Only with fast_dropout (or lora.dropout 0); false: PEFT's own forward.
+    fused_lora_linear: bool = True
+    # glibc malloc keeps large freed blocks for reuse instead of unmapping them (lit_lora.speedups.allocator).
+    tune_host_allocator: bool = True
+
+    @classmethod
+    def off(cls) -> SpeedConfig:
+        """Every path off: plain transformers + PEFT (``conf/speed/off.yaml``, pinned equal by a test)."""
+        return cls(
+            chunked_loss=False,
+            bf16_frozen_linears=False,
+            eager_attention_max_len=None,
+            right_padding_mask=True,
+            fused_rmsnorm=False,
+            fast_dropout=False,
+            fused_lora_linear=False,
+            tune_host_allocator=False,
+        )
+
+    def __post_init__(self) -> None:
+        if self.eager_attention_max_len is not None and self.eager_attention_max_len < 0:
+            raise UserError(
+                "speed.eager_attention_max_len must be >= 0 (0 = always SDPA) or null (transformers' "
+                f"attention), got {self.eager_attention_max_len}"
+            )
 
 
 @dataclass
@@ -291,6 +325,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -310,8 +345,6 @@ class TrainConfig:
     # unchanged for that step; abort after max_nonfinite_skips consecutive skips).
     on_nonfinite: str = "abort"
     max_nonfinite_skips: int = 3
-    # glibc malloc keeps large freed blocks for reuse instead of unmapping them (lit_lora/allocator.py).
-    tune_host_allocator: bool = True
     # SIGTERM / SIGUSR1: save a checkpoint at the next step boundary and exit (status 143) within this.
     grace_period_s: float = 120.0
 
@@ -489,9 +522,22 @@ def check_device(cfg: TrainConfig) -> None:
             f"trainer.precision={cfg.trainer.precision} needs a CUDA device, but {where}; "
             "on CPU use bf16-mixed, bf16-true or 32"
         )
-    # lora.init=loftq is checked by the model builder, which needs it without a whole TrainConfig.
+    # lora.init=loftq is checked by the model builder (lit_lora.builder), before any weight loads.
     if cfg.optim.name == "paged_adamw_8bit":
         raise UserError(f"optim=paged_adamw_8bit needs a CUDA device, but {where}; use optim=adamw")
+
+
+# Keys that moved to the speed group (issue 19); a run that still sets one is told where it went.
+MOVED_KEYS = {
+    "model.chunked_loss": "speed.chunked_loss",
+    "model.bf16_frozen_linears": "speed.bf16_frozen_linears",
+    "model.eager_attention_max_len": "speed.eager_attention_max_len",
+    "model.right_padding_mask": "speed.right_padding_mask",
+    "model.fused_rmsnorm": "speed.fused_rmsnorm",
+    "lora.fast_dropout": "speed.fast_dropout",
+    "lora.fused_linear": "speed.fused_lora_linear",
+    "tune_host_allocator": "speed.tune_host_allocator",
+}
 
 
 def _check_known_keys(node: DictConfig, schema: type, prefix: str) -> None:
@@ -501,6 +547,10 @@ def _check_known_keys(node: DictConfig, schema: type, prefix: str) -> None:
 
     known = {f.name: f.type for f in fields(schema)}
     for key in node:
+        if f"{prefix}{key}" in MOVED_KEYS:
+            raise UserError(
+                f"{prefix}{key} is now {MOVED_KEYS[prefix + key]} (the speed group, lit_lora.speedups)"
+            )
         if key not in known:
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
@@ -511,18 +561,28 @@ def _check_known_keys(node: DictConfig, schema: type, prefix: str) -> None:
             _check_known_keys(child, child_type, f"{prefix}{key}.")
 
 
-def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """Resolve and validate a composed config into typed objects (raises :class:`UserError`)."""
-    _check_known_keys(cfg, TrainConfig, "")
+def to_schema_object(cfg: DictConfig, kind: type, wrong_schema: str) -> Any:
+    """``cfg`` resolved into its schema dataclass ``kind`` (which runs every ``__post_init__`` check);
+    missing or mistyped values become a :class:`UserError`, as does a config of another schema
+    (``wrong_schema`` says how to fix that)."""
     try:
         obj = OmegaConf.to_object(cfg)
     except UserError:
         raise
     except Exception as err:  # omegaconf raises several types for missing / mistyped values
         raise UserError(f"invalid config: {err}".splitlines()[0]) from err
-    if not isinstance(obj, TrainConfig):
-        raise UserError(
-            "the config does not use train_schema; keep '- train_schema' first in conf/train.yaml"
-        )
+    if not isinstance(obj, kind):
+        raise UserError(wrong_schema)
+    return obj
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Resolve and validate a composed config into typed objects (raises :class:`UserError`)."""
+    _check_known_keys(cfg, TrainConfig, "")
+    obj = to_schema_object(
+        cfg,
+        TrainConfig,
+        "the config does not use train_schema; keep '- train_schema' first in conf/train.yaml",
+    )
     check_cross_fields(obj)
     return obj

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
 from pathlib import Path
 
 INSTRUCTION = "Extract the person record from the sentence as JSON."
@@ -223,26 +222,3 @@ def write_splits(folder: Path, train_size: int, val_size: int, test_size: int, s
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         paths[split] = path
     return paths
-
-
-def parse_answer(text: str) -> object | None:
-    """The JSON object at the start of a generated answer, or None if it does not parse."""
-    text = text.strip()
-    try:
-        obj, _ = json.JSONDecoder().raw_decode(text)
-    except ValueError:
-        return None
-    return obj
-
-
-def exact_match(predictions: Iterable[str], references: Iterable[str]) -> list[bool]:
-    """Per row: does the answer equal the reference? JSON references compare as parsed objects
-    (spacing and key order do not matter), others as stripped strings."""
-    hits = []
-    for prediction, reference in zip(predictions, references, strict=True):
-        expected = parse_answer(reference)
-        if expected is None or not reference.strip().startswith(("{", "[")):
-            hits.append(prediction.strip() == reference.strip())
-        else:
-            hits.append(parse_answer(prediction) == expected)
-    return hits

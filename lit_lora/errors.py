@@ -9,6 +9,9 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 
 class UserError(Exception):
     """A mistake in the user's config, data or environment, with a message that says what to change."""
@@ -32,3 +35,10 @@ class Interrupted(UserError):
     """SIGTERM / SIGUSR1 stopped the run after saving a checkpoint (resume with ``resume=auto``)."""
 
     exit_code = 143
+
+
+def exit_with(err: UserError) -> NoReturn:
+    """End the process as every lit-lora command ends a user mistake: one line on stderr, then the
+    error's own exit status."""
+    print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
+    sys.exit(err.exit_code)

@@ -14,7 +14,6 @@ written as JSON (``output``, default ``<work_dir>/evaluation.json``). Adapters f
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -22,24 +21,25 @@ import hydra
 import torch
 from omegaconf import DictConfig
 from torchmetrics.functional.text import rouge_score, squad
+from torchmetrics.text import Perplexity
 
-from lit_lora import demo
+from lit_lora.adapters import attach_adapter, check_adapter_folder, rendering_for
+from lit_lora.answers import exact_match, generate_answers
 from lit_lora.app_config import EvaluateConfig, register_app_configs, run_app
 from lit_lora.batching import MODEL_KEYS, collate
+from lit_lora.builder import build_model
 from lit_lora.data import DataModule
 from lit_lora.errors import UserError
-from lit_lora.merge import rendering_for
-from lit_lora.model import attach_adapter, check_adapter_folder, load_base
 from lit_lora.paths import check_argv_paths, confined
 from lit_lora.rendering import IGNORE_INDEX, encode_conversation
-from lit_lora.score import generate_answers
 
 
 @torch.no_grad()
 def perplexity(model, tokenizer, rendering, rows, max_seq_len: int, batch_size: int) -> float:
-    """Token-weighted perplexity of the answers (trained tokens) of ``rows`` under ``rendering``."""
+    """Token-weighted perplexity of the answers (trained tokens) of ``rows`` under ``rendering``: the
+    same torchmetrics metric as training's ``val/ppl`` (:class:`lit_lora.module.LitLoRA`)."""
     model.eval()
-    total = count = 0.0
+    metric = Perplexity(ignore_index=IGNORE_INDEX)
     examples = []
     for row in rows:
         ids, labels = encode_conversation(tokenizer, rendering, row.messages)
@@ -49,20 +49,12 @@ def perplexity(model, tokenizer, rendering, rows, max_seq_len: int, batch_size: 
         logits = model(
             **{k: v for k, v in batch.items() if k in MODEL_KEYS and k != "labels"}, use_cache=False
         ).logits
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        total += float(losses)
-        count += int((labels != IGNORE_INDEX).sum())
-    return math.exp(total / max(count, 1))
+        metric.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+    return float(metric.compute())
 
 
 def task_metrics(answers: list[str], references: list[str]) -> dict[str, float]:
-    hits = demo.exact_match(answers, references)
+    hits = exact_match(answers, references)
     preds = [{"prediction_text": a.strip(), "id": str(i)} for i, a in enumerate(answers)]
     targets = [
         {"answers": {"answer_start": [0], "text": [r]}, "id": str(i)} for i, r in enumerate(references)
@@ -83,7 +75,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if not cfg.adapters and not cfg.base:
         raise UserError("nothing to evaluate: give adapters=[...] or base=true")
     folders = [check_adapter_folder(a) for a in cfg.adapters]
-    base, tokenizer, source, _ = load_base(cfg.model, cfg.quant)
+    built = build_model(cfg)
+    base, tokenizer, source = built.model, built.tokenizer, built.source
     work = confined("work_dir", cfg.work_dir, cfg.output_root)
     work.mkdir(parents=True, exist_ok=True)
     first_rendering = rendering_for(folders[0], tokenizer) if folders else None

@@ -15,9 +15,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from lit_lora.adapters import rendering_for, tokenizer_for
 from lit_lora.app_config import GenerateConfig, register_app_configs, run_app
-from lit_lora.merge import rendering_for, tokenizer_for
-from lit_lora.model import attach_adapter, load_base, resolve_source
+from lit_lora.builder import build_model
 from lit_lora.rendering import prompt_ids
 
 
@@ -33,18 +33,13 @@ class Session:
 
     def __init__(self, cfg: GenerateConfig):
         self.cfg = cfg
-        base, tokenizer, _, _ = load_base(cfg.model, cfg.quant)
-        if cfg.adapter:
-            folder = Path(cfg.adapter).expanduser()
-            self.model = attach_adapter(base, folder)
-            self.tokenizer = tokenizer_for(folder, tokenizer)
-        else:
-            folder = Path(resolve_source(cfg.model)[0])
-            self.model, self.tokenizer = base, tokenizer
-        self.rendering = rendering_for(folder, self.tokenizer)
+        folder = Path(cfg.adapter).expanduser() if cfg.adapter else None
+        built = build_model(cfg, adapter=folder)
+        self.model = built.model
+        self.tokenizer = tokenizer_for(folder, built.tokenizer) if folder else built.tokenizer
+        self.rendering = rendering_for(folder or Path(built.source), self.tokenizer)
         if cfg.system_prompt is not None:
             self.rendering.system_prompt = cfg.system_prompt
-        self.model.eval()
 
     @torch.no_grad()
     def reply(self, messages: list[dict[str, str]], stream=None) -> Reply:

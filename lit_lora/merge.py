@@ -18,23 +18,22 @@ merge; every other weight (embeddings, norms, the output head) is the base as st
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
+from lit_lora.adapters import attach_adapter, check_adapter_folder, rendering_for, tokenizer_for
 from lit_lora.app_config import MergeConfig, register_app_configs, run_app
+from lit_lora.builder import build_model
 from lit_lora.config import QuantConfig
 from lit_lora.errors import UserError
-from lit_lora.model import attach_adapter, check_adapter_folder, load_base
 from lit_lora.paths import check_argv_paths, confined
-from lit_lora.rendering import RENDERING_FILE, Rendering
+from lit_lora.staging import staged_folder
 
 
 def dequantize_linear4bit(model: torch.nn.Module) -> torch.nn.Module:
@@ -72,14 +71,16 @@ def _quantized_linears(model: torch.nn.Module) -> list[str]:
 def load_export_base(cfg: MergeConfig):
     """``(base, tokenizer, source)``: the base to merge into, at the precision of the checkpoint.
 
-    Without quantization: the base as stored (:func:`lit_lora.model.load_base` with ``export_dtype``).
+    Without quantization: the base as stored (:func:`lit_lora.builder.build_model` with ``export_dtype``).
     With it: the same, except that every layer training held quantized holds the dequantized weights
     of a quantized load made exactly as training's, i.e. the values the adapter was trained against.
     """
-    export_dtype = getattr(torch, cfg.dtype)
-    base, tokenizer, source, _ = load_base(cfg.model, QuantConfig(), export_dtype=export_dtype)
+    stored = build_model(
+        dataclasses.replace(cfg, quant=QuantConfig()), export_dtype=getattr(torch, cfg.dtype)
+    )
+    base, tokenizer, source = stored.model, stored.tokenizer, stored.source
     if cfg.quant.enabled:
-        quantized, *_ = load_base(cfg.model, cfg.quant)
+        quantized = build_model(cfg).model
         names = _quantized_linears(quantized)
         if cfg.quant.method in ("nf4", "fp4"):
             quantized = dequantize_linear4bit(quantized)
@@ -91,22 +92,6 @@ def load_export_base(cfg: MergeConfig):
             base.get_submodule(name).weight.data = weight.to(base.dtype)
         del quantized
     return base, tokenizer, source
-
-
-def tokenizer_for(adapter: Path, fallback):
-    """The tokenizer saved with the adapter (lit-lora saves one), else the base model's."""
-    if (adapter / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(adapter))
-    return fallback
-
-
-def rendering_for(folder: Path, tokenizer) -> Rendering:
-    """The rendering saved with an adapter or merged model; else the tokenizer's own chat template."""
-    if (folder / RENDERING_FILE).is_file():
-        return Rendering.load(folder)
-    return Rendering.resolve(tokenizer)
 
 
 def merge(cfg: MergeConfig) -> Path:
@@ -129,9 +114,8 @@ def merge(cfg: MergeConfig) -> Path:
     rendering = rendering_for(adapter, tokenizer)
     tokenizer.chat_template = rendering.chat_template  # serving renders exactly as training did
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    # Complete or absent: written into a hidden folder beside it, renamed into place (lit_lora.staging).
+    with staged_folder(out, mode=0o755) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         rendering.save(tmp)
@@ -143,12 +127,6 @@ def merge(cfg: MergeConfig) -> Path:
             "dtype": cfg.dtype,
         }
         (tmp / "lit_lora_merge.json").write_text(json.dumps(info, indent=2))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"lit-lora: merged {adapter} into {source} (stored {base_dtype}) as {cfg.dtype} -> {out}", flush=True
     )

@@ -30,12 +30,12 @@ from torchmetrics.text import Perplexity
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from lit_lora import faults
-from lit_lora.attention import segments_from_positions
 from lit_lora.batching import MODEL_KEYS, is_right_padded
 from lit_lora.config import OptimConfig
 from lit_lora.errors import UserError
-from lit_lora.loss import supports_chunked_loss, trained_token_loss
 from lit_lora.rendering import IGNORE_INDEX, Rendering
+from lit_lora.speedups.attention import segments_from_positions
+from lit_lora.speedups.chunked_loss import supports_chunked_loss, trained_token_loss
 
 # Prefixes FSDP and its activation checkpointing insert into parameter names.
 _FSDP_PREFIX = "_fsdp_wrapped_module."
@@ -94,7 +94,7 @@ class LitLoRA(L.LightningModule):
         super().__init__()
         self.model = model
         self.chunked_loss = chunked_loss and supports_chunked_loss(model)
-        self.right_padding_mask = right_padding_mask  # model.right_padding_mask (see _model_inputs)
+        self.right_padding_mask = right_padding_mask  # speed.right_padding_mask (see _model_inputs)
         # from_pretrained returns the model in eval mode; LoRA dropout only acts in train mode.
         self.model.train()
         self.optim_cfg = optim
@@ -125,7 +125,7 @@ class LitLoRA(L.LightningModule):
         """The number of trainable (adapter) parameters, whole (not a rank's shard), on every rank.
 
         Counted once, in ``__init__``, before any strategy shards the model; the trainable set does not
-        change afterwards (``lit_lora.model.check_only_adapter_trainable``), and loading a checkpoint
+        change afterwards (``lit_lora.builder.check_only_adapter_trainable``), and loading a checkpoint
         only copies values into the existing parameters."""
         return self._trainable_params
 
@@ -267,7 +267,7 @@ class LitLoRA(L.LightningModule):
         if mask is not None and not right_padding_mask and is_right_padded(mask):
             del inputs["attention_mask"]
         if "position_ids" in batch:
-            # Read only by lit_lora.attention's segment attention (other implementations ignore it).
+            # Read only by lit_lora.speedups.attention's segment attention (other implementations ignore it).
             inputs["packed_segments"] = segments_from_positions(batch["position_ids"])
         return inputs
 
@@ -332,7 +332,7 @@ class LitLoRA(L.LightningModule):
         return loss
 
     def _loss(self, batch: dict[str, torch.Tensor], divisor: torch.Tensor) -> torch.Tensor:
-        """Summed token loss / ``divisor``: chunked over trained positions (lit_lora.loss) or transformers'.
+        """Summed token loss / ``divisor``: chunked over trained positions (lit_lora.speedups.chunked_loss) or transformers'.
 
         FSDP takes transformers' path: the chunked one calls the decoder directly, past the root
         FSDP unit that holds the embeddings and the output layer."""

@@ -10,10 +10,9 @@ command line or taken from a config cannot point the run at ``/etc`` or at a nei
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-from lit_lora.errors import UserError
+from lit_lora.errors import UserError, exit_with
 
 OUTPUT_ROOT_ENV = "LIT_LORA_OUTPUT_ROOT"
 
@@ -58,5 +57,4 @@ def check_argv_paths(argv: list[str], keys: tuple[str, ...]) -> None:
             if key.lstrip("+") in keys and value and "${" not in value:
                 confined(key.lstrip("+"), value, root)
     except UserError as err:
-        print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(err.exit_code)
+        exit_with(err)

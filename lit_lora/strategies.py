@@ -8,7 +8,7 @@ PEFT, TRL), in which FSDP flattens every wrapped unit into one flat parameter of
 - units: PEFT's :func:`peft.utils.other.fsdp_auto_wrap_policy`, i.e. one unit per decoder layer (the
   model's ``_no_split_modules`` classes) holding the frozen base weights, and one unit per trainable
   leaf (each LoRA A and B): the adapter keeps its float32 storage while the base stays in its own dtype;
-- the base is built for it (``build_model(..., sharded=True)``): no float32 upcast of norms and
+- the base is built for it (``build_model`` of a config with ``trainer.strategy=fsdp``): no float32 upcast of norms and
   embeddings, no frozen linears cast to bf16, and a 4-bit storage dtype equal to the compute dtype
   (``build_model``), so that each decoder layer is uniform (:func:`flat_param_dtypes` checks it);
 - mixed precision computes in autocast's dtype (for a 4-bit base, its compute and storage dtype) and
@@ -109,7 +109,7 @@ def check_uniform_units(model: torch.nn.Module, policy) -> None:
         path, dtypes = next(iter(mixed.items()))
         raise RuntimeError(
             f"FSDP unit {path or '<root>'!r} would mix dtypes {sorted(map(str, dtypes))} "
-            f"({len(mixed)} such unit(s)); the model was not built for FSDP (build_model(..., sharded=True))"
+            f"({len(mixed)} such unit(s)); the model was not built for FSDP (lit_lora.builder.build_model with trainer.strategy=fsdp)"
         )
 
 
@@ -126,9 +126,11 @@ def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
     return classes
 
 
-def build_strategy(cfg: TrainConfig, model: torch.nn.Module) -> Any:
-    """The ``strategy`` argument of ``lightning.Trainer`` for ``cfg.trainer.strategy``."""
+def build_strategy(cfg: TrainConfig, built: Any) -> Any:
+    """The ``strategy`` argument of ``lightning.Trainer`` for ``cfg.trainer.strategy``; ``built`` is the
+    :class:`lit_lora.builder.BuiltModel` of the run (its model, compute dtype and checkpointing choice)."""
     name = cfg.trainer.strategy
+    model = built.model
     if not is_fsdp(name):
         return name
     from torch.distributed.fsdp import MixedPrecision
@@ -143,12 +145,11 @@ def build_strategy(cfg: TrainConfig, model: torch.nn.Module) -> Any:
         # 4-bit base it is the storage dtype (lit_lora.config refuses any other precision), so the packed
         # bytes are never cast. Gradients reduce in float32; buffers keep their dtype (RoPE's inverse
         # frequencies would lose precision in bf16). Other precisions: Lightning's FSDP defaults.
-        compute = torch.bfloat16 if precision.startswith("bf16") else torch.float16
-        mixed = MixedPrecision(param_dtype=compute, reduce_dtype=torch.float32, buffer_dtype=None)
+        mixed = MixedPrecision(param_dtype=built.compute_dtype, reduce_dtype=torch.float32, buffer_dtype=None)
     return AdapterFSDPStrategy(
         auto_wrap_policy=policy,
         mixed_precision=mixed,
-        activation_checkpointing_policy=layers if cfg.model.gradient_checkpointing else None,
+        activation_checkpointing_policy=layers if built.checkpointing == "fsdp" else None,
         sharding_strategy="SHARD_GRAD_OP" if name == "fsdp_grad_op" else "FULL_SHARD",
         # Each LoRA leaf is its own unit, but the optimizer and PEFT address the original parameters.
         use_orig_params=True,

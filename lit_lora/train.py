@@ -19,6 +19,7 @@ Run folder (``output_dir``), the contract with later commands:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -41,19 +42,17 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.memory import process_memory_mb, reset_peak_rss
-from lit_lora.allocator import tune_host_allocator
+from lit_lora.answers import exact_match_score
+from lit_lora.builder import build_model
 from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, clean_stale, find_resumable
 from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
 from lit_lora.data import DataModule
 from lit_lora.distributed import end_process_group, wait_for_launched_ranks
-from lit_lora.environment import local_rank
-from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, UserError
+from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, UserError, exit_with
 from lit_lora.graceful import GracefulStop
-from lit_lora.model import build_model, prepare_for_training
 from lit_lora.module import LitLoRA
 from lit_lora.paths import check_argv_paths, confined
-from lit_lora.score import exact_match_score
-from lit_lora.strategies import build_strategy, cuda_index_for, fsdp_storage_dtype, is_fsdp, scoring_device
+from lit_lora.strategies import build_strategy, fsdp_storage_dtype, scoring_device
 from lit_lora.sweep import record_failure
 from lit_lora.wandb_logging import finish_runs, flat_config, redacted_config
 
@@ -231,29 +230,19 @@ def train(cfg: DictConfig) -> TrainResult:
     elif (out / "config.yaml").read_text() != config_yaml:
         (out / f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml").write_text(config_yaml)
     L.seed_everything(tc.seed, workers=True, verbose=False)
-    if tc.tune_host_allocator:
-        tune_host_allocator()
 
-    sharded = is_fsdp(tc.trainer.strategy)
-    cuda_index = cuda_index_for(
-        tc.trainer.accelerator, tc.trainer.devices, local_rank(), torch.cuda.is_available()
-    )
-    built = build_model(tc.model, tc.quant, tc.lora, sharded=sharded, cuda_index=cuda_index)
-    bf16_mixed = tc.trainer.precision == "bf16-mixed" and not tc.quant.enabled
-    lit_attention = prepare_for_training(
-        built.model, tc.model, tc.lora, bf16_mixed=bf16_mixed, sharded=sharded
-    )
+    built = build_model(tc)
     data = DataModule(tc.data, built.tokenizer, out / "data")
     data.setup()
-    if lit_attention and tc.data.packing:
-        _say("packing: attention runs per packed example (segment attention, lit_lora.attention)")
+    if built.speedups.lit_attention and tc.data.packing:
+        _say("packing: attention runs per packed example (segment attention, lit_lora.speedups.attention)")
     module = LitLoRA(
         built.model,
         tc.optim,
         tokenizer=built.tokenizer,
         rendering=data.rendering,
-        chunked_loss=tc.model.chunked_loss,
-        right_padding_mask=tc.model.right_padding_mask,
+        chunked_loss=tc.speed.chunked_loss,
+        right_padding_mask=tc.speed.right_padding_mask,
         on_nonfinite=tc.on_nonfinite,
         max_nonfinite_skips=tc.max_nonfinite_skips,
     )
@@ -289,7 +278,7 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
     _report_data(data.stats, tc.data.on_bad_row)
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kwargs["strategy"] = build_strategy(tc, built.model)
+    trainer_kwargs["strategy"] = build_strategy(tc, built)
     if not data.examples["val"]:
         trainer_kwargs["limit_val_batches"] = 0  # no validation rows: data.val_fraction=0 and no val_source
     try:
@@ -361,6 +350,8 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
         # Steps not taken: on_nonfinite=skip's, and the loss scaler's overflow skips (16-mixed).
         "skipped_steps": list(module.skipped_steps),
         "scaler_skipped_steps": module.scaler_skipped_steps,
+        # lit-lora's own training paths this run used (the speed group; all off under speed=off).
+        "speedups": {**dataclasses.asdict(built.speedups), "on": built.speedups.on},
         "data": data.stats,
     }
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -388,9 +379,9 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
             tc.data.score_max_new_tokens,
             tc.data.eval_batch_size,
         )
-        # Frozen linears stored in bf16 (model.bf16_frozen_linears) need the autocast they trained under.
-        bf16 = tc.model.bf16_frozen_linears and tc.trainer.precision == "bf16-mixed" and not tc.quant.enabled
-        with torch.autocast(score_on.type, dtype=torch.bfloat16, enabled=bf16):
+        # Frozen linears stored in bf16 (speed.bf16_frozen_linears) need the autocast they trained under.
+        autocast = built.speedups.autocast_dtype
+        with torch.autocast(score_on.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             if tc.score_base:
                 summary["score_base"] = exact_match_score(*args, use_adapter=False)
             summary["score_tuned"] = exact_match_score(*args, use_adapter=True)
@@ -465,9 +456,9 @@ def main(cfg: DictConfig) -> float:
     try:
         result = train(cfg)
     except UserError as err:
-        print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
         if not multirun:
-            sys.exit(err.exit_code)
+            exit_with(err)
+        print(f"lit-lora: error: {err}", file=sys.stderr, flush=True)
         record_failure(cfg.output_dir, err)
         return float("nan")
     except Exception as err:

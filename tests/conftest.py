@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from lit_lora.batching import MODEL_KEYS, collate
-from lit_lora.config import register_configs
+from lit_lora.config import LoraConfig, ModelConfig, QuantConfig, SpeedConfig, TrainConfig, register_configs
 from lit_lora.rendering import Rendering, encode_conversation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,19 @@ TINY = [
     "data.test_size=4",
     "data.score_max_new_tokens=4",
 ]
+
+
+def plain_config(
+    model: ModelConfig | None = None, quant: QuantConfig | None = None, lora: LoraConfig | None = None
+) -> TrainConfig:
+    """A training config (default: the embedded SmolLM2) with every speed path off, so that
+    ``build_model`` gives plain transformers + PEFT, for tests that put one path on themselves."""
+    return TrainConfig(
+        model=model or ModelConfig(name_or_path="embedded:smollm2-135m"),
+        quant=quant or QuantConfig(),
+        lora=lora or LoraConfig(),
+        speed=SpeedConfig.off(),
+    )
 
 
 def compose_train(overrides: list[str]):

@@ -1,4 +1,4 @@
-"""lit_lora.allocator: after tuning, glibc serves large blocks from its heap instead of fresh mappings."""
+"""lit_lora.speedups.allocator: after tuning, glibc serves large blocks from its heap instead of fresh mappings."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 
 PROBE = """
 import ctypes, ctypes.util, sys
-from lit_lora.allocator import tune_host_allocator
+from lit_lora.speedups.allocator import tune_host_allocator
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")

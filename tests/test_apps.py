@@ -170,7 +170,7 @@ def test_merge_of_a_4bit_trained_adapter_uses_the_dequantized_base(adapter, tmp_
 
 def test_foreign_adapter_is_evaluated_and_continued(tmp_path, capsys):
     tiny = compose_train([*TINY, f"output_dir={tmp_path / 'x'}"]).model
-    from lit_lora.model import resolve_source
+    from lit_lora.builder import resolve_source
 
     tiny_model = ModelConfig(**{k: v for k, v in dict(tiny).items()})
     base_dir = resolve_source(tiny_model)[0]
@@ -196,7 +196,9 @@ def test_foreign_adapter_is_evaluated_and_continued(tmp_path, capsys):
     assert any(not torch.equal(before[k], after[k]) for k in before), "training moved the weights"
     assert result.summary["trainable_params"] == sum(t.numel() for t in before.values())
     rank = json.loads((folder / "adapter_config.json").read_text())["r"]
-    assert rank != 8 and f"LoRA r={rank} " in capsys.readouterr().out, "the start-up line gives the adapter's r"
+    assert rank != 8 and f"LoRA r={rank} " in capsys.readouterr().out, (
+        "the start-up line gives the adapter's r"
+    )
 
 
 def _tiny_data():

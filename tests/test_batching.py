@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lit_lora.attention import segments_from_positions, use_lit_attention
 from lit_lora.batching import (
     MODEL_KEYS,
     LengthGroupedSampler,
@@ -18,11 +17,12 @@ from lit_lora.batching import (
     pack,
     padding_fraction,
 )
+from lit_lora.builder import load_tokenizer
 from lit_lora.config import ModelConfig
 from lit_lora.demo import make_rows
 from lit_lora.embedded import resolve
-from lit_lora.model import load_tokenizer
 from lit_lora.rendering import IGNORE_INDEX, Rendering, count_trained, encode_conversation
+from lit_lora.speedups.attention import segments_from_positions, use_lit_attention
 from tests.conftest import alpaca_messages
 
 
@@ -97,7 +97,7 @@ def test_packed_loss_and_logits_equal_unpacked_on_the_real_model(examples, token
 
 
 def test_segment_attention_equals_the_masked_sdpa_path_in_loss_logits_and_gradients(examples, tokenizer):
-    """lit_lora.attention runs SDPA per packed segment; it must compute what the block mask computes."""
+    """lit_lora.speedups.attention runs SDPA per packed segment; it must compute what the block mask computes."""
     model = AutoModelForCausalLM.from_pretrained(resolve("embedded:smollm2-135m"), dtype=torch.float32)
     model.train()  # dropout is 0 in this config; gradients are compared too
     packed = collate(pack(examples, 256), tokenizer.pad_token_id)
@@ -130,11 +130,11 @@ def test_segment_attention_equals_the_masked_sdpa_path_in_loss_logits_and_gradie
 
 @pytest.mark.parametrize("kind", ["causal-bias", "causal-bool", "padded"])
 def test_plain_attention_equals_sdpa_with_grouped_heads_and_masks(kind):
-    """The short-sequence path (lit_lora.attention._plain_attention) in fp32, where any error shows:
+    """The short-sequence path (lit_lora.speedups.attention._plain_attention) in fp32, where any error shows:
     the cached additive causal bias, a boolean (T, T) mask and the padded (B, 1, T, T) mask."""
     from torch.nn import functional as F
 
-    from lit_lora.attention import CAUSAL, _plain_attention
+    from lit_lora.speedups.attention import CAUSAL, _plain_attention
 
     torch.manual_seed(0)
     q = torch.randn(2, 9, 40, 64, requires_grad=True)  # SmolLM2's heads: 9 query, 3 key/value
@@ -161,7 +161,7 @@ def test_plain_attention_equals_sdpa_with_grouped_heads_and_masks(kind):
 
 def test_short_16bit_sequences_take_the_plain_path_and_match_sdpa(examples, tokenizer, monkeypatch):
     """bf16 training on a CPU: plain attention for padded and packed batches, close to SDPA's result."""
-    from lit_lora import attention
+    from lit_lora.speedups import attention
 
     calls = []
     real = attention._plain_attention

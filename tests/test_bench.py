@@ -57,10 +57,11 @@ def test_each_bench_system_runs_and_reports(system, data):
     assert result["adapter_bytes"] > 1_000_000  # LoRA r=8 on q/k/v/o of SmolLM2-135M, fp32
 
 
-def test_bench_paths_dry_run_times_every_variant_against_the_defaults():
-    done = _run("-m", "bench.paths", "--dry-run", timeout=300)
+def test_bench_paths_dry_run_times_every_variant_against_speed_off_and_the_defaults():
+    done = _run("-m", "bench.speed_paths", "--dry-run", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout[done.stdout.index("{\n") :])["rows"]
     names = [r["variant"] for r in rows]
-    assert names[0] == "lit-lora defaults" and "model.fused_rmsnorm=false" in names and len(names) == 6
-    assert all(r["tokens_per_s"] > 0 and r["speed_vs_defaults"] > 0 for r in rows)
+    assert names[:2] == ["speed=off", "lit-lora defaults"] and "speed.fused_rmsnorm=false" in names
+    assert len(names) == 9  # every path off in turn; torch.compile is left out of the dry run
+    assert all(r["tokens_per_s"] > 0 and r["speed_vs_off"] > 0 and r["speed_vs_defaults"] > 0 for r in rows)

@@ -9,10 +9,11 @@ import random
 import pytest
 
 from lit_lora import demo
+from lit_lora.answers import exact_match
+from lit_lora.builder import load_tokenizer
 from lit_lora.config import ModelConfig, to_train_config
 from lit_lora.data import DataModule, encode_rows
 from lit_lora.errors import UserError
-from lit_lora.model import load_tokenizer
 from lit_lora.rendering import Rendering, count_trained
 from lit_lora.train import train
 from tests.conftest import TINY, compose_train
@@ -276,14 +277,14 @@ def test_demo_rows_are_deterministic_and_test_names_are_unseen(tmp_path):
 
 def test_exact_match_parses_json_and_rejects_near_misses():
     ref = '{"name": "A B", "age": 3}'
-    assert demo.exact_match(
+    assert exact_match(
         ['{"age":3,"name":"A B"} trailing', '{"name": "A B", "age": "3"}', "nope"], [ref] * 3
     ) == [
         True,
         False,
         False,
     ]
-    assert demo.exact_match([" plain "], ["plain"]) == [True]
+    assert exact_match([" plain "], ["plain"]) == [True]
 
 
 def test_cli_bad_row_is_one_line_and_exit_2(tmp_path, cli):

@@ -17,9 +17,9 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from lit_lora.batching import EpochSampler, StepBatchSampler
+from lit_lora.builder import build_model
 from lit_lora.config import to_train_config
 from lit_lora.errors import UserError
-from lit_lora.model import build_model
 from lit_lora.strategies import build_strategy
 from lit_lora.train import train
 from tests.conftest import TINY, compose_train, run_cli
@@ -106,8 +106,9 @@ def test_ddp_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp
 @pytest.mark.parametrize("name", ["default", "cpu", "ddp", "fsdp"])
 def test_every_strategy_config_composes_and_maps_to_a_lightning_strategy(tmp_path, name):
     cfg = to_train_config(compose_train(["model=tiny", f"trainer={name}", f"output_dir={tmp_path}"]))
-    model = build_model(cfg.model, cfg.quant, cfg.lora, sharded=name == "fsdp").model
-    strategy = build_strategy(cfg, model)
+    built = build_model(cfg)
+    model = built.model
+    strategy = build_strategy(cfg, built)
     if name == "fsdp":
         assert isinstance(strategy, FSDPStrategy)
         layer = next(m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer")

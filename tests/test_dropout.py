@@ -1,18 +1,19 @@
-"""lit_lora.dropout: CPU LoRA dropout drawn as rand() >= p: nn.Dropout's distribution, cheaper masks."""
+"""lit_lora.speedups.dropout: CPU LoRA dropout drawn as rand() >= p: nn.Dropout's distribution, cheaper masks."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lit_lora.config import LoraConfig, ModelConfig, QuantConfig
-from lit_lora.dropout import HostDropout, use_host_dropout
-from lit_lora.model import build_model
+from lit_lora.builder import build_model
+from lit_lora.config import LoraConfig
+from lit_lora.speedups.dropout import FastDropout, use_fast_dropout
+from tests.conftest import plain_config
 
 
 def test_keeps_one_minus_p_of_the_inputs_scaled_and_masks_the_gradient_alike():
     torch.manual_seed(0)
-    drop = HostDropout(0.2).train()
+    drop = FastDropout(0.2).train()
     x = torch.randn(1000, 1000, requires_grad=True)
     out = drop(x)
     kept = out != 0
@@ -30,14 +31,14 @@ def test_keeps_one_minus_p_of_the_inputs_scaled_and_masks_the_gradient_alike():
 def test_every_lane_of_the_random_words_is_used_uniformly():
     """Four elements share one 64-bit draw: each position modulo 4 must be kept at the same rate."""
     torch.manual_seed(1)
-    kept = HostDropout(0.5).train()(torch.ones(4_000_001)).ne(0).float()
+    kept = FastDropout(0.5).train()(torch.ones(4_000_001)).ne(0).float()
     for lane in range(4):
         assert abs(kept[lane::4].mean().item() - 0.5) < 0.003  # 1e6 draws each: 6 standard deviations
 
 
 def test_draws_from_the_global_generator_and_is_the_identity_in_eval():
     x = torch.ones(64, 64)
-    drop = HostDropout(0.5).train()
+    drop = FastDropout(0.5).train()
     torch.manual_seed(3)
     first = drop(x)
     torch.manual_seed(3)
@@ -47,18 +48,16 @@ def test_draws_from_the_global_generator_and_is_the_identity_in_eval():
 
 
 def test_replaces_every_peft_lora_dropout_and_lora_still_trains():
-    built = build_model(
-        ModelConfig(name_or_path="embedded:smollm2-135m"), QuantConfig(), LoraConfig(r=4, dropout=0.1)
-    )
+    built = build_model(plain_config(lora=LoraConfig(r=4, dropout=0.1)))
     model = built.model
-    assert use_host_dropout(model) == 30 * 4  # q/k/v/o of 30 layers
+    assert use_fast_dropout(model) == 30 * 4  # q/k/v/o of 30 layers
     dropouts = [
         d
         for m in model.modules()
         if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict)
         for d in m.lora_dropout.values()
     ]
-    assert dropouts and all(type(d) is HostDropout and d.p == 0.1 for d in dropouts)
+    assert dropouts and all(type(d) is FastDropout and d.p == 0.1 for d in dropouts)
     model.train()
     ids = built.tokenizer("LoRA adapters learn a low-rank update.", return_tensors="pt").input_ids
     model(input_ids=ids, labels=ids).loss.backward()
@@ -67,7 +66,5 @@ def test_replaces_every_peft_lora_dropout_and_lora_still_trains():
 
 
 def test_no_dropout_layers_are_left_alone():
-    built = build_model(
-        ModelConfig(name_or_path="embedded:smollm2-135m"), QuantConfig(), LoraConfig(r=4, dropout=0.0)
-    )
-    assert use_host_dropout(built.model) == 0
+    built = build_model(plain_config(lora=LoraConfig(r=4, dropout=0.0)))
+    assert use_fast_dropout(built.model) == 0

@@ -16,8 +16,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 from safetensors.torch import load_file
 
+from lit_lora.builder import build_model
 from lit_lora.config import to_train_config
-from lit_lora.model import build_model
 from lit_lora.strategies import (
     check_uniform_units,
     cuda_index_for,
@@ -43,8 +43,9 @@ FSDP_CPU = [
 
 
 def _built(tmp_path, *overrides, sharded: bool):
-    cfg = to_train_config(compose_train(["model=tiny", f"output_dir={tmp_path}", *overrides]))
-    return build_model(cfg.model, cfg.quant, cfg.lora, sharded=sharded, cuda_index=None).model
+    strategy = ["trainer.strategy=fsdp"] if sharded else []
+    cfg = to_train_config(compose_train(["model=tiny", f"output_dir={tmp_path}", *strategy, *overrides]))
+    return build_model(cfg).model
 
 
 @pytest.mark.parametrize("quant", ["nf4", "none"])
@@ -95,7 +96,7 @@ def test_the_base_loads_on_the_gpu_this_rank_trains_on(accelerator, devices, ran
 
 
 def test_a_quantized_base_on_a_gpu_host_loads_where_the_rank_trains():
-    from lit_lora.model import quantized_device_map
+    from lit_lora.builder import quantized_device_map
 
     assert quantized_device_map(2, cuda_available=True) == {"": 2}
     # trainer.accelerator=cpu on a GPU host: the CPU, said explicitly (transformers would pick cuda:0).

@@ -33,10 +33,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lit_lora.builder import load_tokenizer
 from lit_lora.config import DataConfig, ModelConfig, to_train_config
 from lit_lora.data import DataModule
 from lit_lora.errors import UserError
-from lit_lora.model import load_tokenizer
 from lit_lora.rendering import IGNORE_INDEX, count_trained
 from lit_lora.rows import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, MAX_ROW_BYTES, BadRows, read_json
 from tests.conftest import TINY, compose_train, run_cli

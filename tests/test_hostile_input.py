@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+from lit_lora.builder import load_tokenizer
 from lit_lora.config import ModelConfig, to_train_config
 from lit_lora.data import DataModule
 from lit_lora.errors import UserError
-from lit_lora.model import load_tokenizer
 from lit_lora.rendering import IGNORE_INDEX, count_trained
 from lit_lora.train import check_plugin_keys
 from tests.conftest import ROOT, TINY, compose_train
@@ -166,13 +166,13 @@ def test_a_one_character_typo_of_every_leaf_key_fails_naming_the_key():
 
 
 def test_a_typo_in_config_overrides_fails_when_the_architecture_config_loads(tmp_path):
-    from lit_lora.model import build_model
+    from lit_lora.builder import build_model
 
     cfg = to_train_config(
         compose_train(["model=tiny", f"output_dir={tmp_path}", "+model.config_overrides.vocab_siz=3"])
     )
     with pytest.raises(UserError, match=r"model\.config_overrides\.vocab_siz: LlamaConfig has no such field"):
-        build_model(cfg.model, cfg.quant, cfg.lora)
+        build_model(cfg)
 
 
 def test_a_typo_on_the_command_line_fails_before_the_model_loads():

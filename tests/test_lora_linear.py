@@ -1,4 +1,4 @@
-"""lit_lora.lora_linear: the fused CPU LoRA linear computes PEFT's function, and only where it applies."""
+"""lit_lora.speedups.lora_linear: the fused CPU LoRA linear computes PEFT's function, and only where it applies."""
 
 from __future__ import annotations
 
@@ -7,19 +7,19 @@ import copy
 import pytest
 import torch
 
-from lit_lora import lora_linear
-from lit_lora.config import LoraConfig, ModelConfig, QuantConfig
-from lit_lora.dropout import keep_mask, keep_ones, use_host_dropout
-from lit_lora.lora_linear import _fused_forward, use_fused_lora_linear
-from lit_lora.model import build_model, prepare_for_training
-from tests.conftest import TINY, compose_train
+from lit_lora.builder import build_model
+from lit_lora.config import LoraConfig, ModelConfig, SpeedConfig, TrainConfig, TrainerConfig
+from lit_lora.speedups import lora_linear
+from lit_lora.speedups.dropout import keep_mask, keep_ones, use_fast_dropout
+from lit_lora.speedups.lora_linear import _fused_forward, use_fused_lora_linear
+from tests.conftest import TINY, compose_train, plain_config
 
 
 def _tiny(tmp_path, **lora) -> torch.nn.Module:
     """The tiny random Llama (fp32) with a LoRA whose B weights are non-zero (B = 0 would hide errors)."""
     model_cfg = ModelConfig(**dict(compose_train([*TINY, f"output_dir={tmp_path}"]).model))
     torch.manual_seed(0)
-    model = build_model(model_cfg, QuantConfig(), LoraConfig(**lora)).model
+    model = build_model(plain_config(model_cfg, lora=LoraConfig(**lora))).model
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
@@ -47,7 +47,7 @@ def test_keep_ones_keeps_the_elements_keep_mask_keeps(dtype):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fused_model_equals_peft_with_the_same_masks_in_fp32(tmp_path, dropout):
     peft = _tiny(tmp_path, r=4, dropout=dropout)
-    use_host_dropout(peft)
+    use_fast_dropout(peft)
     fused = copy.deepcopy(peft)
     assert use_fused_lora_linear(fused) == 2 * 4  # q/k/v/o of 2 layers
     ids = torch.randint(3, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -116,15 +116,19 @@ def test_only_plain_cpu_training_calls_take_the_fused_path(tmp_path, monkeypatch
     assert not calls
 
 
-def test_prepare_for_training_routes_it_per_config(tmp_path):
+def test_the_builder_routes_it_per_speed_config(tmp_path):
     from peft.tuners.lora import Linear
 
     model_cfg = ModelConfig(**dict(compose_train([*TINY, f"output_dir={tmp_path}"]).model))
-    cases = [({}, 8), ({"fused_linear": False}, 0), ({"fast_dropout": False}, 0)]
-    cases.append(({"fast_dropout": False, "dropout": 0.0}, 8))  # no masks: nothing to disagree on
-    for lora, expected in cases:
-        lora_cfg = LoraConfig(r=4, **lora)
-        model = build_model(model_cfg, QuantConfig(), lora_cfg).model
-        prepare_for_training(model, model_cfg, lora_cfg, bf16_mixed=False)
-        routed = [m for m in model.modules() if isinstance(m, Linear) and "forward" in vars(m)]
-        assert len(routed) == expected, lora
+    cases = [({}, {}, 8), ({"fused_lora_linear": False}, {}, 0), ({"fast_dropout": False}, {}, 0)]
+    cases.append(({"fast_dropout": False}, {"dropout": 0.0}, 8))  # no masks: nothing to disagree on
+    for speed, lora, expected in cases:
+        cfg = TrainConfig(
+            model=model_cfg,
+            lora=LoraConfig(r=4, **lora),
+            speed=SpeedConfig(**speed),
+            trainer=TrainerConfig(precision="32"),
+        )
+        built = build_model(cfg)
+        routed = [m for m in built.model.modules() if isinstance(m, Linear) and "forward" in vars(m)]
+        assert len(routed) == expected == built.speedups.fused_lora_linear, (speed, lora)

@@ -5,21 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_lora.attention import segments_from_positions, use_lit_attention
 from lit_lora.batching import MODEL_KEYS, collate, pack
-from lit_lora.config import LoraConfig, ModelConfig, QuantConfig, to_train_config
+from lit_lora.builder import build_model
+from lit_lora.config import LoraConfig, to_train_config
 from lit_lora.demo import make_rows
-from lit_lora.loss import supports_chunked_loss, trained_token_loss
-from lit_lora.model import build_model, cast_frozen_linears
 from lit_lora.rendering import IGNORE_INDEX, Rendering, encode_conversation
-from tests.conftest import alpaca_messages, compose_train
+from lit_lora.speedups.attention import segments_from_positions, use_lit_attention
+from lit_lora.speedups.chunked_loss import supports_chunked_loss, trained_token_loss
+from lit_lora.speedups.frozen_linears import cast_frozen_linears
+from tests.conftest import alpaca_messages, compose_train, plain_config
 
 
 @pytest.fixture(scope="module")
 def built():
-    model = build_model(
-        ModelConfig(name_or_path="embedded:smollm2-135m"), QuantConfig(), LoraConfig(dropout=0.0)
-    )
+    model = build_model(plain_config(lora=LoraConfig(dropout=0.0)))
     torch.manual_seed(0)
     for name, param in model.model.named_parameters():
         if "lora_B" in name:  # non-zero B: LoRA must change the loss and receive gradients
@@ -71,11 +70,7 @@ def test_chunked_loss_and_gradients_equal_transformers_loss(built, packed):
 
 
 def test_lora_on_lm_head_takes_transformers_loss():
-    built = build_model(
-        ModelConfig(name_or_path="embedded:smollm2-135m"),
-        QuantConfig(),
-        LoraConfig(target_modules=["q_proj", "lm_head"]),
-    )
+    built = build_model(plain_config(lora=LoraConfig(target_modules=["q_proj", "lm_head"])))
     assert not supports_chunked_loss(built.model)
 
 
@@ -91,10 +86,11 @@ def test_activation_checkpointing_still_trains_lora_with_the_same_gradients():
                     "output_dir=/tmp/unused",
                     "lora.dropout=0.0",
                     f"model.gradient_checkpointing={str(checkpointing).lower()}",
+                    "speed=off",
                 ]
             )
         )
-        built = build_model(cfg.model, cfg.quant, cfg.lora)
+        built = build_model(cfg)
         model = built.model
         model.train()
         torch.manual_seed(1)
@@ -132,7 +128,7 @@ def test_bf16_frozen_linears_give_the_same_autocast_loss_and_keep_the_adapter_fp
 
 
 def test_frozen_output_weight_is_cast_once_and_again_after_it_changes():
-    from lit_lora.loss import _frozen_cast
+    from lit_lora.speedups.chunked_loss import _frozen_cast
 
     weight = torch.nn.Parameter(torch.randn(64, 16), requires_grad=False)
     first = _frozen_cast(weight, torch.bfloat16)

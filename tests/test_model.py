@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -9,16 +10,16 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from lit_lora.config import check_device, to_train_config
+from lit_lora.builder import BaseConfig, build_model, resolve_targets, stored_dtype
+from lit_lora.config import SpeedConfig, check_device, to_train_config
 from lit_lora.demo import make_rows
 from lit_lora.errors import UserError
-from lit_lora.model import build_model, load_base, resolve_targets, stored_dtype
 from tests.conftest import TINY, compose_train, demo_batch
 
 
 def _build(tmp_path, *overrides):
     tc = to_train_config(compose_train([*TINY, f"output_dir={tmp_path}", *overrides]))
-    return build_model(tc.model, tc.quant, tc.lora)
+    return build_model(dataclasses.replace(tc, speed=SpeedConfig.off()))
 
 
 def _batch(tokenizer, n=4):
@@ -92,7 +93,7 @@ def test_gpt2_article_targets_fail_naming_c_attn_without_download(tmp_path):
         compose_train(["model=gpt2", "lora.target_modules=[q_proj,v_proj]", f"output_dir={tmp_path}"])
     )
     with pytest.raises(UserError, match="c_attn") as info:
-        build_model(tc.model, tc.quant, tc.lora)
+        build_model(tc)
     assert "q_proj" in str(info.value)
     # Checked on a weightless skeleton: no hub access, so this is quick even offline.
     assert time.perf_counter() - started < 20
@@ -190,7 +191,8 @@ def test_stored_dtype_holds_every_stored_weight_exactly(tmp_path):
 
 def test_an_export_loads_the_base_as_stored_whatever_model_dtype_says(tmp_path):
     tc = to_train_config(compose_train([*TINY, f"output_dir={tmp_path}", "model.dtype=bfloat16"]))
-    assert load_base(tc.model, tc.quant)[0].dtype == torch.bfloat16  # training's copy
+    base = BaseConfig(tc.model, tc.quant)
+    assert build_model(base).model.dtype == torch.bfloat16  # training's copy
     # The tiny model's folder is stored in float32: an export never starts from the bf16 copy.
-    assert load_base(tc.model, tc.quant, export_dtype=torch.bfloat16)[0].dtype == torch.float32
-    assert load_base(tc.model, tc.quant, export_dtype=torch.float64)[0].dtype == torch.float64
+    assert build_model(base, export_dtype=torch.bfloat16).model.dtype == torch.float32
+    assert build_model(base, export_dtype=torch.float64).model.dtype == torch.float64

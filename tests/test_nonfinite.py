@@ -17,6 +17,7 @@ checks ``type(strategy) is FSDPStrategy``) and wraps the model with ``device_id=
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -34,10 +35,10 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from lit_lora.config import to_train_config
+from lit_lora.builder import build_model
+from lit_lora.config import SpeedConfig, to_train_config
 from lit_lora.distributed import end_process_group
 from lit_lora.errors import UserError
-from lit_lora.model import build_model
 from lit_lora.module import LitLoRA
 from lit_lora.rendering import IGNORE_INDEX
 from lit_lora.strategies import decoder_layer_classes
@@ -65,7 +66,7 @@ class CPUFSDPStrategy(FSDPStrategy):
 
 def _tiny_module(tmp: Path, **kwargs) -> LitLoRA:
     cfg = to_train_config(compose_train([*TINY_MODEL, f"output_dir={tmp}"]))
-    built = build_model(cfg.model, cfg.quant, cfg.lora)
+    built = build_model(dataclasses.replace(cfg, speed=SpeedConfig.off()))
     return LitLoRA(built.model, cfg.optim, **kwargs)
 
 

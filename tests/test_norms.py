@@ -1,4 +1,4 @@
-"""lit_lora.norms: the fused CPU RMSNorm computes transformers' function and gradient, and only where it may."""
+"""lit_lora.speedups.rmsnorm: the fused CPU RMSNorm computes transformers' function and gradient, and only where it may."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from lit_lora.norms import use_fused_rmsnorm
+from lit_lora.speedups.rmsnorm import use_fused_rmsnorm
 from tests.test_lora_linear import _loss_and_grads, _tiny
 
 

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
+from lit_lora.builder import load_tokenizer
 from lit_lora.config import ModelConfig
 from lit_lora.errors import UserError
-from lit_lora.model import load_tokenizer
 from lit_lora.rendering import (
     IGNORE_INDEX,
     NAMED_TEMPLATES,

@@ -4,6 +4,7 @@ trainer precision, and the FLOPs-per-token estimate."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import lightning as L
@@ -13,8 +14,8 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 
 from callbacks.throughput import Throughput, flops_per_token, lookup_params, matmul_dtype, peak_flops
-from lit_lora.config import to_train_config
-from lit_lora.model import build_model
+from lit_lora.builder import build_model
+from lit_lora.config import SpeedConfig, to_train_config
 from tests.conftest import TINY, compose_train
 
 BF16, FP16, FP32, TF32 = torch.bfloat16, torch.float16, torch.float32, "tfloat32"
@@ -22,7 +23,7 @@ BF16, FP16, FP32, TF32 = torch.bfloat16, torch.float16, torch.float32, "tfloat32
 
 def _build(tmp_path, *overrides):
     tc = to_train_config(compose_train([*TINY, f"output_dir={tmp_path}", *overrides]))
-    return build_model(tc.model, tc.quant, tc.lora)
+    return build_model(dataclasses.replace(tc, speed=SpeedConfig.off()))
 
 
 @pytest.fixture(scope="module")

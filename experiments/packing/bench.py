@@ -35,11 +35,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from callbacks.throughput import Throughput
-from lit_lora.allocator import tune_host_allocator
 from lit_lora.batching import MODEL_KEYS, collate, pack, padding_fraction
+from lit_lora.builder import build_model
 from lit_lora.config import register_configs, to_train_config
 from lit_lora.data import DataModule
-from lit_lora.model import build_model, prepare_for_training
 from lit_lora.module import LitLoRA
 
 PRESETS = ("translation_vi_en", "summarization", "sentiment", "qa")
@@ -58,8 +57,8 @@ def _compose(overrides: list[str]):
 
 def corpus(max_seq_len: int, scratch: Path) -> tuple[list[dict], object]:
     """Training examples of the four presets, tokenized by the project's data module, and the tokenizer."""
-    cfg = _compose([f"output_dir={scratch}"])
-    built = build_model(cfg.model, cfg.quant, cfg.lora)
+    cfg = _compose([f"output_dir={scratch}", "speed=off"])
+    built = build_model(cfg)
     examples: list[dict] = []
     for preset in PRESETS:
         data_cfg = _compose(
@@ -92,12 +91,13 @@ def longtail_corpus(tokenizer, n: int = 160) -> list[dict]:
 
 
 def one_run(examples: list[dict], tokenizer, packing: bool, args) -> dict:
-    cfg = _compose(["output_dir=/tmp/unused"])
-    L.seed_everything(0, verbose=False)
-    built = build_model(cfg.model, cfg.quant, cfg.lora)
-    # What lit_lora.train does; the "mask" baseline keeps transformers' block-masked SDPA for packed rows.
+    # The "mask" baseline keeps transformers' block-masked SDPA for packed rows.
     mask_baseline = packing and args.attention == "mask"
-    prepare_for_training(built.model, cfg.model, cfg.lora, bf16_mixed=True, lit_attention=not mask_baseline)
+    cfg = _compose(
+        ["output_dir=/tmp/unused"] + (["speed.eager_attention_max_len=null"] if mask_baseline else [])
+    )
+    L.seed_everything(0, verbose=False)
+    built = build_model(cfg)  # the model lit_lora.train builds, speed paths included
     items = pack(examples, args.max_seq_len) if packing else examples
     loader = DataLoader(
         items,
@@ -123,8 +123,8 @@ def one_run(examples: list[dict], tokenizer, packing: bool, args) -> dict:
         module = LitLoRA(  # as lit_lora.train
             built.model,
             cfg.optim,
-            chunked_loss=cfg.model.chunked_loss,
-            right_padding_mask=cfg.model.right_padding_mask,
+            chunked_loss=cfg.speed.chunked_loss,
+            right_padding_mask=cfg.speed.right_padding_mask,
         )
         trainer.fit(module, train_dataloaders=loader)
         wall = time.perf_counter() - started
@@ -144,8 +144,8 @@ def one_run(examples: list[dict], tokenizer, packing: bool, args) -> dict:
 @torch.no_grad()
 def loss_agreement(examples: list[dict], tokenizer, max_seq_len: int) -> dict:
     """Mean loss over the same examples, computed in padded batches and in packed rows (fp32)."""
-    cfg = _compose(["output_dir=/tmp/unused", "model.dtype=float32"])
-    model = build_model(cfg.model, cfg.quant, cfg.lora).model.eval()
+    cfg = _compose(["output_dir=/tmp/unused", "model.dtype=float32", "speed=off"])
+    model = build_model(cfg).model.eval()
     subset = examples[:48]
 
     def total(batches):
@@ -179,8 +179,6 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or HERE / f"results-{args.corpus}.json"
 
-    if _compose(["output_dir=/tmp/unused"]).tune_host_allocator:
-        tune_host_allocator()  # as lit_lora.train does
     args.max_seq_len = args.max_seq_len or (256 if args.corpus == "presets" else 512)
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:

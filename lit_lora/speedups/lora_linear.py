@@ -8,14 +8,14 @@ the same function with fewer, larger operations: ``x`` is cast to the compute dt
 is folded into ``addmm`` (forward: ``addmm(base, h, B.T, alpha=scaling)``; backward: the frozen weight's
 input gradient and the adapter's share one ``addmm``), the dropout scale ``1 / (1 - p)`` is folded into
 ``A``, and the mask is a 1.0 / 0.0 multiplier in the compute dtype built with integer operations
-(:func:`lit_lora.dropout.keep_ones`: in bf16 a mask multiply costs ~50 us where the boolean mask of
+(:func:`lit_lora.speedups.dropout.keep_ones`: in bf16 a mask multiply costs ~50 us where the boolean mask of
 ``nn.Dropout``'s backward costs ~290 us for 372 x 576 elements). The backward reads what the forward
 saved: the dropped input, the multiplier, ``h = dropout(x) @ A.T``.
 
 Numerics: the same products in the same dtype as PEFT's path under autocast; the mask and its scale
 are applied after ``x``'s cast (PEFT scales in fp32, then casts), which moves results by about one bf16
 rounding; in fp32 the two paths agree to fp32 rounding (tested). Masks are those of
-``lora.fast_dropout`` (:mod:`lit_lora.dropout`): the same elements from the same generator state.
+``speed.fast_dropout`` (:mod:`lit_lora.speedups.dropout`): the same elements from the same generator state.
 
 :func:`use_fused_lora_linear` routes a PEFT ``lora.Linear`` through it only when the call is plain LoRA
 training on a CPU: grad enabled, module training, adapters enabled and unmerged, one active adapter, no
@@ -31,7 +31,7 @@ import types
 import torch
 from torch import nn
 
-from lit_lora.dropout import keep_mask, keep_ones, lane_threshold
+from lit_lora.speedups.dropout import keep_mask, keep_ones, lane_threshold
 
 
 def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> torch.dtype | None:
@@ -45,7 +45,7 @@ def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> torch.dtype | Non
 
 def _keep_ones(flat: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """A 1.0 / 0.0 keep multiplier for ``flat`` (its dtype; a CPU tensor) and the scale of kept elements:
-    :mod:`lit_lora.dropout`'s masks, ``p`` on its 2**-15 grid."""
+    :mod:`lit_lora.speedups.dropout`'s masks, ``p`` on its 2**-15 grid."""
     threshold, scale = lane_threshold(p)
     if flat.dtype in (torch.bfloat16, torch.float16):
         return keep_ones(flat.shape, threshold, flat.dtype), scale

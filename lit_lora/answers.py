@@ -1,4 +1,5 @@
-"""Held-out scoring: greedy answers of a model for conversations, and their exact match with the reference.
+"""Answers of a model for conversations (greedy) and their exact match with the reference: the held-out
+score of ``lit_lora.train`` and the task metrics of ``lit_lora.evaluate``.
 
 Generation uses the same :class:`~lit_lora.rendering.Rendering` as training and stops at EOS. The
 reference of a row is its last assistant turn; the prompt is everything before it. Exact match parses
@@ -8,11 +9,12 @@ JSON answers (the demo task) and otherwise compares stripped text.
 from __future__ import annotations
 
 import contextlib
+import json
+from collections.abc import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from lit_lora import demo
 from lit_lora.rendering import Rendering, prompt_ids
 from lit_lora.rows import Row
 
@@ -85,7 +87,7 @@ def exact_match_score(
             desc="scoring fine-tuned" if use_adapter else "scoring base",
         )
     references = [row.messages[-1]["content"] for row in rows]
-    hits = demo.exact_match(answers, references)
+    hits = exact_match(answers, references)
     return {
         "exact_match": 100.0 * sum(hits) / max(len(hits), 1),
         "n": len(hits),
@@ -98,3 +100,26 @@ def exact_match_score(
             if not hit
         ][:10],
     }
+
+
+def parse_answer(text: str) -> object | None:
+    """The JSON object at the start of a generated answer, or None if it does not parse."""
+    text = text.strip()
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return None
+    return obj
+
+
+def exact_match(predictions: Iterable[str], references: Iterable[str]) -> list[bool]:
+    """Per row: does the answer equal the reference? JSON references compare as parsed objects
+    (spacing and key order do not matter), others as stripped strings."""
+    hits = []
+    for prediction, reference in zip(predictions, references, strict=True):
+        expected = parse_answer(reference)
+        if expected is None or not reference.strip().startswith(("{", "[")):
+            hits.append(prediction.strip() == reference.strip())
+        else:
+            hits.append(parse_answer(prediction) == expected)
+    return hits

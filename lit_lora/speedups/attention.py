@@ -12,7 +12,7 @@ Two things transformers' SDPA path does slowly on a CPU, both measured (``make b
 - **Short sequences in 16-bit.** PyTorch's CPU flash kernel pays a fixed cost per block that dominates
   below a few hundred positions: for 4 x 96 positions in bf16 (SmolLM2 heads) its forward + backward
   took 6.8 ms against 2.4 ms for matmul-softmax-matmul. On a CPU, in bf16/fp16, a sequence or packed
-  segment of at most ``eager_max_len`` positions (``model.eager_attention_max_len``) takes that plain
+  segment of at most ``eager_max_len`` positions (``speed.eager_attention_max_len``) takes that plain
   path, with the softmax in fp32 as transformers' eager attention does.
 
 Everything else (fp32, CUDA, longer sequences, generation with a KV cache, attention dropout) goes to

@@ -18,7 +18,7 @@ import torch
 from lit_lora.rendering import IGNORE_INDEX
 
 # Positions per chunk: 128 x 49,152 fp32 logits = 24 MiB at a time, under glibc's largest mmap threshold
-# (lit_lora.allocator), so chunk buffers are reused from the heap instead of page-faulted in anew; 128 was
+# (lit_lora.speedups.allocator), so chunk buffers are reused from the heap instead of page-faulted in anew; 128 was
 # the fastest of 64-1024 in a CPU micro-benchmark (900 rows: 2225-2482 rows/s vs 1897 at 1024).
 CHUNK_ROWS = 128
 _CAST_ATTR = "_lit_lora_cast"

@@ -3,7 +3,7 @@
 PEFT gives every adapted layer an ``nn.Dropout`` on the adapter's input. On a CPU, PyTorch draws its
 mask with ``bernoulli_``, one serial generator call per element in double precision (MKL's vectorised
 path is taken on Intel CPUs only): in one training step of the default model (120 adapted layers) it
-took 12.5 % of the time on this project's AMD machines. :class:`HostDropout` draws 64 random bits per
+took 12.5 % of the time on this project's AMD machines. :class:`FastDropout` draws 64 random bits per
 four elements from the same global generator and keeps an element when its 15-bit lane is at least
 ``round(p * 2**15)``: a mask for 4 x 96 x 576 inputs in 0.55 ms against 1.2 ms for ``bernoulli_`` (same
 machine, same run). Each element is kept independently with probability ``1 - p``, ``p`` rounded to a
@@ -78,7 +78,7 @@ class _Masked(torch.autograd.Function):
         return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None, None
 
 
-class HostDropout(nn.Dropout):
+class FastDropout(nn.Dropout):
     """``nn.Dropout`` whose CPU masks come from :func:`keep_mask` (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,8 +88,8 @@ class HostDropout(nn.Dropout):
         return _Masked.apply(x, keep_mask(x.shape, threshold), scale)
 
 
-def use_host_dropout(model: nn.Module) -> int:
-    """Replace every PEFT LoRA dropout of ``model`` (``lora_dropout[adapter]``) by :class:`HostDropout`
+def use_fast_dropout(model: nn.Module) -> int:
+    """Replace every PEFT LoRA dropout of ``model`` (``lora_dropout[adapter]``) by :class:`FastDropout`
     with the same ``p``; returns how many were replaced. Layers without dropout (``nn.Identity``) stay."""
     replaced = 0
     for module in model.modules():
@@ -98,6 +98,6 @@ def use_host_dropout(model: nn.Module) -> int:
             continue
         for name, dropout in list(dropouts.items()):
             if type(dropout) is nn.Dropout:
-                dropouts[name] = HostDropout(dropout.p)
+                dropouts[name] = FastDropout(dropout.p)
                 replaced += 1
     return replaced

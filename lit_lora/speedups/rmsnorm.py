@@ -8,7 +8,7 @@ norm weights (LoRA trains none), the input gradient is ``rstd * (d - xhat * mean
 that directly. The forward is the same operations in the same order as transformers' (bitwise equal,
 checked once per class before a module is switched); the backward is exact to fp32 rounding (tested).
 On the default model (61 norms, 4 x 93 positions, fp32 residual stream) a training step ran 1.5 % faster
-(in-process A/B, ``bench/paths.py``).
+(in-process A/B, ``bench/speed_paths.py``).
 
 :func:`use_fused_rmsnorm` switches only modules whose class computes exactly that function (an
 ``RMSNorm`` with ``weight`` and ``variance_epsilon`` whose output equals :class:`_RMSNorm`'s on a probe:

@@ -1,27 +1,35 @@
-"""Build the adapted model: load base -> quantize -> prepare for k-bit training -> wrap with PEFT.
+"""The one model builder: :func:`build_model` turns a run's config into the model every command uses.
 
-:func:`build_model` reads top to bottom in that order. Adapter targets are checked first, on a
-weightless (meta-device) copy of the architecture whenever the architecture is known without a
-download, so a wrong module name fails in seconds with the list of names the model does have.
+Training: check targets -> load the base (quantized on load) -> prepare for k-bit training and
+activation checkpointing -> wrap with the adapter (new, or ``lora.init_from``) -> the speed paths
+(:mod:`lit_lora.speedups`). The commands after training (merge, generate, evaluate) get the base the
+same way, with an adapter attached for inference. Each decision has one function here:
+:func:`bnb_config` (quantization), :func:`compute_dtype`, :func:`checkpointing` (which activation
+checkpointing mechanism), :func:`lit_lora.speedups.apply_speedups` (which speed paths).
+
+Adapter targets are checked first, on a weightless (meta-device) copy of the architecture whenever the
+architecture is known without a download, so a wrong module name fails in seconds with the list of
+names the model does have.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lit_lora import embedded
-from lit_lora.config import LoraConfig, ModelConfig, QuantConfig
+from lit_lora.adapters import attach_adapter
+from lit_lora.config import LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from lit_lora.environment import hub_host, hub_reachable, local_rank
 from lit_lora.errors import UserError
-from lit_lora.strategies import sharded_storage_dtype
+from lit_lora.speedups import Speedups, apply_speedups
+from lit_lora.staging import staged_folder
+from lit_lora.strategies import cuda_index_for, is_fsdp, sharded_storage_dtype
 
 # The attention projections of each architecture, as PEFT target names (suffixes of module paths).
 ATTENTION_TARGETS = {
@@ -41,18 +49,32 @@ PRESETS = ("attention", "all-linear")
 
 @dataclass
 class BuiltModel:
-    """What :func:`build_model` returns: the PEFT model, its tokenizer and numbers worth logging."""
+    """What :func:`build_model` returns: the model, its tokenizer and what callers would otherwise
+    recompute (the dtype frozen weights compute in, the speed paths applied, parameter counts)."""
 
-    model: torch.nn.Module  # peft.PeftModel
+    model: torch.nn.Module  # peft.PeftModel when an adapter is on (always for training)
     tokenizer: object
     source: str  # the folder or hub id the weights came from
     trainable_params: int
-    total_params: int
-    target_modules: list[str] | str
+    total_params: int  # 4-bit weights counted unpacked (count_params)
+    target_modules: list[str] | str | None  # None: the base alone
+    compute_dtype: torch.dtype  # what the frozen base computes in (compute_dtype)
+    quantized: bool
+    speedups: Speedups  # all off for inference builds and under speed=off
+    checkpointing: str  # "none", "transformers" or "fsdp" (checkpointing)
 
     @property
     def trainable_pct(self) -> float:
         return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+
+@dataclass
+class BaseConfig:
+    """The groups every command shares: which base model, and how training quantized it. The configs of
+    merge, generate and evaluate carry these two; scripts that only need a base pass this."""
+
+    model: ModelConfig
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -131,17 +153,12 @@ def _random_init_folder(model_cfg: ModelConfig) -> Path:
     target = embedded.cache_root() / "random" / f"{model_cfg.model_type}-{key}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    model.save_pretrained(tmp)
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
+    # Another process (a DDP rank, a parallel sweep job) may publish the same folder first: keep theirs.
+    with staged_folder(target, keep_if_has="config.json", mode=0o700) as tmp:
+        model.save_pretrained(tmp)
     return target
 
 
@@ -294,13 +311,6 @@ def check_only_adapter_trainable(model: nn.Module) -> None:
         raise RuntimeError(f"parameters outside the adapter require grad: {stray[:5]}")
 
 
-def check_device_lora(lora_cfg: LoraConfig) -> None:
-    """PEFT's LoftQ quantizes the base with bitsandbytes on the GPU to fit A/B to the quantization error:
-    fail with the fix instead of a CUDA assertion."""
-    if lora_cfg.init == "loftq" and not torch.cuda.is_available():
-        raise UserError("lora.init=loftq needs a CUDA device; on CPU use lora.init=pissa or default")
-
-
 # safetensors' names of the floating dtypes a checkpoint stores weights in.
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -352,44 +362,55 @@ def quantized_device_map(cuda_index: int | None, cuda_available: bool) -> dict |
     return {"": "cpu"} if cuda_available else None
 
 
+def compute_dtype(
+    model_cfg: ModelConfig, quant_cfg: QuantConfig, precision: str | None = None
+) -> torch.dtype:
+    """The dtype the frozen base computes in: a quantized base dequantizes to ``quant.compute_dtype``
+    (it is also the dtype a quantized load uses, so merge re-quantizes exactly as training did); an
+    unquantized one computes in the 16-bit dtype of a 16-bit ``precision`` (autocast's, or the
+    weights' own under ``*-true``), else in its storage dtype ``model.dtype``."""
+    if quant_cfg.enabled:
+        return getattr(torch, quant_cfg.compute_dtype)
+    if precision is not None and precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision is not None and precision.startswith("16"):
+        return torch.float16
+    return getattr(torch, model_cfg.dtype)
+
+
+def checkpointing(cfg: TrainConfig) -> str:
+    """Which activation checkpointing a training run uses: ``"none"``; ``"fsdp"`` under FSDP (Lightning's
+    per decoder layer, applied by the strategy: :func:`lit_lora.strategies.build_strategy`);
+    ``"transformers"`` otherwise (non-reentrant, applied by :func:`build_model`). Never both."""
+    if not cfg.model.gradient_checkpointing:
+        return "none"
+    return "fsdp" if is_fsdp(cfg.trainer.strategy) else "transformers"
+
+
 def load_base(
     model_cfg: ModelConfig,
-    quant_cfg: QuantConfig,
     *,
+    dtype: torch.dtype | None,
+    quantization=None,
+    cuda_index: int | None = None,
     export_dtype: torch.dtype | None = None,
-    cuda_index: int | str | None = "auto",
 ):
-    """``(model, tokenizer, source, config)``: the base model, quantized on load when ``quant`` asks.
+    """``(model, tokenizer, source, config)``: a step of :func:`build_model`, which decides its arguments.
 
-    Shared by training, merge, generate and evaluate. The hub check happens before any weight is read.
-    Unquantized weights load in ``model.dtype`` (training's storage dtype). With ``export_dtype``
+    The hub check happens before any weight is read. Weights load in ``dtype``; with ``export_dtype``
     (merge, any export) they load instead at the precision the checkpoint stores them in
-    (:func:`stored_dtype`), never below ``export_dtype``, whatever ``model.dtype`` says: an export
-    starts from the base as stored, not from the copy rounded for training. A quantized load always
-    uses ``quant.compute_dtype``, as training did, so that it quantizes to the same 4-bit weights.
-
-    ``cuda_index``: the GPU a quantized base is loaded (and quantized) on; None loads it on the CPU
-    (bitsandbytes' CPU path); ``"auto"`` takes this process's rank when CUDA is available. Training
-    passes the device it trains on (:func:`lit_lora.strategies.cuda_index_for`), so that
-    ``trainer.accelerator=cpu`` or ``trainer.devices=[k]`` are obeyed. Unquantized bases load on the CPU
-    and Lightning moves them.
+    (:func:`stored_dtype`), never below ``export_dtype``: an export starts from the base as stored, not
+    from the copy rounded for training. ``quantization`` (a ``BitsAndBytesConfig``) quantizes on load on
+    GPU ``cuda_index`` (None: bitsandbytes' CPU path); unquantized bases load on the CPU and Lightning
+    moves them.
     """
     from transformers import AutoModelForCausalLM
 
-    quantization = bnb_config(quant_cfg) if quant_cfg.enabled else None
     source, local_only = resolve_source(model_cfg)
     config = _load_config(source, local_only, model_cfg)
     tokenizer = load_tokenizer(model_cfg, source, local_only)
-    if quantization is not None:
-        dtype = getattr(torch, quant_cfg.compute_dtype)
-    elif export_dtype is not None:
+    if export_dtype is not None:
         dtype = torch.promote_types(stored_dtype(source, config), export_dtype)
-    else:
-        dtype = getattr(torch, model_cfg.dtype)
-    # bitsandbytes quantizes on load, on the GPU this process trains on (one per rank under DDP/FSDP;
-    # the model is loaded before Lightning sets the device).
-    if cuda_index == "auto":
-        cuda_index = local_rank() if torch.cuda.is_available() else None
     device_map = (
         quantized_device_map(cuda_index, torch.cuda.is_available()) if quantization is not None else None
     )
@@ -408,154 +429,130 @@ def load_base(
     return base, tokenizer, source, config
 
 
-def check_adapter_folder(folder: str | Path) -> Path:
-    """A PEFT adapter folder (``adapter_config.json`` + weights), or a :class:`UserError` saying what is missing."""
-    path = Path(folder).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise UserError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
-    if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise UserError(f"{folder} holds no adapter weights (adapter_model.safetensors)")
-    if not (path / "adapter_model.safetensors").is_file():
-        raise UserError(f"{folder}: only adapter_model.bin (pickle) found; lit-lora reads safetensors only")
-    return path
-
-
-def attach_adapter(base, folder: str | Path, trainable: bool = False):
-    """``PeftModel`` of ``base`` with the adapter in ``folder`` (any PEFT LoRA adapter, not only lit-lora's)."""
-    from peft import PeftModel
-
-    path = check_adapter_folder(folder)
-    try:
-        return PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
-    except (RuntimeError, ValueError, KeyError) as err:  # shape mismatch, unknown target modules...
-        raise UserError(
-            f"the adapter in {folder} does not fit this base model: {str(err).splitlines()[0]}"
-        ) from err
-
-
-def _continue_adapter(base, folder: str):
-    model = attach_adapter(base, folder, trainable=True)
-    targets = sorted(model.peft_config[model.active_adapter].target_modules)
-    return model, targets
-
-
-def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
-    """Store the frozen weights of the base's ``nn.Linear`` layers (not LoRA's, not norms or embeddings)
-    in ``dtype``; returns how many were cast.
-
-    Under bf16 autocast every matmul casts its fp32 weight to bf16 anyway, and for frozen weights
-    autocast cannot cache the cast: it is redone in every forward and backward. Storing them in bf16
-    gives the same matmul inputs bit for bit, without the casts and with half the memory. Norms and
-    embeddings (the residual stream) and the trainable adapter stay fp32.
-    """
-    count = 0
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    for name, module in model.named_modules():
-        if module is head:  # often tied to the input embeddings, which must keep their dtype
-            continue
-        frozen = type(module) is nn.Linear and "lora_" not in name and not module.weight.requires_grad
-        if frozen and module.weight.dtype != dtype and module.weight.dtype.is_floating_point:
-            module.to(dtype)
-            count += 1
-    return count
-
-
-def prepare_for_training(
-    model: nn.Module,
-    model_cfg: ModelConfig,
-    lora_cfg: LoraConfig,
-    *,
-    bf16_mixed: bool,
-    lit_attention: bool = True,
-    sharded: bool = False,
-) -> bool:
-    """The training-time paths lit-lora puts on a built model, each switchable from config: frozen linears
-    in bf16 under ``bf16_mixed`` (:func:`cast_frozen_linears`), cheaper CPU LoRA dropout masks
-    (``lora.fast_dropout``, :mod:`lit_lora.dropout`), the fused CPU LoRA linear (``lora.fused_linear``,
-    :mod:`lit_lora.lora_linear`), the fused CPU RMSNorm (``model.fused_rmsnorm``, :mod:`lit_lora.norms`)
-    and lit-lora's attention function (packed segments,
-    plain attention for short 16-bit CPU sequences, :mod:`lit_lora.attention`). ``lit_attention=False``
-    keeps transformers' attention (the packing experiment's block-mask baseline).
-
-    One place, so that the benchmarks measure exactly what ``lit_lora.train`` runs. Returns whether
-    lit-lora's attention function is in use. ``sharded`` (FSDP) keeps the dtypes ``build_model`` chose
-    (no bf16 cast of frozen linears) and PEFT's LoRA forward, which calls the LoRA modules that FSDP
-    wraps (the fused path reads their weights directly, which are shards outside a unit's forward).
-    """
-    from lit_lora.attention import use_lit_attention
-    from lit_lora.dropout import use_host_dropout
-    from lit_lora.lora_linear import use_fused_lora_linear
-    from lit_lora.norms import use_fused_rmsnorm
-
-    if model_cfg.bf16_frozen_linears and bf16_mixed and not sharded:
-        cast_frozen_linears(model, torch.bfloat16)
-    if lora_cfg.fast_dropout:
-        use_host_dropout(model)
-    # The fused path draws fast_dropout's masks: without fast_dropout, PEFT's nn.Dropout stays in charge.
-    if lora_cfg.fused_linear and (lora_cfg.fast_dropout or lora_cfg.dropout == 0.0) and not sharded:
-        use_fused_lora_linear(model)
-    if model_cfg.fused_rmsnorm:
-        use_fused_rmsnorm(model)
-    return lit_attention and use_lit_attention(model, model_cfg.eager_attention_max_len)
-
-
 def build_model(
-    model_cfg: ModelConfig,
-    quant_cfg: QuantConfig,
-    lora_cfg: LoraConfig,
+    cfg,
     *,
-    sharded: bool = False,
+    adapter: str | Path | None = None,
+    export_dtype: torch.dtype | None = None,
     cuda_index: int | str | None = "auto",
 ) -> BuiltModel:
-    """Load the base, quantize it if asked, and wrap it with a LoRA adapter. Only the adapter trains.
+    """The model of a run, built from its config. Raises :class:`UserError` for every mistake a user can
+    fix: unknown model, unreachable hub, target modules that match nothing, quantization bitsandbytes
+    cannot run here, an adapter that does not fit.
 
-    ``sharded=True`` builds for FSDP (the published FSDP + QLoRA recipe, see :mod:`lit_lora.strategies`):
-    the base keeps one dtype per decoder layer (4-bit storage in the compute dtype, no float32 upcast of
-    norms and embeddings by ``prepare_model_for_kbit_training``) and transformers' activation
-    checkpointing stays off, since FSDP applies its own per layer. ``quant_cfg`` is not changed.
-    ``cuda_index``: see :func:`load_base`.
-
-    Raises :class:`UserError` for every mistake a user can fix: unknown model, unreachable hub,
-    target modules that match nothing, quantization bitsandbytes cannot run here.
+    - ``cfg`` a :class:`~lit_lora.config.TrainConfig`: the model to train. The base is quantized on the
+      GPU this rank trains on (``trainer.accelerator`` / ``trainer.devices``), prepared for k-bit
+      training, given the adapter (new, or ``lora.init_from``: then its own r / alpha / targets apply)
+      and the speed paths (``speed``). Only the adapter trains. Under FSDP (the published FSDP + QLoRA
+      recipe, see :mod:`lit_lora.strategies`) the base keeps one dtype per decoder layer: 4-bit storage
+      in the compute dtype (:func:`lit_lora.strategies.sharded_storage_dtype`; ``cfg`` is not changed),
+      no float32 upcast of norms and embeddings, FSDP's activation checkpointing (:func:`checkpointing`).
+    - any other config with ``model`` and ``quant`` (merge, generate, evaluate): the base, quantized as
+      training did, in eval mode; with ``adapter`` (a PEFT adapter folder) attached. ``export_dtype``:
+      see :func:`load_base`. ``cuda_index``: the GPU a quantized base loads on; ``"auto"``: this
+      process's rank when CUDA is available, else the CPU.
     """
+    if isinstance(cfg, TrainConfig):
+        return _build_for_training(cfg)
+    quantization = bnb_config(cfg.quant) if cfg.quant.enabled else None
+    if cuda_index == "auto":
+        cuda_index = local_rank() if torch.cuda.is_available() else None
+    dtype = compute_dtype(cfg.model, cfg.quant)
+    base, tokenizer, source, _ = load_base(
+        cfg.model, dtype=dtype, quantization=quantization, cuda_index=cuda_index, export_dtype=export_dtype
+    )
+    model, targets = base, None
+    if adapter is not None:
+        model = attach_adapter(base, adapter)
+        targets = sorted(model.peft_config[model.active_adapter].target_modules)
+    model.eval()
+    trainable, total = count_params(model)
+    return BuiltModel(
+        model,
+        tokenizer,
+        source,
+        trainable,
+        total,
+        targets,
+        dtype,
+        quantization is not None,
+        Speedups(),
+        "none",
+    )
+
+
+def _build_for_training(cfg: TrainConfig) -> BuiltModel:
     import dataclasses
 
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    check_device_lora(lora_cfg)
+    sharded = is_fsdp(cfg.trainer.strategy)
+    lora_cfg = cfg.lora
+    if lora_cfg.init == "loftq" and not torch.cuda.is_available():
+        # PEFT's LoftQ quantizes the base with bitsandbytes on the GPU: the fix instead of a CUDA assertion.
+        raise UserError("lora.init=loftq needs a CUDA device; on CPU use lora.init=pissa or default")
     # 1. Targets, on a weightless skeleton, when the architecture is known without a download.
-    targets = check_targets_early(model_cfg, lora_cfg)
+    targets = check_targets_early(cfg.model, lora_cfg)
+    quant_cfg = cfg.quant
     if sharded:
         quant_cfg = dataclasses.replace(quant_cfg, storage_dtype=sharded_storage_dtype(quant_cfg))
     quantization = bnb_config(quant_cfg) if quant_cfg.enabled else None  # fails early if bnb cannot
-
-    base, tokenizer, source, config = load_base(model_cfg, quant_cfg, cuda_index=cuda_index)
+    dtype = compute_dtype(cfg.model, quant_cfg, cfg.trainer.precision)
+    # bitsandbytes quantizes on load, on the GPU this process trains on (one per rank under DDP/FSDP;
+    # the model is loaded before Lightning sets the device).
+    cuda_index = cuda_index_for(
+        cfg.trainer.accelerator, cfg.trainer.devices, local_rank(), torch.cuda.is_available()
+    )
+    base, tokenizer, source, config = load_base(
+        cfg.model,
+        dtype=dtype if quantization is not None else getattr(torch, cfg.model.dtype),
+        quantization=quantization,
+        cuda_index=cuda_index,
+    )
     if targets is None:
         targets = resolve_targets(
             lora_cfg.target_modules, config.model_type, linear_module_paths(_skeleton(config))
         )
 
-    # 2. k-bit preparation: norms to fp32, input grads on, optional non-reentrant checkpointing.
+    # 2. k-bit preparation (norms to fp32, input grads on) and activation checkpointing.
+    mechanism = checkpointing(cfg)
     gc_kwargs = {"use_reentrant": False}
     if sharded:
         base.config.use_cache = False  # FSDP: uniform dtypes, FSDP's checkpointing (see the docstring)
     elif quantization is not None:
         base = prepare_model_for_kbit_training(
             base,
-            use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+            use_gradient_checkpointing=mechanism == "transformers",
             gradient_checkpointing_kwargs=gc_kwargs,
         )
-    elif model_cfg.gradient_checkpointing:
+    elif mechanism == "transformers":
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         # Without this, checkpointed blocks see inputs that do not require grad and LoRA B never trains.
         base.enable_input_require_grads()
 
     # 3. The adapter: a new one, or an existing PEFT adapter folder to continue from (lora.init_from).
     if lora_cfg.init_from:
-        model, targets = _continue_adapter(base, lora_cfg.init_from)
+        model = attach_adapter(base, lora_cfg.init_from, trainable=True)
+        targets = sorted(model.peft_config[model.active_adapter].target_modules)
     else:
         model = get_peft_model(base, _peft_lora_config(lora_cfg, targets))
     check_only_adapter_trainable(model)
     trainable, total = count_params(model)
-    return BuiltModel(model, tokenizer, source, trainable, total, targets)
+
+    # 4. The speed paths (lit_lora.speedups), after counting: they change no parameter.
+    bf16_autocast = cfg.trainer.precision == "bf16-mixed" and quantization is None
+    speedups = apply_speedups(
+        model, cfg.speed, lora_dropout=lora_cfg.dropout, bf16_autocast=bf16_autocast, sharded=sharded
+    )
+    return BuiltModel(
+        model,
+        tokenizer,
+        source,
+        trainable,
+        total,
+        targets,
+        dtype,
+        quantization is not None,
+        speedups,
+        mechanism,
+    )
