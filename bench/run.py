@@ -112,30 +112,20 @@ def targets(table: dict, nf4: dict, gpu: bool) -> list[dict]:
     def ratio(data, a, b, key):
         return round(data[a][key] / data[b][key], 3)
 
+    def per_data(label: str, key: str, op: str, bound: float) -> list[tuple]:
+        """The check of ``label`` on each variable-length data set the run has."""
+        return [
+            (f"{data}: lit-lora / Trainer {label}", ratio(table[data], "lit", "hf", key), op, bound)
+            for data in ("variable", "mix")
+            if data in table
+        ]
+
     checks = [
         ("fixed: lit-lora / Trainer tokens/s", ratio(fixed, "lit", "hf", "tokens_per_s"), ">=", 1.0),
         ("fixed: lit-lora / raw loop tokens/s", ratio(fixed, "lit", "raw", "tokens_per_s"), ">=", 0.95),
-        *(
-            (
-                f"{data}: lit-lora / Trainer trained tokens/s",
-                ratio(table[data], "lit", "hf", "trained_tokens_per_s"),
-                ">=",
-                1.5,
-            )
-            for data in ("variable", "mix")
-            if data in table
-        ),
+        *per_data("trained tokens/s", "trained_tokens_per_s", ">=", 1.5),
         ("fixed: lit-lora / Trainer peak memory", ratio(fixed, "lit", "hf", "peak_memory_mb"), "<=", 1.0),
-        *(
-            (
-                f"{data}: lit-lora / Trainer peak memory",
-                ratio(table[data], "lit", "hf", "peak_memory_mb"),
-                "<=",
-                1.0,
-            )
-            for data in ("variable", "mix")
-            if data in table
-        ),
+        *per_data("peak memory", "peak_memory_mb", "<=", 1.0),
         ("nf4: bits per quantized parameter", nf4.get("bits_per_param"), "<=", 4.2),
     ]
     out = []

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
@@ -105,3 +107,18 @@ def run_app(command: Callable, cfg: DictConfig, kind: type) -> None:
         command(typed(cfg, kind))
     except UserError as err:
         exit_with(err)
+
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def app_main(command: Callable, kind: type, config_name: str) -> Callable[[], None]:
+    """The ``main`` of an after-training command: Hydra composes ``conf/<config_name>.yaml`` (absolute
+    path, so it is found however the module is started), then :func:`run_app` runs ``command``."""
+    register_app_configs()
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+    def main(cfg: DictConfig) -> None:
+        run_app(command, cfg, kind)
+
+    return main

@@ -466,19 +466,7 @@ def build_model(
         model = attach_adapter(base, adapter)
         targets = sorted(model.peft_config[model.active_adapter].target_modules)
     model.eval()
-    trainable, total = count_params(model)
-    return BuiltModel(
-        model,
-        tokenizer,
-        source,
-        trainable,
-        total,
-        targets,
-        dtype,
-        quantization is not None,
-        Speedups(),
-        "none",
-    )
+    return _built(model, tokenizer, source, targets, dtype, quantized=quantization is not None)
 
 
 def _build_for_training(cfg: TrainConfig) -> BuiltModel:
@@ -537,13 +525,26 @@ def _build_for_training(cfg: TrainConfig) -> BuiltModel:
     else:
         model = get_peft_model(base, _peft_lora_config(lora_cfg, targets))
     check_only_adapter_trainable(model)
-    trainable, total = count_params(model)
 
-    # 4. The speed paths (lit_lora.speedups), after counting: they change no parameter.
+    # 4. The speed paths (lit_lora.speedups); they change no parameter count.
     bf16_autocast = cfg.trainer.precision == "bf16-mixed" and quantization is None
     speedups = apply_speedups(
         model, cfg.speed, lora_dropout=lora_cfg.dropout, bf16_autocast=bf16_autocast, sharded=sharded
     )
+    return _built(
+        model,
+        tokenizer,
+        source,
+        targets,
+        dtype,
+        quantized=quantization is not None,
+        speedups=speedups,
+        checkpointing=mechanism,
+    )
+
+
+def _built(model, tokenizer, source, targets, dtype, *, quantized, speedups=None, checkpointing="none"):
+    trainable, total = count_params(model)
     return BuiltModel(
         model,
         tokenizer,
@@ -552,7 +553,7 @@ def _build_for_training(cfg: TrainConfig) -> BuiltModel:
         total,
         targets,
         dtype,
-        quantization is not None,
-        speedups,
-        mechanism,
+        quantized,
+        speedups or Speedups(),
+        checkpointing,
     )

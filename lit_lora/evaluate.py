@@ -17,15 +17,13 @@ import json
 import sys
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 from torchmetrics.functional.text import rouge_score, squad
 from torchmetrics.text import Perplexity
 
 from lit_lora.adapters import attach_adapter, check_adapter_folder, rendering_for
 from lit_lora.answers import exact_match, generate_answers
-from lit_lora.app_config import EvaluateConfig, register_app_configs, run_app
+from lit_lora.app_config import EvaluateConfig, app_main
 from lit_lora.batching import MODEL_KEYS, collate
 from lit_lora.builder import build_model
 from lit_lora.data import DataModule
@@ -135,12 +133,7 @@ def _print_table(report: dict, out: Path) -> None:
     print(f"lit-lora: written {out}", flush=True)
 
 
-register_app_configs()
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    run_app(evaluate, cfg, EvaluateConfig)
+main = app_main(evaluate, EvaluateConfig, "evaluate")
 
 
 if __name__ == "__main__":

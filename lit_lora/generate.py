@@ -11,12 +11,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
 from lit_lora.adapters import rendering_for, tokenizer_for
-from lit_lora.app_config import GenerateConfig, register_app_configs, run_app
+from lit_lora.app_config import GenerateConfig, app_main
 from lit_lora.builder import build_model
 from lit_lora.rendering import prompt_ids
 
@@ -102,12 +100,7 @@ def run(cfg: GenerateConfig) -> Reply | None:
     return None
 
 
-register_app_configs()
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
-def main(cfg: DictConfig) -> None:
-    run_app(run, cfg, GenerateConfig)
+main = app_main(run, GenerateConfig, "generate")
 
 
 if __name__ == "__main__":

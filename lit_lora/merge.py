@@ -23,12 +23,10 @@ import json
 import sys
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
 from lit_lora.adapters import attach_adapter, check_adapter_folder, rendering_for, tokenizer_for
-from lit_lora.app_config import MergeConfig, register_app_configs, run_app
+from lit_lora.app_config import MergeConfig, app_main
 from lit_lora.builder import build_model
 from lit_lora.config import QuantConfig
 from lit_lora.errors import UserError
@@ -133,12 +131,7 @@ def merge(cfg: MergeConfig) -> Path:
     return out
 
 
-register_app_configs()
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="merge")
-def main(cfg: DictConfig) -> None:
-    run_app(merge, cfg, MergeConfig)
+main = app_main(merge, MergeConfig, "merge")
 
 
 if __name__ == "__main__":
