@@ -38,6 +38,8 @@ STARTED = time.perf_counter()
 
 import torch  # noqa: E402
 
+from lit_lora.rendering import IGNORE_INDEX  # noqa: E402
+
 LR = 2e-4
 
 
@@ -73,7 +75,7 @@ class StepClock:
 
 
 def _trained(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != -100).sum())
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def _config(overrides: list[str]):
@@ -130,7 +132,7 @@ def mix_examples(tokenizer, scratch: Path, n: int) -> list[dict]:
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    from callbacks.memory import process_memory_mb
+    from lit_lora.environment import process_memory_mb
 
     return process_memory_mb()["peak_rss_mb"]
 
@@ -228,7 +230,7 @@ def _collator(args, tokenizer):
 
     if args.data == "fixed":
         return default_data_collator
-    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     return lambda rows: pad([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
 
 

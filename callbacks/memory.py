@@ -13,45 +13,15 @@ CPU: the process's current and peak resident set size (``VmRSS`` / ``VmHWM`` fro
 from __future__ import annotations
 
 import logging
-import resource
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from lit_lora.environment import process_memory_mb
+
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
-
-
-def process_memory_mb() -> dict[str, float]:
-    """Current and peak resident memory of this process, in MiB (``rss_mb``, ``peak_rss_mb``)."""
-    values: dict[str, float] = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = int(rest.split()[0]) / 1024  # kB
-    except OSError:
-        pass
-    if "peak_rss_mb" not in values:  # not Linux: ru_maxrss is in KiB on Linux, bytes on macOS
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        values["peak_rss_mb"] = peak / MB if sys.platform == "darwin" else peak / 1024
-    return {k: round(v, 1) for k, v in values.items()}
-
-
-def reset_peak_rss() -> bool:
-    """Start a new peak-RSS window for this process (Linux: ``/proc/self/clear_refs``); False elsewhere.
-
-    Jobs of a sweep run one after another in one process: without this, a job's peak would be the
-    largest of all jobs before it.
-    """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def weights_mb(module: torch.nn.Module) -> float:

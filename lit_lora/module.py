@@ -31,6 +31,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from lit_lora import faults
 from lit_lora.batching import MODEL_KEYS, is_right_padded
+from lit_lora.builder import count_params
 from lit_lora.config import OptimConfig
 from lit_lora.errors import UserError
 from lit_lora.rendering import IGNORE_INDEX, Rendering
@@ -115,7 +116,7 @@ class LitLoRA(L.LightningModule):
         self._batch_idx = 0
         # Counted here, on the model as built: once FSDP (use_orig_params) or DeepSpeed ZeRO-3 has
         # wrapped it, a parameter's numel on a rank is the size of that rank's shard.
-        self._trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self._trainable_params = count_params(model)[0]
         self._peft_names = _peft_names(model)
         params = dict(model.named_parameters())
         self._peft_shapes = {peft: tuple(params[name].shape) for name, peft in self._peft_names.items()}

@@ -41,13 +41,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.memory import process_memory_mb, reset_peak_rss
 from lit_lora.answers import exact_match_score
 from lit_lora.builder import build_model
 from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, clean_stale, find_resumable
 from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
 from lit_lora.data import DataModule
 from lit_lora.distributed import end_process_group, wait_for_launched_ranks
+from lit_lora.environment import process_memory_mb, reset_peak_rss
 from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, UserError, exit_with
 from lit_lora.graceful import GracefulStop
 from lit_lora.module import LitLoRA
@@ -126,7 +126,7 @@ def check_plugin_keys(cfg: DictConfig) -> None:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident memory since this job started (see :func:`callbacks.memory.reset_peak_rss`)."""
+    """Peak resident memory since this job started (see :func:`lit_lora.environment.reset_peak_rss`)."""
     return process_memory_mb()["peak_rss_mb"]
 
 

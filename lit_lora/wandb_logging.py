@@ -20,10 +20,11 @@ from __future__ import annotations
 import netrc
 import os
 import re
-import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from lit_lora.environment import tcp_reachable
 
 # Whole words only: "hf_token" and "api_key" are secrets, "tokens_per_s" is not.
 SECRET = re.compile(
@@ -44,11 +45,7 @@ def has_credentials() -> bool:
 
 def reachable(timeout: float = 3.0) -> bool:
     url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    try:
-        with socket.create_connection((url.hostname or "api.wandb.ai", url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return tcp_reachable(url.hostname or "api.wandb.ai", url.port or 443, timeout)
 
 
 def choose_mode(mode: str) -> str:

@@ -12,22 +12,47 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "lit_lora"
 
 
+def _module_name(path) -> str:
+    """``builder`` for lit_lora/builder.py, ``speedups.attention`` for lit_lora/speedups/attention.py,
+    ``speedups`` for its ``__init__.py``."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(node: ast.AST, modules: set[str]) -> set[str]:
+    """The lit_lora modules one import statement names (``from lit_lora.x import y`` names ``x.y`` when
+    that is a module, else ``x``)."""
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lit_lora":
+        base = node.module.removeprefix("lit_lora").lstrip(".")
+        names = {f"{base}.{a.name}".lstrip(".") for a in node.names}
+        return {n if n in modules else base for n in names} - {""}
+    if isinstance(node, ast.Import):
+        return {a.name.removeprefix("lit_lora.") for a in node.names if a.name.startswith("lit_lora.")}
+    return set()
+
+
 def import_graph() -> dict[str, set[str]]:
-    """``{module: lit_lora modules it imports anywhere in its body}`` for every module of the package."""
-    modules = {path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    """``{module: lit_lora modules it imports anywhere in its body}`` for every module of the package,
+    subpackages included."""
+    paths = {_module_name(path): path for path in PACKAGE.rglob("*.py") if path.parent.name != "__pycache__"}
+    modules = set(paths) - {""}
     graph: dict[str, set[str]] = {}
     for name in modules:
         deps: set[str] = set()
-        for node in ast.walk(ast.parse((PACKAGE / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                if node.module.startswith("lit_lora."):
-                    deps.add(node.module.split(".")[1])
-                elif node.module == "lit_lora":
-                    deps.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.Import):
-                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("lit_lora."))
+        for node in ast.walk(ast.parse(paths[name].read_text())):
+            deps |= _imported(node, modules)
         graph[name] = (deps & modules) - {name}
     return graph
+
+
+def test_lit_lora_does_not_import_the_plugin_package():
+    """``callbacks`` (top level) plugs into lit-lora; lit-lora itself must not need it."""
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n == "callbacks" or n.startswith("callbacks.") for n in names), path
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -69,7 +94,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycle_inside_lit_lora():
     graph = import_graph()
-    assert len(graph) > 20 and graph["train"], "the graph covers the package"
+    assert len(graph) > 30 and graph["train"] and graph["speedups"], "the graph covers the package"
+    assert "speedups.attention" in graph["module"], "subpackage modules are nodes of their own"
     assert cycles(graph) == [], {m: sorted(graph[m]) for c in cycles(graph) for m in c}
 
 

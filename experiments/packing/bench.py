@@ -40,6 +40,7 @@ from lit_lora.builder import build_model
 from lit_lora.config import register_configs, to_train_config
 from lit_lora.data import DataModule
 from lit_lora.module import LitLoRA
+from lit_lora.rendering import IGNORE_INDEX
 
 PRESETS = ("translation_vi_en", "summarization", "sentiment", "qa")
 HERE = Path(__file__).resolve().parent
@@ -151,7 +152,7 @@ def loss_agreement(examples: list[dict], tokenizer, max_seq_len: int) -> dict:
     def total(batches):
         loss_sum = tokens = 0.0
         for batch in batches:
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             loss = model(**{k: v for k, v in batch.items() if k in MODEL_KEYS}, use_cache=False).loss
             loss_sum += float(loss) * n
             tokens += n
