@@ -540,6 +540,14 @@ MOVED_KEYS = {
 }
 
 
+def check_not_moved(key: str) -> None:
+    """A :class:`UserError` naming the new key when ``key`` (dotted, from the command line or a YAML)
+    is one that moved. The entry point checks ``argv`` with it before Hydra composes, since Hydra would
+    refuse a plain ``model.fused_rmsnorm=false`` with its own message, which does not say where it went."""
+    if key in MOVED_KEYS:
+        raise UserError(f"{key} is now {MOVED_KEYS[key]} (the speed group, lit_lora.speedups)")
+
+
 def _check_known_keys(node: DictConfig, schema: type, prefix: str) -> None:
     """Every key of ``node`` is a field of the dataclass ``schema`` (recursively): Hydra's ``+key=value``
     can add a key to a typed node, and ``OmegaConf.to_object`` would silently drop it."""
@@ -547,10 +555,7 @@ def _check_known_keys(node: DictConfig, schema: type, prefix: str) -> None:
 
     known = {f.name: f.type for f in fields(schema)}
     for key in node:
-        if f"{prefix}{key}" in MOVED_KEYS:
-            raise UserError(
-                f"{prefix}{key} is now {MOVED_KEYS[prefix + key]} (the speed group, lit_lora.speedups)"
-            )
+        check_not_moved(f"{prefix}{key}")
         if key not in known:
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from lit_lora.answers import exact_match_score
 from lit_lora.builder import build_model
 from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, clean_stale, find_resumable
-from lit_lora.config import TrainConfig, check_device, register_configs, to_train_config
+from lit_lora.config import TrainConfig, check_device, check_not_moved, register_configs, to_train_config
 from lit_lora.data import DataModule
 from lit_lora.distributed import end_process_group, wait_for_launched_ranks
 from lit_lora.environment import process_memory_mb, reset_peak_rss
@@ -472,5 +472,10 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    try:
+        for arg in sys.argv[1:]:
+            check_not_moved(arg.partition("=")[0].lstrip("+~"))
+    except UserError as err:
+        exit_with(err)
     check_argv_paths(sys.argv[1:], ("hydra.run.dir", "hydra.sweep.dir"))
     main()

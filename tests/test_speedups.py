@@ -68,6 +68,11 @@ def test_speed_off_trains_with_peft_and_transformers_own_forward_everywhere(tmp_
     assert calls["lora"] >= 8 * 4
 
 
-def test_a_key_that_moved_to_the_speed_group_says_where(tmp_path):
+def test_a_key_that_moved_to_the_speed_group_says_where(tmp_path, cli):
     with pytest.raises(UserError, match=r"model\.fused_rmsnorm is now speed\.fused_rmsnorm"):
         to_train_config(compose_train([*TINY, f"output_dir={tmp_path}", "+model.fused_rmsnorm=false"]))
+    done = cli("lora.fused_linear=false", f"output_dir={tmp_path / 'run'}")
+    assert done.returncode == 2 and not (tmp_path / "run").exists()
+    assert done.stderr.strip().splitlines() == [
+        "lit-lora: error: lora.fused_linear is now speed.fused_lora_linear (the speed group, lit_lora.speedups)"
+    ]
