@@ -430,7 +430,7 @@ def load_base(
 
 
 def build_model(
-    cfg,
+    cfg: TrainConfig | BaseConfig,
     *,
     adapter: str | Path | None = None,
     export_dtype: torch.dtype | None = None,
@@ -461,6 +461,8 @@ def build_model(
     base, tokenizer, source, _ = load_base(
         cfg.model, dtype=dtype, quantization=quantization, cuda_index=cuda_index, export_dtype=export_dtype
     )
+    if export_dtype is not None:
+        dtype = base.dtype  # the stored precision load_base chose
     model, targets = base, None
     if adapter is not None:
         model = attach_adapter(base, adapter)
