@@ -102,6 +102,7 @@ def aggregate(runs: list[dict]) -> dict:
         out[key] = round(statistics.mean(values), 2) if values else None
     out["peak_memory_mb"] = max(r["peak_memory_mb"] for r in runs)
     out["adapter_bytes"] = runs[0]["adapter_bytes"]
+    out["speedups_on"] = runs[0].get("speedups_on")  # lit-lora's speed paths (only lit-lora has them)
     out["rounds"] = len(runs)
     return out
 

@@ -156,7 +156,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "paths-cpu.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
-        "# lit-lora CPU paths, each switched off in turn",
+        "# lit-lora CPU speed paths against speed=off and against the defaults",
         "",
         f"Machine: {result['machine']}. Date: {result['date']}. Demo rows, batches of 4 (85-97 tokens),"
         f" {result['steps']} timed steps per variant, interleaved in one process (`python -m bench.speed_paths`).",

@@ -210,7 +210,11 @@ def run_lit(args, scratch: Path) -> dict:
                 data = DataModule(cfg.data, built.tokenizer, scratch / "data")
                 data.setup()
             trainer.fit(module, datamodule=data)
-    return {**clock.result(), "adapter_bytes": _adapter_bytes(built.model, scratch)}
+    return {
+        **clock.result(),
+        "adapter_bytes": _adapter_bytes(built.model, scratch),
+        "speedups_on": built.speedups.on,  # lit-lora's paths: on for lit, off (plain PEFT) for hf and raw
+    }
 
 
 def _hf_inputs(args, tokenizer, scratch: Path) -> list[dict]:
@@ -238,7 +242,7 @@ def run_hf(args, scratch: Path) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     overrides = [f"lora.r={args.rank}", f"lora.alpha={2 * args.rank}"] if args.rank else []
-    _, built = _peft_model(overrides)
+    _, built = _peft_model([*overrides, "speed=off"])  # plain transformers + PEFT
     rows = _hf_inputs(args, built.tokenizer, scratch)
     collate = _collator(args, built.tokenizer)
     clock = StepClock()
@@ -275,12 +279,16 @@ def run_hf(args, scratch: Path) -> dict:
             model=built.model, args=targs, train_dataset=rows, data_collator=counting, callbacks=[Clock()]
         )
         trainer.train()
-    return {**clock.result(), "adapter_bytes": _adapter_bytes(built.model, scratch)}
+    return {
+        **clock.result(),
+        "adapter_bytes": _adapter_bytes(built.model, scratch),
+        "speedups_on": built.speedups.on,  # lit-lora's paths: on for lit, off (plain PEFT) for hf and raw
+    }
 
 
 def run_raw(args, scratch: Path) -> dict:
     overrides = [f"lora.r={args.rank}", f"lora.alpha={2 * args.rank}"] if args.rank else []
-    _, built = _peft_model(overrides)
+    _, built = _peft_model([*overrides, "speed=off"])  # plain transformers + PEFT
     model = built.model
     model.train()
     rows = _hf_inputs(args, built.tokenizer, scratch)
@@ -301,7 +309,11 @@ def run_raw(args, scratch: Path) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.step(int(batch["attention_mask"].sum()), _trained(batch["labels"]))
-    return {**clock.result(), "adapter_bytes": _adapter_bytes(model, scratch)}
+    return {
+        **clock.result(),
+        "adapter_bytes": _adapter_bytes(model, scratch),
+        "speedups_on": built.speedups.on,
+    }
 
 
 def main() -> None:

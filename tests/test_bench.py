@@ -55,6 +55,8 @@ def test_each_bench_system_runs_and_reports(system, data):
     result = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[7:])
     assert result["trained_tokens_per_s"] > 0 and result["peak_memory_mb"] > 0
     assert result["adapter_bytes"] > 1_000_000  # LoRA r=8 on q/k/v/o of SmolLM2-135M, fp32
+    # lit-lora runs with its speed paths; the peers get plain transformers + PEFT (speed=off).
+    assert result["speedups_on"] is (system == "lit")
 
 
 def test_bench_paths_dry_run_times_every_variant_against_speed_off_and_the_defaults():
