@@ -1,14 +1,15 @@
 """lit-lora: LoRA and QLoRA fine-tuning of causal language models on Lightning, PEFT and Hydra."""
 
-import logging
 import os
+
+from lit_lora import console
 
 # Quiet, offline-friendly defaults set before transformers / tokenizers import; the user's env wins.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-# bitsandbytes >= 0.50 tries to fetch an optimised CPU 4-bit kernel from the hub at import and logs a
-# warning when it cannot (always, offline); it then uses its own CPU kernel, so the warning is noise.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# Known-harmless third-party messages, silenced by exact text before those libraries import (the list
+# and the reasons: lit_lora/console.py; verbose=true shows everything).
+console.install()
 
 __version__ = "0.1.0"

@@ -13,8 +13,8 @@ import json
 from collections.abc import Iterable
 
 import torch
-from tqdm.auto import tqdm
 
+from lit_lora.progress import progress
 from lit_lora.rendering import Rendering, prompt_ids
 from lit_lora.rows import Row
 
@@ -37,7 +37,8 @@ def generate_answers(
     model.eval()
     device = next(model.parameters()).device
     answers: list[str] = []
-    for start in tqdm(range(0, len(conversations), batch_size), desc=desc, unit="batch", leave=False):
+    starts = range(0, len(conversations), batch_size)
+    for start in progress(starts, len(starts), desc):
         prompts = [prompt_ids(tokenizer, rendering, c) for c in conversations[start : start + batch_size]]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)

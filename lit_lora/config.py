@@ -300,7 +300,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = 1.0
     val_check_interval: Any = 50
     check_val_every_n_epoch: int | None = None
-    limit_val_batches: Any = 1.0
+    limit_val_batches: Any = None  # None: every batch (Lightning's default; 1.0 makes it say so)
     log_every_n_steps: int = 5
     num_sanity_val_steps: int = 0
     deterministic: bool = False
@@ -347,6 +347,9 @@ class TrainConfig:
     max_nonfinite_skips: int = 3
     # SIGTERM / SIGUSR1: save a checkpoint at the next step boundary and exit (status 143) within this.
     grace_period_s: float = 120.0
+    # Show every third-party warning and log line (lit_lora/console.py silences a few known-harmless
+    # ones by exact text); read from the command line before the libraries import.
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         if self.on_nonfinite not in ("abort", "skip"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ from torchmetrics.text import Perplexity
 
 from lit_lora.adapters import attach_adapter, check_adapter_folder, rendering_for
 from lit_lora.answers import exact_match, generate_answers
-from lit_lora.app_config import EvaluateConfig, app_main
+from lit_lora.api import compose
+from lit_lora.app_config import EvaluateConfig, app_main, typed
 from lit_lora.batching import MODEL_KEYS, collate
 from lit_lora.builder import build_model
 from lit_lora.data import DataModule
@@ -131,6 +133,12 @@ def _print_table(report: dict, out: Path) -> None:
     for m in report["models"]:
         print("  ".join([m["model"].ljust(width), *(str(m.get(k, "-")).rjust(11) for k in keys)]))
     print(f"lit-lora: written {out}", flush=True)
+
+
+def run(overrides: Sequence[str] = ()) -> dict:
+    """``python -m lit_lora.evaluate <overrides>`` as a function (:mod:`lit_lora.api`); returns the report
+    also written as JSON. Raises :class:`~lit_lora.errors.UserError` for user mistakes."""
+    return evaluate(typed(compose("evaluate", overrides), EvaluateConfig))
 
 
 main = app_main(evaluate, EvaluateConfig, "evaluate")

@@ -8,14 +8,17 @@ The prompt is built with exactly the rendering saved with the adapter (or a merg
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lit_lora.adapters import rendering_for, tokenizer_for
-from lit_lora.app_config import GenerateConfig, app_main
+from lit_lora.api import compose
+from lit_lora.app_config import GenerateConfig, app_main, typed
 from lit_lora.builder import build_model
+from lit_lora.errors import UserError
 from lit_lora.rendering import prompt_ids
 
 
@@ -75,7 +78,8 @@ def _say_end(reply: Reply, limit: int) -> None:
     print(f"\nlit-lora: [{reply.new_tokens} tokens, stopped at {end}]", file=sys.stderr, flush=True)
 
 
-def run(cfg: GenerateConfig) -> Reply | None:
+def chat(cfg: GenerateConfig) -> Reply | None:
+    """The command: answer ``prompt`` (streamed), or, without one, an interactive chat on stdin."""
     session = Session(cfg)
     if cfg.prompt is not None:
         reply = session.reply([{"role": "user", "content": cfg.prompt}], stream=cfg.stream)
@@ -100,7 +104,16 @@ def run(cfg: GenerateConfig) -> Reply | None:
     return None
 
 
-main = app_main(run, GenerateConfig, "generate")
+def run(overrides: Sequence[str] = ()) -> Reply:
+    """``python -m lit_lora.generate prompt=... <overrides>`` as a function (:mod:`lit_lora.api`): the
+    reply to ``prompt``, not streamed. Raises :class:`~lit_lora.errors.UserError` for user mistakes."""
+    cfg = typed(compose("generate", overrides), GenerateConfig)
+    if cfg.prompt is None:
+        raise UserError("generate.run needs prompt=...; the interactive chat is the command line's")
+    return Session(cfg).reply([{"role": "user", "content": cfg.prompt}], stream=False)
+
+
+main = app_main(chat, GenerateConfig, "generate")
 
 
 if __name__ == "__main__":

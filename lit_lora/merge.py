@@ -21,12 +21,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from lit_lora.adapters import attach_adapter, check_adapter_folder, rendering_for, tokenizer_for
-from lit_lora.app_config import MergeConfig, app_main
+from lit_lora.api import compose
+from lit_lora.app_config import MergeConfig, app_main, typed
 from lit_lora.builder import build_model
 from lit_lora.config import QuantConfig
 from lit_lora.errors import UserError
@@ -129,6 +131,12 @@ def merge(cfg: MergeConfig) -> Path:
         f"lit-lora: merged {adapter} into {source} (stored {base_dtype}) as {cfg.dtype} -> {out}", flush=True
     )
     return out
+
+
+def run(overrides: Sequence[str] = ()) -> Path:
+    """``python -m lit_lora.merge <overrides>`` as a function (:mod:`lit_lora.api`); returns the merged
+    folder. Raises :class:`~lit_lora.errors.UserError` for user mistakes."""
+    return merge(typed(compose("merge", overrides), MergeConfig))
 
 
 main = app_main(merge, MergeConfig, "merge")

@@ -45,16 +45,22 @@ def _no_nul(key: str, value: str) -> None:
         raise UserError(f"{key} contains a NUL byte: {value!r}")
 
 
-def check_argv_paths(argv: list[str], keys: tuple[str, ...]) -> None:
-    """Exit (status 2, one line) when a ``key=value`` override in ``argv`` for one of ``keys`` lies outside
-    the output root. Entry points call this before Hydra starts, because Hydra creates its run folder
-    (``hydra.run.dir`` and what it interpolates) before the job, and so before any config check, runs."""
+def confine_override_paths(argv: list[str], keys: tuple[str, ...]) -> None:
+    """Raise :class:`UserError` when a ``key=value`` override in ``argv`` for one of ``keys`` lies outside
+    the output root (``output_root=`` among the overrides, else the default root)."""
     root = next((a.split("=", 1)[1] for a in argv if a.startswith("output_root=")), None)
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        value = value.strip("'\"")  # Lightning's DDP launcher passes hydra.run.dir="<folder>"
+        if key.lstrip("+") in keys and value and "${" not in value:
+            confined(key.lstrip("+"), value, root)
+
+
+def check_argv_paths(argv: list[str], keys: tuple[str, ...]) -> None:
+    """Exit (status 2, one line) when :func:`confine_override_paths` refuses ``argv``. Entry points call
+    this before Hydra starts, because Hydra creates its run folder (``hydra.run.dir`` and what it
+    interpolates) before the job, and so before any config check, runs."""
     try:
-        for arg in argv:
-            key, _, value = arg.partition("=")
-            value = value.strip("'\"")  # Lightning's DDP launcher passes hydra.run.dir="<folder>"
-            if key.lstrip("+") in keys and value and "${" not in value:
-                confined(key.lstrip("+"), value, root)
+        confine_override_paths(argv, keys)
     except UserError as err:
         exit_with(err)

@@ -25,7 +25,7 @@ import json
 import logging
 import sys
 import time
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from lit_lora.answers import exact_match_score
 from lit_lora.builder import build_model
 from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, clean_stale, find_resumable
 from lit_lora.config import TrainConfig, check_device, check_not_moved, register_configs, to_train_config
+from lit_lora.console import quiet_library_progress_bars
 from lit_lora.data import DataModule
 from lit_lora.distributed import end_process_group, wait_for_launched_ranks
 from lit_lora.environment import process_memory_mb, reset_peak_rss
@@ -52,6 +53,7 @@ from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, UserError, exit_
 from lit_lora.graceful import GracefulStop
 from lit_lora.module import LitLoRA
 from lit_lora.paths import check_argv_paths, confined
+from lit_lora.progress import ProgressLines, StepProgressBar, interactive
 from lit_lora.strategies import build_strategy, fsdp_storage_dtype, scoring_device
 from lit_lora.sweep import record_failure
 from lit_lora.wandb_logging import finish_runs, flat_config, redacted_config
@@ -185,11 +187,12 @@ def _oom_message(tc: TrainConfig, out: Path, trainer) -> str:
 
 
 def _keep_earlier_files(out: Path, step: int) -> None:
-    """On resume in the same folder, keep what the interrupted run wrote: Lightning's CSV logger would
-    truncate metrics.csv, so it is renamed first."""
-    metrics = out / "metrics.csv"
-    if metrics.exists():
-        metrics.rename(out / f"metrics.until-step-{step}.csv")
+    """On resume in the same folder, keep what the interrupted run wrote: the CSV logger writes a new
+    metrics.csv and hparams.yaml (:mod:`lit_lora.csv_logger`), so the earlier ones are renamed first."""
+    for name in ("metrics.csv", "hparams.yaml"):
+        if (out / name).exists():
+            stem, suffix = name.split(".")
+            (out / name).rename(out / f"{stem}.until-step-{step}.{suffix}")
 
 
 @dataclass
@@ -219,6 +222,8 @@ def train(cfg: DictConfig) -> TrainResult:
     resume_from = _resume_from(tc.resume, out)
     if resume_from is not None:
         _keep_earlier_files(out, checkpoint_step(resume_from))
+    if not interactive():
+        quiet_library_progress_bars()  # in a log file, lit-lora's own progress lines only
     storage = fsdp_storage_dtype(tc)
     if storage is not None:
         # Decided before config.yaml is written, so that it records the storage dtype that ran.
@@ -279,6 +284,10 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["strategy"] = build_strategy(tc, built)
+    # A bar on a terminal; in a log file (stdout not a terminal) plain lines instead (lit_lora.progress).
+    show_bar = tc.trainer.enable_progress_bar and interactive()
+    trainer_kwargs["enable_progress_bar"] = show_bar
+    callbacks = [*callbacks, StepProgressBar() if show_bar else ProgressLines(tc.trainer.log_every_n_steps)]
     if not data.examples["val"]:
         trainer_kwargs["limit_val_batches"] = 0  # no validation rows: data.val_fraction=0 and no val_source
     try:
@@ -293,6 +302,9 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
             # The training sampler shards by rank itself (lit_lora.batching.StepBatchSampler).
             use_distributed_sampler=False,
             enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+            # lit-lora prints the trainable / total parameters itself; Lightning's table of one PeftModel
+            # row says less and warns that it cannot size bf16-mixed.
+            enable_model_summary=False,
         )
     except (MisconfigurationException, ValueError, RuntimeError) as err:
         # e.g. trainer.devices=4 on a 2-device machine, an unknown accelerator or strategy name
@@ -304,40 +316,37 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
         f"{tc.trainer.accumulate_grad_batches} accum x {world} devices; ~{effective_batch * data.tokens_per_example():.0f} tokens "
         f"({effective_batch * data.trained_tokens_per_example():.0f} trained) per optimizer step"
     )
-    with warnings.catch_warnings():
-        # Lightning warns that a 1-worker DataLoader may be a bottleneck; tokenized rows are in memory.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        if resume_from is not None:
-            _say(f"resuming from {resume_from} (step {checkpoint_step(resume_from)})")
-        stopper = GracefulStop(out / CHECKPOINTS, tc.grace_period_s)
-        trainer.callbacks.append(stopper)
-        stopper.install(slurm_requeue=GracefulStop.slurm_requeue(trainer))
-        fitted = False
-        try:
-            trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
-            fitted = True
-        except SIGTERMException as err:  # Lightning stopped on SIGTERM before a safe point of ours
-            raise Interrupted(
-                "SIGTERM received; Lightning stopped the run before a step boundary, so no new checkpoint was "
-                f"saved; the newest complete one is {find_resumable(out / CHECKPOINTS)}; continue with resume=auto"
-            ) from err
-        except torch.OutOfMemoryError as err:
-            raise OutOfMemory(_oom_message(tc, out, trainer)) from err
-        except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            last = find_resumable(out / CHECKPOINTS)
-            raise DiskFull(
-                f"no space left on the device while writing ({err}); the newest complete checkpoint, "
-                f"which resume=auto takes, is {last or 'none yet'}. Free space and run again with resume=auto"
-            ) from err
-        finally:
-            # Nothing after fit is collective (scoring and the summary are rank zero's; the memory
-            # tracker gathered every rank in on_train_end), so the process group ends here, on every
-            # rank and also on failure, while the interpreter is fully alive. Left to Lightning, a gloo
-            # group was destroyed only during interpreter finalization, with its threads running,
-            # which could abort the process (issue 17; see lit_lora.distributed).
-            end_process_group(completed=fitted, barrier=trainer.strategy.barrier)
+    if resume_from is not None:
+        _say(f"resuming from {resume_from} (step {checkpoint_step(resume_from)})")
+    stopper = GracefulStop(out / CHECKPOINTS, tc.grace_period_s)
+    trainer.callbacks.append(stopper)
+    stopper.install(slurm_requeue=GracefulStop.slurm_requeue(trainer))
+    fitted = False
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+        fitted = True
+    except SIGTERMException as err:  # Lightning stopped on SIGTERM before a safe point of ours
+        raise Interrupted(
+            "SIGTERM received; Lightning stopped the run before a step boundary, so no new checkpoint was "
+            f"saved; the newest complete one is {find_resumable(out / CHECKPOINTS)}; continue with resume=auto"
+        ) from err
+    except torch.OutOfMemoryError as err:
+        raise OutOfMemory(_oom_message(tc, out, trainer)) from err
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        last = find_resumable(out / CHECKPOINTS)
+        raise DiskFull(
+            f"no space left on the device while writing ({err}); the newest complete checkpoint, "
+            f"which resume=auto takes, is {last or 'none yet'}. Free space and run again with resume=auto"
+        ) from err
+    finally:
+        # Nothing after fit is collective (scoring and the summary are rank zero's; the memory
+        # tracker gathered every rank in on_train_end), so the process group ends here, on every
+        # rank and also on failure, while the interpreter is fully alive. Left to Lightning, a gloo
+        # group was destroyed only during interpreter finalization, with its threads running,
+        # which could abort the process (issue 17; see lit_lora.distributed).
+        end_process_group(completed=fitted, barrier=trainer.strategy.barrier)
 
     summary: dict = {
         "status": "completed" if not trainer.interrupted else "interrupted",
@@ -439,6 +448,15 @@ def _print_report(summary: dict, out: Path) -> None:
         for example in tuned["examples"][:1]:
             _say(f"  example answer: {json.dumps(example['answer'])}")
             _say(f"  expected:       {json.dumps(example['reference'])}")
+
+
+def run(overrides: Sequence[str] = ()) -> dict:
+    """``python -m lit_lora.train <overrides>`` as a function (:mod:`lit_lora.api`): the same config,
+    checks and run folder; returns the summary written to ``summary.json``. A user mistake raises
+    :class:`~lit_lora.errors.UserError` with the message the command line prints."""
+    from lit_lora.api import compose
+
+    return train(compose("train", overrides)).summary
 
 
 register_configs()

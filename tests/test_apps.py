@@ -244,3 +244,24 @@ def test_interactive_chat_reads_turns_until_an_empty_line(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("model> ") == 2
     assert done.stderr.count("stopped at") == 2
+
+
+def test_the_python_api_of_generate_evaluate_and_merge(adapter, tmp_path):
+    """``<command>.run(overrides)`` composes what ``python -m lit_lora.<command>`` composes (issue 20)."""
+    from lit_lora import evaluate as evaluate_command
+    from lit_lora import generate as generate_command
+    from lit_lora import merge as merge_command
+
+    reply = generate_command.run([f"adapter={adapter}", "prompt=Hello there", "max_new_tokens=3"])
+    session = Session(GenerateConfig(model=EMBEDDED, adapter=str(adapter), max_new_tokens=3))
+    assert reply == session.reply([{"role": "user", "content": "Hello there"}])
+    work = tmp_path / "evaluation"
+    overrides = [f"adapters=[{adapter}]", f"work_dir={work}", "generate=false", "data.test_size=4"]
+    report = evaluate_command.run(overrides)
+    assert report == json.loads((work / "evaluation.json").read_text())
+    assert [m["model"] for m in report["models"]] == ["base", str(adapter)]
+    assert report["models"][0]["perplexity"] != report["models"][1]["perplexity"]  # non-zero B
+    with pytest.raises(UserError, match="is not a PEFT adapter folder"):
+        merge_command.run([f"adapter={tmp_path}", f"output_dir={tmp_path / 'merged'}"])
+    with pytest.raises(UserError, match="prompt"):
+        generate_command.run([f"adapter={adapter}"])
