@@ -198,6 +198,7 @@ class Throughput(L.Callback):
         self.start = self.steady_start = None
         self.steady_end = None
         self.val_started = None
+        self.val_pending = 0.0  # validation time not yet taken off the clocks
         self.last_batch_end = None
         self.peak_flops: float | None = None
         self.flops_per_token = 0
@@ -249,13 +250,11 @@ class Throughput(L.Callback):
         self.val_started = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        # Validation is not training throughput: shift the clocks past the time it took.
+        # Validation is not training throughput: the clocks skip the time it took, when the next
+        # training batch ends. A validation after the last batch (the end of a run) lies outside the
+        # steady window already; shifting the start past it would leave no window at all.
         if self.val_started is not None:
-            spent = time.perf_counter() - self.val_started
-            if self.steady_start is not None:
-                self.steady_start += spent
-            if self.last_batch_end is not None:
-                self.last_batch_end += spent
+            self.val_pending += time.perf_counter() - self.val_started
         self.val_started = None
 
     def on_train_batch_end(
@@ -273,6 +272,12 @@ class Throughput(L.Callback):
         self.trained += trained
         self.samples += samples
         now = time.perf_counter()
+        if self.val_pending:
+            if self.steady_start is not None:
+                self.steady_start += self.val_pending
+            if self.last_batch_end is not None:
+                self.last_batch_end += self.val_pending
+            self.val_pending = 0.0
         step_time = now - (self.last_batch_end or now)
         self.last_batch_end = now
         if trainer.global_step < self.warmup_steps:

@@ -132,11 +132,22 @@ def _peak_rss_mb() -> float:
     return process_memory_mb()["peak_rss_mb"]
 
 
-def _check_fresh(out: Path) -> None:
-    """Refuse to reuse a run folder that already holds results: nothing of an earlier run is overwritten."""
+# What the CSV logger writes (lit_lora.csv_logger); an earlier run's copies are kept on resume.
+LOGGER_FILES = ("metrics.csv", "hparams.yaml")
+
+
+def _check_fresh(out: Path, resuming: bool) -> None:
+    """Refuse to reuse a run folder that already holds results: nothing of an earlier run is overwritten.
+    An interrupted run's logs (no results yet) are continued with ``resume=auto``, which keeps them."""
     for name in ("adapter", SUMMARY_FILE):
         if (out / name).exists():
             raise UserError(f"{out / name} exists from an earlier run; choose another output_dir")
+    for name in () if resuming else LOGGER_FILES:
+        if (out / name).exists():
+            raise UserError(
+                f"{out / name} exists from an interrupted run; continue it with resume=auto, "
+                "or choose another output_dir"
+            )
 
 
 def _resume_from(resume: str | None, out: Path) -> Path | None:
@@ -188,11 +199,16 @@ def _oom_message(tc: TrainConfig, out: Path, trainer) -> str:
 
 def _keep_earlier_files(out: Path, step: int) -> None:
     """On resume in the same folder, keep what the interrupted run wrote: the CSV logger writes a new
-    metrics.csv and hparams.yaml (:mod:`lit_lora.csv_logger`), so the earlier ones are renamed first."""
-    for name in ("metrics.csv", "hparams.yaml"):
+    metrics.csv and hparams.yaml (:mod:`lit_lora.csv_logger`), so the earlier ones are renamed first,
+    to ``metrics.until-step-<step>.csv`` (``-2``, ``-3``... when a run was interrupted twice there)."""
+    for name in LOGGER_FILES:
         if (out / name).exists():
             stem, suffix = name.split(".")
-            (out / name).rename(out / f"{stem}.until-step-{step}.{suffix}")
+            target, n = out / f"{stem}.until-step-{step}.{suffix}", 1
+            while target.exists():
+                n += 1
+                target = out / f"{stem}.until-step-{step}-{n}.{suffix}"
+            (out / name).rename(target)
 
 
 @dataclass
@@ -217,11 +233,11 @@ def train(cfg: DictConfig) -> TrainResult:
     check_plugin_keys(cfg)
     check_device(tc)
     out = _checked_output_paths(cfg, tc)
-    _check_fresh(out)
+    _check_fresh(out, resuming=bool(tc.resume))
     out.mkdir(parents=True, exist_ok=True)
     resume_from = _resume_from(tc.resume, out)
-    if resume_from is not None:
-        _keep_earlier_files(out, checkpoint_step(resume_from))
+    if tc.resume:  # also when resume=auto finds no checkpoint: the interrupted run's logs are kept
+        _keep_earlier_files(out, checkpoint_step(resume_from) if resume_from is not None else 0)
     if not interactive():
         quiet_library_progress_bars()  # in a log file, lit-lora's own progress lines only
     storage = fsdp_storage_dtype(tc)

@@ -139,3 +139,19 @@ def test_the_terminal_bar_counts_optimizer_steps_of_max_steps(tmp_path):
     assert bar._get_train_description(0) == "step 5/5 · epoch 0"
     task = bar.progress.tasks[bar.train_progress_bar_id]
     assert task.completed == 5 and task.description == "step 5/5 · epoch 0"
+
+
+def test_an_interrupted_runs_logs_are_kept_never_overwritten(tmp_path):
+    from lit_lora.train import _check_fresh, _keep_earlier_files
+
+    (tmp_path / "metrics.csv").write_text("step,loss\n1,2.0\n")
+    (tmp_path / "hparams.yaml").write_text("a: 1\n")
+    with pytest.raises(UserError, match="interrupted run; continue it with resume=auto"):
+        _check_fresh(tmp_path, resuming=False)
+    _check_fresh(tmp_path, resuming=True)
+    _keep_earlier_files(tmp_path, 0)  # resume=auto without a checkpoint: killed before the first one
+    (tmp_path / "metrics.csv").write_text("step,loss\n1,1.5\n")
+    _keep_earlier_files(tmp_path, 0)  # killed again before a checkpoint
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == ["hparams.until-step-0.yaml", "metrics.until-step-0-2.csv", "metrics.until-step-0.csv"]
+    assert (tmp_path / "metrics.until-step-0.csv").read_text().endswith("2.0\n")
