@@ -142,7 +142,8 @@ def _check_fresh(out: Path, resuming: bool) -> None:
     for name in ("adapter", SUMMARY_FILE):
         if (out / name).exists():
             raise UserError(f"{out / name} exists from an earlier run; choose another output_dir")
-    for name in () if resuming else LOGGER_FILES:
+    # Rank zero's only: under DDP the other ranks start once rank zero has begun writing these.
+    for name in () if resuming or rank_zero_only.rank != 0 else LOGGER_FILES:
         if (out / name).exists():
             raise UserError(
                 f"{out / name} exists from an interrupted run; continue it with resume=auto, "
@@ -236,7 +237,8 @@ def train(cfg: DictConfig) -> TrainResult:
     _check_fresh(out, resuming=bool(tc.resume))
     out.mkdir(parents=True, exist_ok=True)
     resume_from = _resume_from(tc.resume, out)
-    if tc.resume:  # also when resume=auto finds no checkpoint: the interrupted run's logs are kept
+    if tc.resume and rank_zero_only.rank == 0:  # also when resume=auto finds no checkpoint: logs are kept
+        # Rank zero alone: ranks started later would rename the files rank zero has begun anew.
         _keep_earlier_files(out, checkpoint_step(resume_from) if resume_from is not None else 0)
     if not interactive():
         quiet_library_progress_bars()  # in a log file, lit-lora's own progress lines only
