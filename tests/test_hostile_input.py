@@ -13,6 +13,8 @@ import sys
 import time
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,7 +26,7 @@ from lit_lora.data import DataModule
 from lit_lora.errors import UserError
 from lit_lora.rendering import IGNORE_INDEX, count_trained
 from lit_lora.train import check_plugin_keys
-from tests.conftest import ROOT, TINY, compose_train
+from tests.conftest import CONF, ROOT, TINY, compose_train
 
 TOKENIZER = load_tokenizer(ModelConfig(name_or_path="embedded:smollm2-135m"), "embedded:smollm2-135m", True)
 
@@ -147,6 +149,13 @@ def _typo(key: str, siblings: set[str]) -> str:
 
 def test_a_one_character_typo_of_every_leaf_key_fails_naming_the_key():
     leaves = _leaves()
+    # One Hydra initialisation for the ~200 compositions below (compose_train starts a new one each time).
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        _typos_fail(leaves)
+
+
+def _typos_fail(leaves: list[str]) -> None:
     assert len(leaves) > 80
     for key in leaves:
         if key.endswith("._target_") or key.startswith("model.config_overrides."):
@@ -156,7 +165,7 @@ def test_a_one_character_typo_of_every_leaf_key_fails_naming_the_key():
         wrong = _typo(key, siblings)
         for override in (f"{wrong}=1", f"+{wrong}=1"):
             try:
-                cfg = compose_train([*TINY, "output_dir=/tmp/unused", override])
+                cfg = compose(config_name="train", overrides=[*TINY, "output_dir=/tmp/unused", override])
                 to_train_config(cfg)
                 check_plugin_keys(cfg)
             except (HydraException, UserError) as err:
