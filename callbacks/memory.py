@@ -18,10 +18,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lit_lora.environment import process_memory_mb
+from lit_lora.environment import MB, process_memory_mb
 
 log = logging.getLogger(__name__)
-MB = 1024 * 1024
 
 
 def weights_mb(module: torch.nn.Module) -> float:

@@ -42,8 +42,6 @@ COMMANDS = {
     "generate": GenerateConfig,
 }
 FREE_FORM = {"defaults", "hydra"}  # Hydra's own keys in a command file
-# Drift in files this change could not edit; each entry names the fix. Remove an entry with its fix (strict).
-KNOWN_DRIFT: dict[str, str] = {}  # command file -> why it still restates a default (strict xfail)
 
 
 def _rel(path: Path) -> str:
@@ -163,12 +161,7 @@ def test_group_option_does_not_restate_the_schema(path):
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DRIFT[name]))
-        if name in KNOWN_DRIFT
-        else name
-        for name in COMMANDS
-    ],
+    list(COMMANDS),
 )
 def test_command_file_does_not_restate_the_schema(name):
     path = CONF / f"{name}.yaml"
