@@ -262,12 +262,14 @@ class Throughput(L.Callback):
     ) -> None:
         tokens = int(batch["token_mask"].sum())
         trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        # A packed row holds several examples: count the examples (position resets), not the rows.
-        samples = (
-            int((batch["position_ids"] == 0).logical_and(batch["token_mask"].bool()).sum())
-            if "position_ids" in batch
-            else int(batch["input_ids"].shape[0])
-        )
+        # A packed row holds several examples: count the examples (position resets), not the rows; a
+        # preference batch holds both sides of each pair: count the pairs (perf/samples_per_s = pairs/s).
+        if "pairs" in batch:
+            samples = int(batch["pairs"])
+        elif "position_ids" in batch:
+            samples = int((batch["position_ids"] == 0).logical_and(batch["token_mask"].bool()).sum())
+        else:
+            samples = int(batch["input_ids"].shape[0])
         self.tokens += tokens
         self.trained += trained
         self.samples += samples

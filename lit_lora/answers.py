@@ -103,6 +103,40 @@ def exact_match_score(
     }
 
 
+@torch.no_grad()
+def preference_accuracy(model, pad_id: int, pairs: list[dict], batch_size: int, use_adapter: bool) -> dict:
+    """Share (in %) of preference ``pairs`` (examples of :func:`lit_lora.data.encode_rows`) whose chosen
+    answer the model, adapter on or off, gives a higher log-likelihood than the rejected one.
+
+    Unlike the reward accuracy of DPO (which compares with a reference, so that it is 0 before any
+    training), this says which answer the model itself prefers: base and tuned are comparable.
+    Returns ``{"accuracy": float, "n": int, "mean_logp_margin": float}``."""
+    from lit_lora.batching import collate_pairs
+    from lit_lora.speedups.chunked_loss import sequence_logps, supports_chunked_loss
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    margins: list[torch.Tensor] = []
+    starts = range(0, len(pairs), batch_size)
+    context = contextlib.nullcontext() if use_adapter else model.disable_adapter()
+    with context:
+        desc = "preference tuned" if use_adapter else "preference base"
+        for start in progress(starts, len(starts), desc):
+            batch = collate_pairs(pairs[start : start + batch_size], pad_id)
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+            logps, _ = sequence_logps(model, inputs, batch["labels"].to(device), supports_chunked_loss(model))
+            chosen, rejected = logps.float().chunk(2)
+            margins.append((chosen - rejected).cpu())
+    model.train(was_training)
+    margin = torch.cat(margins) if margins else torch.zeros(0)
+    return {
+        "accuracy": 100.0 * float((margin > 0).float().mean()) if len(margin) else 0.0,
+        "n": len(margin),
+        "mean_logp_margin": float(margin.mean()) if len(margin) else 0.0,
+    }
+
+
 def parse_answer(text: str) -> object | None:
     """The JSON object at the start of a generated answer, or None if it does not parse."""
     text = text.strip()

@@ -55,6 +55,19 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
     return batch
 
 
+def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch of B preference pairs as one (2B, T) batch for one forward: rows ``0..B-1`` are the chosen
+    sides, rows ``B..2B-1`` the rejected ones in the same order, right-padded together by
+    :func:`collate`; ``pairs`` holds B. ``step_tokens`` (if tagged) counts the pairs of the step."""
+    sides = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    sides += [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
+    if "step_tokens" in examples[0]:
+        sides[0]["step_tokens"] = examples[0]["step_tokens"]
+    batch = collate(sides, pad_id)
+    batch["pairs"] = torch.tensor(len(examples), dtype=torch.long)
+    return batch
+
+
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
     """True when every row of a (B, T) 0/1 ``attention_mask`` is ones, then only zeros (or all ones)."""
     mask = attention_mask.bool()

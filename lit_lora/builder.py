@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lit_lora import embedded
-from lit_lora.adapters import attach_adapter
+from lit_lora.adapters import attach_adapter, check_adapter_folder
 from lit_lora.config import LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from lit_lora.environment import hub_host, hub_reachable, local_rank
 from lit_lora.errors import UserError
@@ -481,6 +481,8 @@ def _build_for_training(cfg: TrainConfig) -> BuiltModel:
     if lora_cfg.init == "loftq" and not torch.cuda.is_available():
         # PEFT's LoftQ quantizes the base with bitsandbytes on the GPU: the fix instead of a CUDA assertion.
         raise UserError("lora.init=loftq needs a CUDA device; on CPU use lora.init=pissa or default")
+    if cfg.objective.ref_adapter:  # before any weight loads: a wrong folder fails in a second
+        check_adapter_folder(cfg.objective.ref_adapter)
     # 1. Targets, on a weightless skeleton, when the architecture is known without a download.
     targets = check_targets_early(cfg.model, lora_cfg)
     quant_cfg = cfg.quant
@@ -526,6 +528,10 @@ def _build_for_training(cfg: TrainConfig) -> BuiltModel:
         targets = sorted(model.peft_config[model.active_adapter].target_modules)
     else:
         model = get_peft_model(base, _peft_lora_config(lora_cfg, targets))
+    if cfg.objective.ref_adapter:  # DPO's reference: a second, frozen adapter on the same base
+        from lit_lora.reference import load_reference
+
+        load_reference(model, cfg.objective.ref_adapter)
     check_only_adapter_trainable(model)
 
     # 4. The speed paths (lit_lora.speedups); they change no parameter count.

@@ -9,7 +9,9 @@ One row per run: the overrides that differ between the runs, status, trainable p
 on disk, peak memory, tokens/s, best validation loss and perplexity, held-out exact match, wall time.
 The table is printed and written as ``compare.md`` and ``compare.csv``; the plots
 ``loss_curves.png`` (training and validation loss overlaid), ``memory.png``, ``throughput.png`` and
-``score.png`` are written next to them (default: into the sweep folder, or the current folder).
+``score.png`` are written next to them (default: into the sweep folder, or the current folder), and
+for preference runs (``objective=dpo`` ...) ``preference.png``: validation preference accuracy and
+reward margin by step.
 Reads ``summary.json``, ``failed.json``, ``metrics*.csv`` and ``.hydra/overrides.yaml``; never W&B.
 """
 
@@ -40,8 +42,12 @@ COLUMNS = (
     ("best_val_ppl", "best val ppl"),
     ("score", "held-out exact match %"),
     ("score_base", "base exact match %"),
+    ("preference_accuracy", "val preference accuracy %"),
+    ("reward_margin", "val reward margin"),
     ("wall_time_s", "wall time s"),
 )
+# Curves read from metrics*.csv: the losses for every run, the preference figures for preference runs.
+CURVES = ("train/loss", "val/loss", "val/rewards_accuracy", "val/rewards_margin")
 
 
 @dataclass
@@ -87,8 +93,8 @@ def _is_run(path: Path) -> bool:
 
 
 def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """``train/loss`` and ``val/loss`` by step from ``metrics.csv`` (and the files of earlier, resumed parts)."""
-    curves: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": []}
+    """The :data:`CURVES` by step from ``metrics.csv`` (and the files of earlier, resumed parts)."""
+    curves: dict[str, list[tuple[int, float]]] = {key: [] for key in CURVES}
     for path in sorted(run_dir.glob("metrics*.csv")):
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
@@ -123,6 +129,8 @@ def row_of(run: Run, overrides: list[str]) -> dict:
     memory = s.get("memory", {})
     peak = memory.get("peak_allocated_mb") or memory.get("peak_rss_mb") or s.get("peak_rss_mb")
     best = s.get("best_val_loss", s.get("val_loss"))
+    preference = s.get("preference") or {}
+    accuracy, margin = preference.get("rewards_accuracy"), preference.get("rewards_margin")
     return {
         "run": run.path.name,
         "overrides": " ".join(overrides),
@@ -132,9 +140,12 @@ def row_of(run: Run, overrides: list[str]) -> dict:
         "peak_memory_mb": peak,
         "tokens_per_s": s.get("tokens_per_s"),
         "best_val_loss": None if best is None else round(best, 4),
-        "best_val_ppl": None if best is None else round(math.exp(best), 3),
+        # A preference loss is not a log-perplexity.
+        "best_val_ppl": None if best is None or preference else round(math.exp(best), 3),
         "score": None if "score_tuned" not in s else round(s["score_tuned"]["exact_match"], 1),
         "score_base": None if "score_base" not in s else round(s["score_base"]["exact_match"], 1),
+        "preference_accuracy": None if accuracy is None else round(100 * accuracy, 1),
+        "reward_margin": None if margin is None else round(margin, 4),
         "wall_time_s": s.get("wall_time_s"),
     }
 
@@ -196,7 +207,28 @@ def plots(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
         written.append(out / name)
         fig.savefig(written[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
+    if any(run.curves.get("val/rewards_accuracy") for run in runs):
+        written.append(_preference_plot(plt, runs, labels, out / "preference.png"))
     return written
+
+
+def _preference_plot(plt, runs: list[Run], labels: list[str], path: Path) -> Path:
+    """Validation preference accuracy and reward margin by step, one line per preference run."""
+    fig, (accuracy, margin) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
+        for ax, key, scale in ((accuracy, "val/rewards_accuracy", 100), (margin, "val/rewards_margin", 1)):
+            points = run.curves.get(key, [])
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, [scale * v for v in values], color=f"C{i % 10}", marker="o", label=label)
+    accuracy.set(
+        xlabel="step", ylabel="%", title="Validation preference accuracy (reward of chosen > rejected)"
+    )
+    margin.set(xlabel="step", ylabel="reward", title="Validation reward margin (chosen - rejected)")
+    accuracy.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def compare(paths: list[Path], out: Path | None = None) -> tuple[list[dict], Path]:
@@ -230,9 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows, out = compare(args.paths, args.out)
     print(terminal(rows))
-    print(
-        f"\nlit-lora: {len(rows)} runs; wrote compare.md, compare.csv, loss_curves.png, memory.png, throughput.png, score.png in {out}"
-    )
+    print(f"\nlit-lora: {len(rows)} runs; wrote compare.md, compare.csv and the plots in {out}")
     if any(r["status"] != "completed" for r in rows):
         sys.exit(1)
 

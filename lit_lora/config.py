@@ -23,6 +23,8 @@ PRECISIONS = ("32", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 DTYPES = ("float32", "bfloat16", "float16")
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
 def _one_of(group: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -194,8 +196,10 @@ class FieldsConfig:
     instruction: str = "instruction"  # alpaca
     input: str = "input"  # alpaca, optional in a row
     output: str = "output"  # alpaca
-    prompt: str = "prompt"  # prompt_completion
+    prompt: str = "prompt"  # prompt_completion, preference (optional there: implicit prompt)
     completion: str = "completion"  # prompt_completion
+    chosen: str = "chosen"  # preference
+    rejected: str = "rejected"  # preference
     system: str = "system"  # alpaca / prompt_completion: optional per-row system prompt
     messages: str = "messages"  # chat (OpenAI style)
     role: str = "role"
@@ -266,6 +270,58 @@ class DataConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What the adapter is trained to do (see :mod:`lit_lora.objectives`).
+
+    ``sft``: next-token loss on the answers (the default). The preference objectives need
+    ``data.format=preference`` rows (prompt, chosen, rejected):
+
+    - ``dpo``: ``loss`` = ``sigmoid`` (DPO), ``ipo`` or ``hinge``; ``beta`` scales the log-ratio to the
+      reference, ``label_smoothing`` (sigmoid only) is conservative DPO's share of flipped labels. The
+      reference is the base with the adapter off, or base + ``ref_adapter`` (a PEFT adapter folder).
+    - ``simpo``: reference-free, length-normalised log-probs; ``beta``, margin ``gamma``.
+    - ``orpo``: reference-free; NLL of the chosen answer + ``lambda_`` x the log odds-ratio term.
+    """
+
+    name: str = "sft"
+    loss: str = "sigmoid"  # dpo only
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # dpo sigmoid only
+    gamma: float = 0.5  # simpo only: the target reward margin
+    lambda_: float = 0.1  # orpo only ("lambda" is a Python keyword)
+    ref_adapter: str | None = None  # dpo only: base + this adapter is the reference
+
+    @property
+    def preference(self) -> bool:
+        """True for the objectives that train on preference pairs."""
+        return self.name != "sft"
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.name == "dpo"
+
+    def __post_init__(self) -> None:
+        _one_of("objective", "name", self.name, OBJECTIVES)
+        _one_of("objective", "loss", self.loss, DPO_LOSSES)
+        if self.beta <= 0:
+            raise UserError(f"objective.beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"objective.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and (self.name, self.loss) != ("dpo", "sigmoid"):
+            raise UserError(
+                "objective.label_smoothing applies to objective=dpo with objective.loss=sigmoid only"
+            )
+        if self.gamma < 0:
+            raise UserError(f"objective.gamma must be >= 0, got {self.gamma}")
+        if self.lambda_ <= 0:
+            raise UserError(f"objective.lambda_ must be > 0, got {self.lambda_}")
+        if self.ref_adapter is not None and self.name != "dpo":
+            raise UserError(
+                f"objective.ref_adapter is the reference of objective=dpo; objective={self.name} has none"
+            )
+
+
+@dataclass
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
 
@@ -327,6 +383,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     callbacks: dict[str, Any] = field(default_factory=dict)
@@ -386,6 +443,7 @@ def register_configs() -> None:
 
 def check_cross_fields(cfg: TrainConfig) -> None:
     """Checks that involve several groups; each message says what to change."""
+    check_objective_data(cfg.objective, cfg.data)
     if cfg.trainer.precision.startswith("16") and cfg.quant.enabled and cfg.quant.compute_dtype == "bfloat16":
         raise UserError(
             "trainer.precision=16-mixed with quant.compute_dtype=bfloat16 mixes two half types; "
@@ -395,6 +453,30 @@ def check_cross_fields(cfg: TrainConfig) -> None:
         raise UserError(f"lora.init={cfg.lora.init} needs unquantized or 4-bit base weights, not quant=int8")
     if cfg.lora.init == "loftq" and cfg.quant.enabled:
         raise UserError("lora.init=loftq quantizes the base itself: use it with quant=none")
+
+
+def check_objective_data(objective: ObjectiveConfig, data: DataConfig) -> None:
+    """Preference objectives train on preference rows, and only they do; pairs are not packed."""
+    if objective.preference and data.format != "preference":
+        raise UserError(
+            f"objective={objective.name} trains on preference pairs: set data.format=preference "
+            f"(rows with prompt, chosen, rejected), got data.format={data.format}"
+        )
+    if data.format == "preference" and not objective.preference:
+        raise UserError(
+            "data.format=preference needs a preference objective: objective=dpo, simpo or orpo "
+            "(objective=sft trains on single answers)"
+        )
+    if objective.preference and data.train_on_inputs:
+        raise UserError(
+            f"data.train_on_inputs=true does not apply to objective={objective.name}: a pair is compared on "
+            "its answers only; set data.train_on_inputs=false"
+        )
+    if objective.preference and data.packing:
+        raise UserError(
+            f"data.packing=true is not supported with objective={objective.name}: a chosen and a "
+            "rejected answer must be compared as whole sequences; set data.packing=false"
+        )
 
 
 # Strategy names (lit_lora.strategies) that need CUDA devices. FSDP is the exception when asked for on

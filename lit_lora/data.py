@@ -38,6 +38,7 @@ from lit_lora.batching import (
     ResumableLoader,
     StepBatchSampler,
     collate,
+    collate_pairs,
     pack,
     padding_fraction,
 )
@@ -49,6 +50,7 @@ from lit_lora.rendering import (
     Rendering,
     TemplateMismatch,
     count_trained,
+    encode_answer,
     encode_conversation,
     encode_text,
 )
@@ -69,6 +71,7 @@ from lit_lora.rows import (
 from lit_lora.staging import staged_folder
 
 SPLITS = ("train", "val", "test")
+DEMO_SOURCES = ("demo", "demo_preference")  # the built-in tasks (lit_lora/demo.py)
 CACHE_VERSION = 2  # bump when encoding or validation changes, so old caches are not reused
 __all__ = ["IGNORE_INDEX", "DataModule", "Rendering", "collate"]
 
@@ -79,8 +82,9 @@ Origin = tuple[str, str]  # ("file", path) | ("saved", folder) | ("hub", "hf:<id
 
 def plan_sources(cfg: DataConfig, data_dir: Path) -> dict[str, list[Origin]]:
     """Where each split's rows come from; splits not listed are drawn from train by fraction."""
-    if cfg.source == "demo":
-        paths = demo.write_splits(data_dir, cfg.train_size, cfg.val_size, cfg.test_size, cfg.seed)
+    if cfg.source in DEMO_SOURCES:
+        pairs = cfg.source == "demo_preference"
+        paths = demo.write_splits(data_dir, cfg.train_size, cfg.val_size, cfg.test_size, cfg.seed, pairs)
         return {split: [("file", str(path))] for split, path in paths.items()}
     plan: dict[str, list[Origin]] = {}
     for split, spec in (("train", cfg.source), ("val", cfg.val_source), ("test", cfg.test_source)):
@@ -202,11 +206,12 @@ def encode_rows(
     limit = cfg.max_seq_len
     for row in tqdm(rows, desc=desc, unit="row", disable=len(rows) < 500, mininterval=1.0):
         try:
-            ids, labels = (
-                encode_text(tokenizer, row.text)
-                if row.text is not None
-                else encode_conversation(tokenizer, rendering, row.messages)
-            )
+            if row.rejected is not None:  # a preference pair: both sides, answers labelled
+                sides = [encode_answer(tokenizer, rendering, m) for m in (row.messages, row.rejected)]
+            elif row.text is not None:
+                sides = [encode_text(tokenizer, row.text)]
+            else:
+                sides = [encode_conversation(tokenizer, rendering, row.messages)]
         except TemplateMismatch as err:
             bad.add(row.loc, "template_mismatch", str(err))
             continue
@@ -216,23 +221,36 @@ def encode_rows(
         except Exception as err:  # safety net: whatever the tokenizer or template raise, it costs one row
             bad.add(row.loc, "encode_error", f"cannot be tokenized: {describe(err)}")
             continue
-        if cfg.too_long_factor is not None and len(ids) > cfg.too_long_factor * limit:
+        longest = max(len(ids) for ids, _ in sides)
+        if cfg.too_long_factor is not None and longest > cfg.too_long_factor * limit:
             bad.add(
                 row.loc,
                 "too_long",
-                f"{len(ids)} tokens, over {cfg.too_long_factor:g} x data.max_seq_len={limit}",
+                f"{longest} tokens, over {cfg.too_long_factor:g} x data.max_seq_len={limit}",
             )
             continue
-        if len(ids) > limit:
-            ids, labels = ids[:limit], labels[:limit]
+        if longest > limit:
+            # A pair keeps its prompt (the shared start) and cuts each answer to fit.
+            sides = [(ids[:limit], labels[:limit]) for ids, labels in sides]
             counts["truncated"] += 1
-        if count_trained(labels) == 0:
+        if any(count_trained(labels) == 0 for _, labels in sides):
+            if row.rejected is not None:  # a pair without an answer token compares nothing: a bad row
+                bad.add(
+                    row.loc,
+                    "no_answer_token",
+                    f"an answer has no token left within data.max_seq_len={limit} after the prompt",
+                )
+                continue
             counts["dropped_no_trained_token"] += 1
             bad.first.setdefault(
                 "dropped_no_trained_token", f"{row.loc}: no answer token left within max_seq_len"
             )
             continue
-        examples.append({"input_ids": ids, "labels": labels})
+        (ids, labels), *rejected = sides
+        example = {"input_ids": ids, "labels": labels}
+        if rejected:
+            example["rejected_input_ids"], example["rejected_labels"] = rejected[0]
+        examples.append(example)
         kept.append(row)
     return examples, kept, counts
 
@@ -246,7 +264,7 @@ def _save_cache(folder: Path, examples: dict, rows: dict, stats: dict) -> None:
     # is not fatal: another run wrote the folder first, or the disk is full.
     with contextlib.suppress(OSError), staged_folder(folder, mode=0o700) as tmp:
         for split, items in examples.items():
-            columns = {"input_ids": [e["input_ids"] for e in items], "labels": [e["labels"] for e in items]}
+            columns = {key: [e[key] for e in items] for key in (items[0] if items else ())}
             if items:  # datasets cannot read back an empty saved dataset
                 datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / split))
             with (tmp / f"{split}.rows.jsonl").open("w", encoding="utf-8") as f:
@@ -373,8 +391,13 @@ class DataModule(L.LightningDataModule):
         sampler = EpochSampler(lengths, self.cfg.batch_size, self.cfg.seed, self.cfg.group_by_length)
         return [self.train_set[i] for i in sampler.order(0)]
 
+    @property
+    def pairs(self) -> bool:
+        """True for preference data: an example is a pair (``rejected_input_ids`` / ``rejected_labels``)."""
+        return self.cfg.format == "preference"
+
     def _collate(self):
-        return functools.partial(collate, pad_id=self.tokenizer.pad_token_id)
+        return functools.partial(collate_pairs if self.pairs else collate, pad_id=self.tokenizer.pad_token_id)
 
     def _batches_consumed(self) -> int:
         """Batches of the current epoch the training loop has finished (the resume position)."""
@@ -390,7 +413,8 @@ class DataModule(L.LightningDataModule):
         """
         lengths = [len(e["input_ids"]) for e in self.train_set]
         order = EpochSampler(lengths, self.cfg.batch_size, self.cfg.seed, self.cfg.group_by_length)
-        trained = [count_trained(e["labels"]) for e in self.train_set]
+        # A preference loss is a mean over pairs, so a step is weighted by its pairs, not its tokens.
+        trained = [1 if self.pairs else count_trained(e["labels"]) for e in self.train_set]
         trainer = self.trainer
         accum = trainer.accumulate_grad_batches if trainer is not None else 1
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -423,11 +447,13 @@ class DataModule(L.LightningDataModule):
         )
 
     def tokens_per_example(self) -> float:
-        """Mean tokens of one batch item: an example, or a packed row when ``data.packing``."""
+        """Mean tokens of one batch item: an example, a packed row when ``data.packing``, both sides of a pair."""
         ex = self.train_set
-        return sum(len(e["input_ids"]) for e in ex) / len(ex)
+        return sum(len(e["input_ids"]) + len(e.get("rejected_input_ids", ())) for e in ex) / len(ex)
 
     def trained_tokens_per_example(self) -> float:
         """Mean trained tokens of one batch item (as :meth:`tokens_per_example`)."""
         ex = self.train_set
-        return sum(count_trained(e["labels"]) for e in ex) / len(ex)
+        return sum(
+            count_trained(e["labels"]) + count_trained(e.get("rejected_labels", [])) for e in ex
+        ) / len(ex)

@@ -205,16 +205,58 @@ def make_rows(n: int, seed: int, held_out_names: bool) -> list[dict[str, str]]:
     return rows
 
 
-def write_splits(folder: Path, train_size: int, val_size: int, test_size: int, seed: int) -> dict[str, Path]:
+# Wrong answers of the preference demo: each breaks the schema in one way a reader would also reject.
+_KEY_SYNONYMS = {"name": "full_name", "age": "years", "job": "occupation", "city": "location"}
+
+
+def _rejected(record: dict, rng: random.Random) -> str:
+    """A wrong answer for ``record``: other key names, the age as a string, job and city swapped, a
+    field missing, or the same facts as prose instead of JSON."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        return json.dumps({_KEY_SYNONYMS[k]: v for k, v in record.items()})
+    if kind == 1:
+        return json.dumps({**record, "age": str(record["age"])})
+    if kind == 2:
+        return json.dumps({**record, "job": record["city"], "city": record["job"]})
+    if kind == 3:
+        dropped = rng.choice(["age", "job", "city"])
+        return json.dumps({k: v for k, v in record.items() if k != dropped})
+    return f"Name: {record['name']}, age: {record['age']}, job: {record['job']}, city: {record['city']}"
+
+
+def make_pairs(n: int, seed: int, held_out_names: bool) -> list[dict[str, str]]:
+    """``n`` preference rows (``prompt``, ``chosen``, ``rejected``) of the demo task: the chosen answer is
+    the row's JSON record, the rejected one a near miss (:func:`_rejected`). The prompt is the
+    instruction and the sentence, as the SFT demo renders them."""
+    rng = random.Random(seed + 7919)  # its own stream: the rows themselves equal make_rows'
+    pairs = []
+    for row in make_rows(n, seed, held_out_names):
+        record = json.loads(row["output"])
+        pairs.append(
+            {
+                "prompt": f"{row['instruction']}\n\n{row['input']}",
+                "chosen": row["output"],
+                "rejected": _rejected(record, rng),
+            }
+        )
+    return pairs
+
+
+def write_splits(
+    folder: Path, train_size: int, val_size: int, test_size: int, seed: int, pairs: bool = False
+) -> dict[str, Path]:
     """Write ``train.jsonl``, ``val.jsonl`` and ``test.jsonl`` into ``folder``; return their paths.
 
     The three splits use different derived seeds; ``test`` also uses first names unseen in training.
+    ``pairs``: the preference demo's rows (:func:`make_pairs`) instead of the SFT demo's.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    make = make_pairs if pairs else make_rows
     splits = {
-        "train": make_rows(train_size, seed, held_out_names=False),
-        "val": make_rows(val_size, seed + 1, held_out_names=False),
-        "test": make_rows(test_size, seed + 2, held_out_names=True),
+        "train": make(train_size, seed, held_out_names=False),
+        "val": make(val_size, seed + 1, held_out_names=False),
+        "test": make(test_size, seed + 2, held_out_names=True),
     }
     paths = {}
     for split, rows in splits.items():

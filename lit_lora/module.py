@@ -32,11 +32,13 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from lit_lora import faults
 from lit_lora.batching import MODEL_KEYS, is_right_padded
 from lit_lora.builder import count_params
-from lit_lora.config import OptimConfig
+from lit_lora.config import ObjectiveConfig, OptimConfig
 from lit_lora.errors import UserError
+from lit_lora.objectives import PairScores, pair_scores
+from lit_lora.reference import reference_model
 from lit_lora.rendering import IGNORE_INDEX, Rendering
 from lit_lora.speedups.attention import segments_from_positions
-from lit_lora.speedups.chunked_loss import supports_chunked_loss, trained_token_loss
+from lit_lora.speedups.chunked_loss import sequence_logps, supports_chunked_loss, trained_token_loss
 
 # Prefixes FSDP and its activation checkpointing insert into parameter names.
 _FSDP_PREFIX = "_fsdp_wrapped_module."
@@ -91,9 +93,13 @@ class LitLoRA(L.LightningModule):
         on_nonfinite: str = "abort",
         max_nonfinite_skips: int = 3,
         right_padding_mask: bool = False,
+        objective: ObjectiveConfig | None = None,
     ):
         super().__init__()
         self.model = model
+        self.objective = objective or ObjectiveConfig()
+        # Sums over the pairs of the running optimizer step (train) or of the validation set (val).
+        self._pair_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "val": {}}
         self.chunked_loss = chunked_loss and supports_chunked_loss(model)
         self.right_padding_mask = right_padding_mask  # speed.right_padding_mask (see _model_inputs)
         # from_pretrained returns the model in eval mode; LoRA dropout only acts in train mode.
@@ -299,15 +305,22 @@ class LitLoRA(L.LightningModule):
         :meth:`on_before_optimizer_step`.
         """
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
-        if "step_tokens" in batch:
+        if "step_tokens" in batch:  # with preference pairs: the pairs of the step (lit_lora.data)
             divisor = batch["step_tokens"].float() / scale
+        elif "pairs" in batch:
+            divisor = batch["pairs"].float()
         else:
             divisor = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
         step = self.global_step + 1  # the optimizer step this micro-batch belongs to (1-based)
         self._batch_idx = batch_idx
         if faults.at("oom", step):
             raise torch.OutOfMemoryError("CUDA out of memory (injected by LIT_LORA_FAULTS)")
-        loss = self._loss(batch, divisor)
+        if self.objective.preference:
+            scores = self._pair_scores(batch)
+            self._add_pair_sums("train", scores)
+            loss = scores.loss.sum() / divisor
+        else:
+            loss = self._loss(batch, divisor)
         if faults.at("nan_loss", step):
             loss = loss * float("nan")
         if self.on_nonfinite == "abort":
@@ -341,6 +354,55 @@ class LitLoRA(L.LightningModule):
             inputs = self._model_inputs(batch, with_labels=False, right_padding_mask=self.right_padding_mask)
             return trained_token_loss(self.model, inputs, batch["labels"], divisor)
         return self(batch, num_items_in_batch=divisor).loss
+
+    # ------------------------------------------------------------------------ preference objectives
+    def _sequence_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed answer log-probs and answer token counts of every row of a pair batch (one forward)."""
+        inputs = self._model_inputs(batch, with_labels=False, right_padding_mask=self.right_padding_mask)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        chunked = self.chunked_loss and not isinstance(strategy, FSDPStrategy)
+        return sequence_logps(self.model, inputs, batch["labels"], chunked)
+
+    def _pair_scores(self, batch: dict[str, torch.Tensor]) -> PairScores:
+        """Loss and rewards of each pair of a batch from :func:`lit_lora.batching.collate_pairs`: chosen and
+        rejected sides in one forward; for DPO the reference's in a second one, without gradients."""
+        logps, tokens = self._sequence_logps(batch)
+        ref = None
+        if self.objective.uses_reference:
+            with torch.no_grad(), reference_model(self.model):
+                ref = self._sequence_logps(batch)[0].chunk(2)
+        return pair_scores(self.objective, logps.chunk(2), tokens.chunk(2), ref)
+
+    def _add_pair_sums(self, split: str, scores: PairScores) -> None:
+        """Add a batch's per-pair figures to the running sums of ``split``."""
+        margin = scores.rewards_chosen - scores.rewards_rejected
+        figures = {
+            "loss": scores.loss.detach(),
+            "rewards_chosen": scores.rewards_chosen,
+            "rewards_rejected": scores.rewards_rejected,
+            "rewards_margin": margin,
+            "rewards_accuracy": (margin > 0).float(),
+            "logps_chosen": scores.logps[0],
+            "logps_rejected": scores.logps[1],
+            "pairs": torch.ones_like(margin),
+        }
+        sums = self._pair_sums[split]
+        for key, value in figures.items():
+            total = value.float().sum()
+            sums[key] = total if key not in sums else sums[key] + total
+
+    def _pair_metrics(self, split: str) -> dict[str, torch.Tensor]:
+        """Means over the pairs summed since the last call, all ranks together (a collective); resets."""
+        sums, self._pair_sums[split] = self._pair_sums[split], {}
+        if not sums:
+            return {}
+        keys = sorted(sums)
+        stacked = self.trainer.strategy.reduce(torch.stack([sums[k] for k in keys]), reduce_op="sum")
+        totals = dict(zip(keys, stacked, strict=True))
+        pairs = totals.pop("pairs")
+        if split == "train":
+            totals.pop("loss")  # train/loss is the step's loss, logged with the SFT one
+        return {f"{split}/{key}": value / pairs for key, value in totals.items()}
 
     def loss_scaler(self):
         """The loss scaler of the precision plugin (``trainer.precision=16-mixed``: a
@@ -413,6 +475,8 @@ class LitLoRA(L.LightningModule):
         self._step_loss = None
         self.last_step_loss = float(total)
         self.log("train/loss", total, prog_bar=True, rank_zero_only=True)
+        if self.objective.preference:
+            self.log_dict(self._pair_metrics("train"), rank_zero_only=True)
 
     def _scaler_overflow(self, step: int, scaler) -> None:
         """A step whose gradients are not finite under a loss scaler: the scaler skips it (see
@@ -471,15 +535,26 @@ class LitLoRA(L.LightningModule):
         root.clip_grad_norm_(value)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if self.objective.preference:
+            self._add_pair_sums("val", self._pair_scores(batch))
+            return
         logits = self(batch, with_labels=False).logits
         # Position t predicts token t+1.
         self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
 
     def on_validation_epoch_end(self) -> None:
-        ppl = self.val_ppl.compute()
-        self.val_ppl.reset()
-        loss = torch.log(ppl)
-        self.log_dict({"val/ppl": ppl, "val/loss": loss}, prog_bar=True, sync_dist=True)
+        if self.objective.preference:
+            metrics = self._pair_metrics("val")  # already summed over every rank
+            if not metrics:
+                return
+            loss = metrics.pop("val/loss")
+            self.log_dict(metrics, rank_zero_only=True)
+            self.log("val/loss", loss, prog_bar=True, rank_zero_only=True)
+        else:
+            ppl = self.val_ppl.compute()
+            self.val_ppl.reset()
+            loss = torch.log(ppl)
+            self.log_dict({"val/ppl": ppl, "val/loss": loss}, prog_bar=True, sync_dist=True)
         if not self.trainer.sanity_checking and torch.isfinite(loss):
             value = float(loss)
             self.best_val_loss = value if self.best_val_loss is None else min(self.best_val_loss, value)

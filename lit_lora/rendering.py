@@ -162,6 +162,26 @@ def encode_conversation(
     return full, labels
 
 
+def prompt_turns(messages: list[dict[str, str]]) -> int:
+    """How many opening turns of a preference conversation are its prompt: up to the last turn that is
+    not the assistant's (the answer of a preference pair is assistant turns only)."""
+    return max(i for i, m in enumerate(messages) if m["role"] != "assistant") + 1
+
+
+def encode_answer(
+    tokenizer, rendering: Rendering, messages: list[dict[str, str]]
+) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one side of a preference pair: only the final answer (the assistant
+    turns after :func:`prompt_turns`) is labelled; earlier assistant turns of the prompt are context.
+
+    The prompt's tokens are those the prompt renders to with the generation prompt, as in
+    :func:`prompt_ids`, so chosen and rejected of a pair share them exactly.
+    """
+    ids, labels = encode_conversation(tokenizer, rendering, messages)
+    start = _common_prefix(prompt_ids(tokenizer, rendering, messages[: prompt_turns(messages)]), ids)
+    return ids, [IGNORE_INDEX] * start + labels[start:]
+
+
 def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of raw text for continued pre-training: every token and a closing EOS trained."""
     ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]

@@ -42,7 +42,7 @@ from typing import Any
 
 from lit_lora.errors import UserError
 
-FORMATS = ("alpaca", "chat", "sharegpt", "prompt_completion", "text")
+FORMATS = ("alpaca", "chat", "sharegpt", "prompt_completion", "text", "preference")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 SHAREGPT_ROLES = {
     "system": "system",
@@ -77,14 +77,18 @@ DATASET_BATCH = 1000
 
 @dataclass
 class Row:
-    """One validated row: ``loc`` is where it came from (``file:line`` or ``file:row N``)."""
+    """One validated row: ``loc`` is where it came from (``file:line`` or ``file:row N``).
+
+    A preference row holds two conversations with the same prompt: ``messages`` ends with the chosen
+    answer, ``rejected`` with the rejected one."""
 
     loc: str
     messages: list[dict[str, str]] | None = None
     text: str | None = None
+    rejected: list[dict[str, str]] | None = None
 
     def to_json(self) -> dict:
-        return {"loc": self.loc, "messages": self.messages, "text": self.text}
+        return {"loc": self.loc, "messages": self.messages, "text": self.text, "rejected": self.rejected}
 
 
 def one_line(text: str) -> str:
@@ -602,7 +606,9 @@ def read_hub(spec: str, split: str, subset: str | None, bad: BadRows) -> list[tu
 
 
 # --------------------------------------------------------------------------------------- validation
-def _field(obj: dict, name: str, loc: str, bad: BadRows, required: bool = True, kind: type = str) -> Any:
+def _field(
+    obj: dict, name: str, loc: str, bad: BadRows, required: bool = True, kind: type | tuple[type, ...] = str
+) -> Any:
     """The value of ``obj[name]`` if it has the right type (and is non-empty when required), else None.
 
     A text value must also be one the tokenizer can encode and at most :data:`MAX_ROW_BYTES` characters.
@@ -614,9 +620,8 @@ def _field(obj: dict, name: str, loc: str, bad: BadRows, required: bool = True, 
             _reject(bad, loc, reason, f"field {name!r} is {'missing' if name not in obj else 'null'}")
         return None
     if not isinstance(value, kind):
-        _reject(
-            bad, loc, "wrong_type", f"field {name!r} must be a {kind.__name__}, got {type(value).__name__}"
-        )
+        kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        _reject(bad, loc, "wrong_type", f"field {name!r} must be a {kinds}, got {type(value).__name__}")
     if isinstance(value, str):
         if len(value) > MAX_ROW_BYTES:  # rows from datasets tables reach here unmeasured
             _reject(
@@ -644,13 +649,13 @@ def _reject(bad: BadRows, loc: str, reason: str, detail: str) -> None:
     raise _Skip
 
 
-def _conversation(obj: dict, loc: str, fields: dict[str, str], sharegpt: bool, bad: BadRows) -> list:
-    key, role_key, content_key = (
-        (fields["conversations"], fields["speaker"], fields["value"])
-        if sharegpt
-        else (fields["messages"], fields["role"], fields["content"])
+def _turns(
+    turns: list, loc: str, fields: dict[str, str], sharegpt: bool, bad: BadRows
+) -> list[dict[str, str]]:
+    """Validated ``{"role", "content"}`` messages of a list of turns (roles mapped for ShareGPT)."""
+    role_key, content_key = (
+        (fields["speaker"], fields["value"]) if sharegpt else (fields["role"], fields["content"])
     )
-    turns = _field(obj, key, loc, bad, kind=list)
     messages = []
     for i, turn in enumerate(turns, start=1):
         where = f"{loc} (turn {i})"
@@ -663,12 +668,69 @@ def _conversation(obj: dict, loc: str, fields: dict[str, str], sharegpt: bool, b
             allowed = ", ".join(SHAREGPT_ROLES if sharegpt else CHAT_ROLES)
             _reject(bad, where, "bad_role", f"role {show(role)} is not one of {allowed}")
         messages.append({"role": mapped, "content": content})
+    return messages
+
+
+def _conversation(obj: dict, loc: str, fields: dict[str, str], sharegpt: bool, bad: BadRows) -> list:
+    key = fields["conversations"] if sharegpt else fields["messages"]
+    messages = _turns(_field(obj, key, loc, bad, kind=list), loc, fields, sharegpt, bad)
     if messages[-1]["role"] != "assistant":
         _reject(bad, loc, "bad_conversation", "a conversation must end with an assistant turn")
     if messages[0]["role"] == "assistant":
         # Rendering locates an answer by rendering the turns before it: an opening answer has none.
         _reject(bad, loc, "bad_conversation", "a conversation must not open with an assistant turn")
     return messages
+
+
+def _side(obj: dict, name: str, loc: str, fields: dict[str, str], bad: BadRows) -> list[dict[str, str]]:
+    """The messages of a preference field: a string is one assistant (or, for the prompt, user) turn."""
+    value = _field(obj, name, loc, bad, kind=(str, list))
+    if isinstance(value, str):
+        return [{"role": "user" if name == fields["prompt"] else "assistant", "content": value}]
+    return _turns(value, f"{loc} ({name})", fields, False, bad)
+
+
+def _pair(obj: dict, loc: str, fields: dict[str, str], bad: BadRows) -> Row:
+    """A preference row: ``messages`` = prompt + chosen answer, ``rejected`` = prompt + rejected answer.
+
+    Explicit prompt: ``prompt`` (a string or messages) with ``chosen`` / ``rejected`` (a string or
+    assistant messages). Implicit prompt (no ``prompt`` field): ``chosen`` and ``rejected`` are whole
+    conversations; the turns they share from the start are the prompt, and what follows in each must
+    be assistant turns only.
+    """
+    chosen = _side(obj, fields["chosen"], loc, fields, bad)
+    rejected = _side(obj, fields["rejected"], loc, fields, bad)
+    if obj.get(fields["prompt"]) is not None:
+        prompt = _side(obj, fields["prompt"], loc, fields, bad)
+    else:
+        strings = any(isinstance(obj[fields[k]], str) for k in ("chosen", "rejected"))
+        if fields["prompt"] in obj or strings:  # null, or answers without a conversation to share
+            _field(obj, fields["prompt"], loc, bad)
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        if not prompt:
+            _reject(
+                bad,
+                loc,
+                "no_common_prompt",
+                f"no {fields['prompt']!r} field, and {fields['chosen']!r} and {fields['rejected']!r} do not "
+                "start with the same turns (an implicit prompt is their shared opening)",
+            )
+    for name, answer in ((fields["chosen"], chosen), (fields["rejected"], rejected)):
+        if not answer or any(m["role"] != "assistant" for m in answer):
+            _reject(
+                bad,
+                loc,
+                "no_common_prompt" if fields["prompt"] not in obj else "bad_conversation",
+                f"{name!r} must be the assistant's answer to the prompt (assistant turns only after it)",
+            )
+    if prompt[-1]["role"] == "assistant" or all(m["role"] == "system" for m in prompt):
+        _reject(bad, loc, "bad_conversation", "the prompt must end with a user turn")
+    if chosen == rejected:
+        _reject(bad, loc, "identical_answers", "the chosen and the rejected answers are the same")
+    return Row(loc, messages=[*prompt, *chosen], rejected=[*prompt, *rejected])
 
 
 def to_row(obj: dict, loc: str, fmt: str, fields: dict[str, str], bad: BadRows) -> Row | None:
@@ -691,6 +753,8 @@ def to_row(obj: dict, loc: str, fmt: str, fields: dict[str, str], bad: BadRows) 
 def _to_row(obj: dict, loc: str, fmt: str, fields: dict[str, str], bad: BadRows) -> Row:
     if fmt == "text":
         return Row(loc, text=_field(obj, fields["text"], loc, bad))
+    if fmt == "preference":
+        return _pair(obj, loc, fields, bad)
     if fmt in ("chat", "sharegpt"):
         sharegpt = fmt == "sharegpt" or (fields["messages"] not in obj and fields["conversations"] in obj)
         return Row(loc, messages=_conversation(obj, loc, fields, sharegpt, bad))

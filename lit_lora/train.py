@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lit_lora.answers import exact_match_score
+from lit_lora.answers import exact_match_score, preference_accuracy
 from lit_lora.builder import build_model
 from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, clean_stale, find_resumable
 from lit_lora.config import TrainConfig, check_device, check_not_moved, register_configs, to_train_config
@@ -268,6 +268,7 @@ def train(cfg: DictConfig) -> TrainResult:
         right_padding_mask=tc.speed.right_padding_mask,
         on_nonfinite=tc.on_nonfinite,
         max_nonfinite_skips=tc.max_nonfinite_skips,
+        objective=tc.objective,
     )
     callbacks = _instantiate_all("callbacks", cfg.callbacks)
     loggers = [lg for lg in _instantiate_all("logger", cfg.logger) if lg is not None]
@@ -386,6 +387,13 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
     summary["val_loss"] = metrics.get("val/loss")
     summary["val_ppl"] = metrics.get("val/ppl")
     summary["best_val_loss"] = module.best_val_loss
+    summary["objective"] = dataclasses.asdict(tc.objective)
+    if tc.objective.preference:  # the last validation's preference figures (lit_lora.module)
+        summary["preference"] = {
+            key.removeprefix("val/"): value
+            for key, value in metrics.items()
+            if key.startswith("val/") and ("rewards_" in key or "logps_" in key)
+        }
 
     # Lightning's teardown moved the model to the CPU; scoring runs where training ran (None: sharded).
     score_on = scoring_device(trainer.strategy) if tc.score else None
@@ -412,6 +420,16 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
             if tc.score_base:
                 summary["score_base"] = exact_match_score(*args, use_adapter=False)
             summary["score_tuned"] = exact_match_score(*args, use_adapter=True)
+            if data.pairs:  # which answer of each held-out pair the model itself finds more likely
+                pairs = (
+                    built.model,
+                    built.tokenizer.pad_token_id,
+                    data.examples["test"],
+                    tc.data.eval_batch_size,
+                )
+                if tc.score_base:
+                    summary["preference_base"] = preference_accuracy(*pairs, use_adapter=False)
+                summary["preference_tuned"] = preference_accuracy(*pairs, use_adapter=True)
         summary["score_wall_s"] = round(time.perf_counter() - scoring_started, 2)
     # Callback summaries last, so that memory peaks include held-out generation.
     for callback in callbacks:
@@ -455,14 +473,28 @@ def _print_report(summary: dict, out: Path) -> None:
         f"steps {summary['global_step']}, wall time {summary['wall_time_s']:.0f} s, "
         f"tokens/s {summary.get('tokens_per_s', 'n/a')}, peak RSS {summary['peak_rss_mb']:.0f} MB"
     )
-    if summary.get("val_loss") is not None:
+    if summary.get("val_ppl") is not None:
         _say(f"validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.3f})")
+    elif summary.get("val_loss") is not None:
+        _say(f"validation loss {summary['val_loss']:.4f}")
+    if summary.get("preference", {}).get("rewards_accuracy") is not None:
+        pref = summary["preference"]
+        _say(
+            f"held-out preference accuracy {100 * pref['rewards_accuracy']:.1f}%, reward margin "
+            f"{pref['rewards_margin']:.4f} ({summary['objective']['name']})"
+        )
     if "score_tuned" in summary:
         tuned = summary["score_tuned"]
         line = f"held-out exact match ({tuned['n']} rows): "
         if "score_base" in summary:
             line += f"base {summary['score_base']['exact_match']:.1f}% -> "
         _say(line + f"fine-tuned {tuned['exact_match']:.1f}%")
+        if "preference_tuned" in summary:
+            pref = summary["preference_tuned"]
+            line = f"held-out pairs where the chosen answer is the more likely ({pref['n']} pairs): "
+            if "preference_base" in summary:
+                line += f"base {summary['preference_base']['accuracy']:.1f}% -> "
+            _say(line + f"fine-tuned {pref['accuracy']:.1f}%")
         for example in tuned["examples"][:1]:
             _say(f"  example answer: {json.dumps(example['answer'])}")
             _say(f"  expected:       {json.dumps(example['reference'])}")

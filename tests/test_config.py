@@ -39,6 +39,11 @@ def test_every_config_file_composes(path, tmp_path):
     overrides = [_override_for(path), f"output_dir={tmp_path}"]
     if path.parent.name == "data" and path.stem == "files":
         overrides.append(f"data.source={tmp_path}")
+    # Preference data and preference objectives only compose together (config.check_objective_data).
+    if path.parent.name == "data" and path.stem == "demo_preference":
+        overrides.append("objective=dpo")
+    if path.parent.name == "objective" and path.stem != "sft":
+        overrides.append("data=demo_preference")
     cfg = compose_train(overrides)
     typed = to_train_config(cfg)
     assert typed.output_dir == str(tmp_path)

@@ -43,8 +43,15 @@ def _frozen_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast
 
 
-class _FrozenLinearCrossEntropy(torch.autograd.Function):
-    """``sum_i CE(hidden[i] @ weight.T, targets[i])`` in chunks; the gradient flows to ``hidden`` only."""
+class _FrozenLinearLogProbs(torch.autograd.Function):
+    """``log_softmax(hidden[i] @ weight.T)[targets[i]]`` for every row i, in chunks; the gradient flows to
+    ``hidden`` only.
+
+    Each row's gradient ``d logp_i / d hidden_i = (one_hot - softmax) @ weight`` is formed in the forward,
+    while the chunk's logits exist, and kept (rows x hidden size, no vocabulary dimension); backward
+    scales row i by the incoming gradient of ``logp_i``. A sum of all rows is the token loss of SFT,
+    per-sequence sums are the answer log-probs of a preference pair.
+    """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
@@ -52,7 +59,7 @@ class _FrozenLinearCrossEntropy(torch.autograd.Function):
         # The matmuls run in the autocast dtype when autocast is on (as lm_head would), else as stored.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         w = _frozen_cast(weight, dtype)  # not per chunk, nor per step
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(dtype)
@@ -60,18 +67,19 @@ class _FrozenLinearCrossEntropy(torch.autograd.Function):
             # One fused log-softmax rather than logsumexp (max, exp, sum, log as separate passes) and a
             # second exp: 10.5 vs 20.2 ms for 123 x 49,152 fp32 logits on a CPU.
             log_probs = torch.log_softmax((h @ w.T).float(), dim=-1)
-            total -= log_probs.gather(1, t[:, None]).sum()
+            out[start : start + chunk] = log_probs.gather(1, t[:, None])[:, 0]
             if grad is not None:
                 probs = log_probs.exp_()  # in place: the chunk's only big buffer
                 probs[torch.arange(len(t), device=t.device), t] -= 1
+                # (softmax - one_hot) @ W: the gradient of -logp; backward flips the sign.
                 grad[start : start + chunk] = (probs.to(dtype) @ w).to(grad.dtype)
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
-        return total
+        return out
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None
+        return grad * -grad_out.to(grad.dtype)[:, None], None, None, None
 
 
 def _parts(model):
@@ -117,10 +125,35 @@ def trained_token_loss(
     ``labels`` (B, T) with ``-100`` where nothing is trained; the result equals transformers'
     ``ForCausalLMLoss`` with ``num_items_in_batch=divisor`` (within float rounding).
     """
+    logps, _ = _trained_logps(model, inputs, labels, chunk, **kwargs)
+    return -logps.sum() / divisor
+
+
+def _trained_logps(model, inputs: dict, labels: torch.Tensor, chunk: int, **kwargs):
+    """Log-prob of every trained position's label (in row-major order) and the (B, T-1) trained mask."""
     _, decoder, head = _parts(model)
     hidden = decoder(**inputs, **kwargs, use_cache=False).last_hidden_state
     shifted = labels[:, 1:]
     keep = shifted != IGNORE_INDEX
-    rows = hidden[:, :-1][keep]
-    total = _FrozenLinearCrossEntropy.apply(rows, head.weight, shifted[keep], chunk)
-    return total / divisor
+    return _FrozenLinearLogProbs.apply(hidden[:, :-1][keep], head.weight, shifted[keep], chunk), keep
+
+
+def sequence_logps(
+    model, inputs: dict, labels: torch.Tensor, chunked: bool, chunk: int = CHUNK_ROWS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed log-probs, trained-token counts)`` of each sequence of a batch, shape ``(B,)`` each: the
+    log-likelihood of its labelled tokens (the answer of a preference side).
+
+    ``chunked`` (see :func:`supports_chunked_loss`): only the trained positions get logits, a chunk at a
+    time. Otherwise the model's full logits are taken (any model, FSDP's root unit included).
+    """
+    shifted = labels[:, 1:]
+    if chunked:
+        logps, keep = _trained_logps(model, inputs, labels, chunk)
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        keep = shifted != IGNORE_INDEX
+        logps = torch.log_softmax(logits[keep].float(), dim=-1).gather(1, shifted[keep][:, None])[:, 0]
+    rows = keep.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+    return sums, keep.sum(dim=1)

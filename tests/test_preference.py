@@ -1,0 +1,512 @@
+"""Preference tuning (issue 21): rows, encoding, the losses against TRL, the reference, training.
+
+TRL is a test-only reference implementation here: its ``DPOTrainer`` computes the loss and the
+rewards of the same model on the same token sequences (its own forward and reference handling), and
+its SimPO (``CPOTrainer``) and ORPO (``ORPOTrainer``) loss functions take the same log-probs.
+Everything runs on the tiny random Llama in fp32, with non-zero LoRA B weights so that the adapter
+changes the model and the reference (adapter off) differs from it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from peft import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from lit_lora.batching import collate_pairs
+from lit_lora.builder import build_model, load_tokenizer
+from lit_lora.compare import compare
+from lit_lora.config import DataConfig, LoraConfig, ModelConfig, ObjectiveConfig, OptimConfig
+from lit_lora.data import DataModule, encode_rows
+from lit_lora.errors import UserError
+from lit_lora.module import LitLoRA
+from lit_lora.objectives import orpo, pair_scores
+from lit_lora.reference import REFERENCE_ADAPTER, load_reference, reference_model
+from lit_lora.rendering import IGNORE_INDEX, Rendering, prompt_ids
+from lit_lora.rows import BadRows, Row, to_row
+from lit_lora.speedups.chunked_loss import sequence_logps
+from lit_lora.train import train
+from tests.conftest import CONF, TINY, compose_train, plain_config, run_cli
+
+FIELDS = {
+    "instruction": "instruction",
+    "input": "input",
+    "output": "output",
+    "prompt": "prompt",
+    "completion": "completion",
+    "chosen": "chosen",
+    "rejected": "rejected",
+    "system": "system",
+    "messages": "messages",
+    "role": "role",
+    "content": "content",
+    "conversations": "conversations",
+    "speaker": "from",
+    "value": "value",
+    "text": "text",
+}
+PAIRS = [
+    ("What is 2 plus 2?", "4", "5"),
+    ("Name a colour.", "Blue is a colour.", "Seven"),
+    ("Say hi", "hi there, how are you today?", "no"),
+    ("Extract the city: Ana lives in Porto.", '{"city": "Porto"}', "Porto is a city in Portugal."),
+]
+TINY_DPO = [*TINY, "objective=dpo", "data=demo_preference", "data.train_size=32", "data.val_size=8"]
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _answer(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+# ------------------------------------------------------------------------------------------ rows
+def _pair_row(obj: dict, fields: dict | None = None) -> tuple[Row | None, BadRows]:
+    bad = BadRows("skip")
+    return to_row(obj, "rows.jsonl:1", "preference", fields or FIELDS, bad), bad
+
+
+def test_explicit_prompt_rows_take_strings_or_messages():
+    row, _ = _pair_row({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."})
+    assert row.messages == _user("Hi?") + _answer("Hello.")
+    assert row.rejected == _user("Hi?") + _answer("Go away.")
+    system = [{"role": "system", "content": "Be kind."}]
+    row, _ = _pair_row(
+        {"prompt": [*system, *_user("Hi?")], "chosen": _answer("Hello."), "rejected": _answer("No.")}
+    )
+    assert row.messages == [*system, *_user("Hi?"), *_answer("Hello.")]
+    assert row.rejected == [*system, *_user("Hi?"), *_answer("No.")]
+
+
+def test_implicit_prompt_is_the_shared_opening_of_two_conversations():
+    opening = [*_user("Hi?"), *_answer("Hello."), *_user("How are you?")]
+    row, bad = _pair_row({"chosen": [*opening, *_answer("Fine.")], "rejected": [*opening, *_answer("Bad.")]})
+    assert not bad.counts
+    assert row.messages == [*opening, *_answer("Fine.")]
+    assert row.rejected == [*opening, *_answer("Bad.")]
+
+
+def test_renamed_fields_are_read():
+    fields = {**FIELDS, "prompt": "question", "chosen": "good", "rejected": "bad"}
+    row, _ = _pair_row({"question": "Hi?", "good": "Hello.", "bad": "No."}, fields)
+    assert row.messages[-1]["content"] == "Hello." and row.rejected[-1]["content"] == "No."
+
+
+@pytest.mark.parametrize(
+    ("obj", "reason"),
+    [
+        ({"prompt": "Hi?", "chosen": "Hello."}, "missing_field"),
+        ({"prompt": "Hi?", "chosen": " ", "rejected": "No."}, "empty_field"),
+        ({"prompt": "Hi?", "chosen": "Same.", "rejected": "Same."}, "identical_answers"),
+        ({"prompt": "Hi?", "chosen": 3, "rejected": "No."}, "wrong_type"),
+        ({"chosen": _user("A?") + _answer("x"), "rejected": _user("B?") + _answer("y")}, "no_common_prompt"),
+        (
+            {"chosen": _user("A?") + _answer("x") + _user("C?"), "rejected": _user("A?") + _answer("y")},
+            "no_common_prompt",
+        ),
+        ({"chosen": "x", "rejected": "y"}, "missing_field"),
+    ],
+)
+def test_bad_preference_rows_are_counted_by_reason_or_fail_naming_the_row(obj, reason):
+    row, bad = _pair_row(obj)
+    assert row is None and bad.counts == {reason: 1}, bad.counts
+    with pytest.raises(UserError, match=rf"rows.jsonl:1: .*\[{reason}\]"):
+        to_row(obj, "rows.jsonl:1", "preference", FIELDS, BadRows("fail"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ModelConfig(name_or_path="embedded:smollm2-135m"), "embedded:smollm2-135m", True)
+
+
+def test_pairs_label_only_their_answers_and_truncate_the_answers_not_the_prompt(tokenizer):
+    rendering = Rendering.resolve(tokenizer)
+    prompt = [*_user("Q1"), *_answer("earlier answer"), *_user("Q2")]
+    n_prompt = len(prompt_ids(tokenizer, rendering, prompt))
+    rows = [Row("r:1", messages=[*prompt, *_answer("good " * 40)], rejected=[*prompt, *_answer("bad")])]
+    limit = n_prompt + 6
+    bad = BadRows("fail")
+    cfg = DataConfig(format="preference", max_seq_len=limit)
+    (example,), _, counts = encode_rows(rows, tokenizer, rendering, cfg, bad, "test")
+    assert counts["truncated"] == 1
+    chosen, rejected = example["input_ids"], example["rejected_input_ids"]
+    assert len(chosen) == limit and len(rejected) < limit
+    assert chosen[:n_prompt] == rejected[:n_prompt], "both sides keep the whole prompt"
+    for labels in (example["labels"], example["rejected_labels"]):
+        assert all(label == IGNORE_INDEX for label in labels[:n_prompt]), "earlier answers are context"
+    assert tokenizer.decode([t for t in example["rejected_labels"] if t != IGNORE_INDEX]).startswith("bad")
+    assert tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX]).startswith("good good")
+    # A prompt that leaves no room for an answer is a bad row, not a silently empty pair.
+    with pytest.raises(UserError, match=r"r:1: .*\[no_answer_token\]"):
+        encode_rows(
+            rows, tokenizer, rendering, DataConfig(format="preference", max_seq_len=n_prompt), bad, "t"
+        )
+
+
+def test_preference_data_from_a_saved_dataset_folder(tmp_path, tokenizer):
+    import datasets
+
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    cfg = DataConfig(
+        source=str(tmp_path / "saved"), format="preference", val_fraction=0.25, cache=False, batch_size=2
+    )
+    data = DataModule(cfg, tokenizer, tmp_path / "data")
+    data.setup()
+    assert data.pairs and len(data.examples["train"]) == 3 and len(data.examples["val"]) == 1
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 and int(batch["pairs"]) == 2
+    assert int(batch["step_tokens"]) == 2, "a step is weighted by its pairs"
+
+
+# ---------------------------------------------------------------------------------- model fixtures
+def _tiny_model_config() -> ModelConfig:
+    return ModelConfig(**yaml.safe_load((CONF / "model" / "tiny.yaml").read_text()))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny Llama with a LoRA adapter whose B weights are non-zero (seeded), and a batch of pairs."""
+    built = build_model(plain_config(model=_tiny_model_config(), lora=LoraConfig(r=4, dropout=0.0)))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in built.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    rendering = Rendering.resolve(built.tokenizer)
+    rows = [
+        Row(f"r:{i}", _user(p) + _answer(c), rejected=_user(p) + _answer(r))
+        for i, (p, c, r) in enumerate(PAIRS)
+    ]
+    cfg = DataConfig(format="preference")
+    examples, _, _ = encode_rows(rows, built.tokenizer, rendering, cfg, BadRows("fail"), "pairs")
+    built.model.train()
+    return SimpleNamespace(
+        model=built.model,
+        tokenizer=built.tokenizer,
+        batch=collate_pairs(examples, built.tokenizer.pad_token_id),
+    )
+
+
+def _ours(tiny, objective: ObjectiveConfig, chunked: bool = True):
+    module = LitLoRA(tiny.model, OptimConfig(), objective=objective, chunked_loss=chunked)
+    return module._pair_scores(tiny.batch)
+
+
+def _trl_inputs(batch: dict) -> dict:
+    # TRL marks completion tokens; it predicts token t+1 at t over completion_mask[:, 1:], as lit-lora
+    # predicts labels[:, 1:]. Position 0 is never predicted, so its mask entry is irrelevant.
+    trained = (batch["labels"][:, 1:] != IGNORE_INDEX).long()
+    completion = torch.cat([torch.zeros_like(trained[:, :1]), trained], dim=1)
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "completion_mask": completion,
+    }
+
+
+def _trl_dpo(tiny, loss: str, beta: float, keep_ref_copy: bool, tmp_path: Path):
+    """TRL's DPOTrainer on the same PEFT model: its loss and metrics on the same batch."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=beta,
+        loss_type=[loss],
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=len(PAIRS),
+    )
+    trainer = DPOTrainer(
+        model=tiny.model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tiny.tokenizer,
+    )
+    try:
+        if (
+            not keep_ref_copy
+        ):  # TRL copies a pre-existing adapter as its reference; lit-lora's default is the base
+            tiny.model.delete_adapter("ref")
+        tiny.model.train()
+        value = trainer._compute_loss(trainer.model, _trl_inputs(tiny.batch), False)
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    finally:
+        if "ref" in tiny.model.peft_config:
+            tiny.model.delete_adapter("ref")
+        tiny.model.set_adapter("default")
+    return float(value), metrics
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge"])
+def test_dpo_loss_and_rewards_equal_trl_dpo_trainer(tiny, loss, tmp_path):
+    beta = 0.5
+    ours = _ours(tiny, ObjectiveConfig(name="dpo", loss=loss, beta=beta))
+    theirs, metrics = _trl_dpo(tiny, loss, beta, keep_ref_copy=False, tmp_path=tmp_path)
+    assert metrics["rewards/margins"] != 0, "the adapter must move the model away from its reference"
+    assert abs(float(ours.loss.mean()) - theirs) < 1e-5, (float(ours.loss.mean()), theirs)
+    assert abs(float(ours.rewards_chosen.mean()) - metrics["rewards/chosen"]) < 1e-5
+    assert abs(float(ours.rewards_rejected.mean()) - metrics["rewards/rejected"]) < 1e-5
+    margin = ours.rewards_chosen - ours.rewards_rejected
+    assert abs(float(margin.mean()) - metrics["rewards/margins"]) < 1e-5
+    assert abs(float((margin > 0).float().mean()) - metrics["rewards/accuracies"]) < 1e-6
+    assert abs(float(ours.logps[0].mean()) - metrics["logps/chosen"]) < 1e-4
+    assert abs(float(ours.logps[1].mean()) - metrics["logps/rejected"]) < 1e-4
+
+
+def test_dpo_with_a_reference_adapter_equals_trl_with_its_reference_copy(tiny, tmp_path):
+    """TRL's reference for a PEFT model that already has an adapter is a frozen copy of it; lit-lora's
+    ``objective.ref_adapter`` is the same thing loaded from a folder (the SFT -> DPO chain)."""
+    tiny.model.save_pretrained(str(tmp_path / "sft"))
+    theirs, metrics = _trl_dpo(tiny, "sigmoid", 0.1, keep_ref_copy=True, tmp_path=tmp_path)
+    load_reference(tiny.model, str(tmp_path / "sft"))
+    try:
+        ours = _ours(tiny, ObjectiveConfig(name="dpo", beta=0.1, ref_adapter=str(tmp_path / "sft")))
+    finally:
+        tiny.model.delete_adapter(REFERENCE_ADAPTER)
+        tiny.model.set_adapter("default")
+    assert metrics["rewards/chosen"] == 0 and abs(float(ours.rewards_chosen.abs().max())) < 1e-6
+    assert abs(float(ours.loss.mean()) - theirs) < 1e-5 and abs(theirs - math.log(2)) < 1e-6
+    assert all(p.requires_grad for n, p in tiny.model.named_parameters() if "lora_" in n), "still trainable"
+
+
+def test_conservative_dpo_is_the_label_smoothed_formula(tiny):
+    eps, beta = 0.2, 0.5
+    ours = _ours(tiny, ObjectiveConfig(name="dpo", beta=beta, label_smoothing=eps))
+    plain = _ours(tiny, ObjectiveConfig(name="dpo", beta=beta))
+    # Written out: the rewards are beta * logratios, so the DPO logit is the reward margin.
+    z = plain.rewards_chosen - plain.rewards_rejected
+    expected = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    assert torch.allclose(ours.loss.detach(), expected, atol=1e-6)
+
+
+def _trl_self(**kwargs):
+    return SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")), **kwargs)
+
+
+def test_simpo_equals_trl_cpo_simpo_loss(tiny):
+    from trl.experimental.cpo import CPOTrainer
+
+    beta, gamma = 2.0, 0.5
+    ours = _ours(tiny, ObjectiveConfig(name="simpo", beta=beta, gamma=gamma))
+    counts = (tiny.batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).chunk(2)
+    avg = [lp / n for lp, n in zip(ours.logps, counts, strict=True)]
+    trl = _trl_self(beta=beta, simpo_gamma=gamma, label_smoothing=0.0, loss_type="simpo", alpha=0.0)
+    losses, chosen, rejected = CPOTrainer.cpo_loss(trl, avg[0], avg[1])
+    assert torch.allclose(ours.loss.detach(), losses, atol=1e-6)
+    assert torch.allclose(ours.rewards_chosen, chosen, atol=1e-6)
+    assert torch.allclose(ours.rewards_rejected, rejected, atol=1e-6)
+
+
+def test_orpo_equals_trl_odds_ratio_term_plus_the_per_pair_nll(tiny):
+    from trl.experimental.orpo import ORPOTrainer
+
+    lam = 0.25
+    ours = _ours(tiny, ObjectiveConfig(name="orpo", lambda_=lam))
+    counts = (tiny.batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).chunk(2)
+    avg = [lp / n for lp, n in zip(ours.logps, counts, strict=True)]
+    ratio_loss, chosen, rejected, _, _ = ORPOTrainer.odds_ratio_loss(_trl_self(beta=lam), avg[0], avg[1])
+    # TRL: loss = nll - beta * logsigmoid(log odds); the NLL here is the chosen answer's per token.
+    assert torch.allclose(ours.loss.detach(), -avg[0] - ratio_loss, atol=1e-6)
+    assert torch.allclose(ours.rewards_chosen, chosen, atol=1e-6)
+    assert torch.allclose(ours.rewards_rejected, rejected, atol=1e-6)
+    # And the paper's formula, written out with probabilities rather than log1p.
+    p_w, p_l = avg[0].exp(), avg[1].exp()
+    odds = (p_w / (1 - p_w)) / (p_l / (1 - p_l))
+    assert torch.allclose(
+        orpo(*ours.logps, *counts, lam), -avg[0] - lam * torch.log(torch.sigmoid(odds.log())), atol=1e-5
+    )
+
+
+def test_chunked_log_probs_and_their_gradients_equal_full_logits(tiny):
+    batch = tiny.batch
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    weights = torch.linspace(-1, 1, batch["input_ids"].shape[0])
+    grads = []
+    for chunked in (True, False):
+        tiny.model.zero_grad()
+        logps, counts = sequence_logps(tiny.model, inputs, batch["labels"], chunked, chunk=5)
+        (logps * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in tiny.model.named_parameters() if p.requires_grad})
+        if chunked:
+            first = logps.detach()
+    assert torch.allclose(first, logps.detach(), atol=1e-4)
+    assert counts.tolist() == (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+    assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) < 1e-5
+    assert any(g.abs().max() > 0 for g in grads[0].values())
+    tiny.model.zero_grad()
+
+
+def test_reference_with_the_adapter_off_equals_a_separately_loaded_plain_base(tiny):
+    from transformers import AutoModelForCausalLM
+
+    batch = tiny.batch
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        tuned, _ = sequence_logps(tiny.model, inputs, batch["labels"], chunked=True)
+        with reference_model(tiny.model):
+            reference, _ = sequence_logps(tiny.model, inputs, batch["labels"], chunked=True)
+        source = tiny.model.peft_config["default"].base_model_name_or_path
+        plain = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        base, _ = sequence_logps(plain, inputs, batch["labels"], chunked=False)
+    assert tiny.model.training, "the training mode is restored"
+    assert (tuned - base).abs().max() > 1e-3, "the adapter changes the log-probs"
+    assert (reference - base).abs().max() < 1e-6 * base.abs().max(), (reference - base).abs().max()
+
+
+# --------------------------------------------------------------------------------------- training
+def test_dpo_gradient_accumulation_8x1_4x2_2x4_give_the_same_loss_and_adapter(tmp_path):
+    results = {}
+    for micro, accum in ((8, 1), (4, 2), (2, 4)):
+        result = train(
+            compose_train(
+                [
+                    *TINY_DPO,
+                    "lora.dropout=0.0",
+                    "score=false",
+                    "trainer.limit_val_batches=0",
+                    "trainer.max_steps=3",
+                    f"output_dir={tmp_path / f'{micro}x{accum}'}",
+                    f"data.batch_size={micro}",
+                    f"trainer.accumulate_grad_batches={accum}",
+                ]
+            )
+        )
+        weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(result.model).items()}
+        results[(micro, accum)] = (result.summary["final_train_loss"], weights)
+    loss_ref, weights_ref = results[(8, 1)]
+    assert any(w.abs().max() > 0 for k, w in weights_ref.items() if "lora_B" in k), "B must have moved"
+    for key in ((4, 2), (2, 4)):
+        loss, weights = results[key]
+        assert abs(loss - loss_ref) < 1e-5, (key, loss, loss_ref)
+        assert max((weights[k] - weights_ref[k]).abs().max().item() for k in weights) < 1e-5, key
+
+
+def test_sft_then_dpo_chain_with_the_sft_adapter_as_init_and_reference(tmp_path):
+    sft = train(compose_train([*TINY, "score=false", f"output_dir={tmp_path / 'sft'}"]))
+    adapter = tmp_path / "sft" / "adapter"
+    assert sft.summary["status"] == "completed"
+    result = train(
+        compose_train(
+            [
+                *TINY_DPO,
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=1",
+                f"lora.init_from={adapter}",
+                f"objective.ref_adapter={adapter}",
+                f"output_dir={tmp_path / 'dpo'}",
+            ]
+        )
+    )
+    summary = result.summary
+    assert summary["objective"]["ref_adapter"] == str(adapter)
+    # At step 0 policy and reference are the same adapter: the first validation's rewards are 0.
+    with (tmp_path / "dpo" / "metrics.csv").open() as f:
+        first = next(row for row in csv.DictReader(f) if row["val/rewards_chosen"])
+    assert (
+        abs(float(first["val/rewards_chosen"])) < 1e-6 and abs(float(first["val/loss"]) - math.log(2)) < 1e-5
+    )
+    assert summary["preference"]["rewards_margin"] != 0, "the second validation sees the trained policy"
+    saved = json.loads((tmp_path / "dpo" / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 8 and REFERENCE_ADAPTER not in {
+        p.name for p in (tmp_path / "dpo" / "adapter").iterdir()
+    }
+    before, after = load_file(str(adapter / "adapter_model.safetensors")), _adapter(tmp_path / "dpo")
+    assert max((before[k] - after[k]).abs().max().item() for k in before) > 0, "DPO moved the SFT adapter"
+    assert "preference_tuned" in summary and summary["preference_tuned"]["n"] == 4
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("objective", ["simpo", "orpo"])
+def test_reference_free_objectives_train_and_report_their_metrics(tmp_path, objective):
+    result = train(
+        compose_train([*TINY_DPO, f"objective={objective}", "score=false", f"output_dir={tmp_path / 'run'}"])
+    )
+    assert set(result.summary["preference"]) == {
+        "rewards_chosen",
+        "rewards_rejected",
+        "rewards_margin",
+        "rewards_accuracy",
+        "logps_chosen",
+        "logps_rejected",
+    }
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "train/rewards_margin", "val/rewards_accuracy", "val/loss"} <= set(header)
+    rows, out = compare([tmp_path / "run"], tmp_path / "report")
+    accuracy = result.summary["preference"]["rewards_accuracy"]
+    assert rows[0]["preference_accuracy"] == round(100 * accuracy, 1) and rows[0]["best_val_ppl"] is None
+    assert (out / "preference.png").stat().st_size > 0
+
+
+# -------------------------------------------------------------------------------------- bad input
+def test_dpo_on_non_preference_data_stops_before_loading_the_model(tmp_path):
+    done = run_cli("model=tiny", "objective=dpo", f"output_dir={tmp_path / 'run'}", timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and "data.format=preference" in lines[0], done.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists(), "nothing was written or loaded"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["objective.beta=0"], "objective.beta must be > 0"),
+        (["objective.loss=kto"], "objective.loss='kto' is not supported"),
+        (["objective.label_smoothing=0.5"], r"objective.label_smoothing must be in \[0, 0.5\)"),
+        (["objective=simpo", "objective.ref_adapter=/x"], "objective=simpo has none"),
+        (["data.packing=true"], "data.packing=true is not supported with objective=dpo"),
+    ],
+)
+def test_impossible_objective_values_fail_at_config_time_naming_the_key(overrides, message, tmp_path):
+    from lit_lora.config import to_train_config
+
+    cfg = compose_train([*TINY_DPO, *overrides, f"output_dir={tmp_path}"])
+    with pytest.raises(UserError, match=message):
+        to_train_config(cfg)
+
+
+def test_a_reference_adapter_of_another_base_or_shape_is_refused_naming_both(tiny, tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    source = tiny.model.peft_config["default"].base_model_name_or_path
+    other = AutoModelForCausalLM.from_config(
+        LlamaConfig(**{**tiny.model.config.to_dict(), "hidden_size": 32})
+    )
+    other.config.name_or_path = source
+    get_peft_model(other, PeftLoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        str(tmp_path / "shape")
+    )
+    with pytest.raises(UserError, match=rf"does not fit this run's model {source}"):
+        load_reference(tiny.model, str(tmp_path / "shape"))
+    config = json.loads((tmp_path / "shape" / "adapter_config.json").read_text())
+    (tmp_path / "shape" / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": "gpt2"})
+    )
+    with pytest.raises(UserError, match=rf"was trained on gpt2, but this run's model is {source}"):
+        load_reference(tiny.model, str(tmp_path / "shape"))
+    assert REFERENCE_ADAPTER not in tiny.model.peft_config
+
+
+def test_pair_scores_refuse_dpo_without_reference_log_probs():
+    logps = (torch.tensor([-1.0]), torch.tensor([-2.0]))
+    with pytest.raises(ValueError, match="reference"):
+        pair_scores(ObjectiveConfig(name="dpo"), logps, (torch.tensor([1]), torch.tensor([1])))
