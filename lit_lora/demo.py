@@ -205,29 +205,29 @@ def make_rows(n: int, seed: int, held_out_names: bool) -> list[dict[str, str]]:
     return rows
 
 
-# Wrong answers of the preference demo: each breaks the schema in one way a reader would also reject.
+# Wrong answers of the preference demo, each breaking the schema in one way. Measured on 40 held-out rows
+# each, SmolLM2-135M-Instruct gives the chosen record the higher log-likelihood against a record with a
+# field left out in 0 % of pairs (shorter is likelier), against the age as a string in 75 %, and against
+# other key names in 100 %: with half left-out fields, the base prefers the chosen answer in ~44 %.
+# (Prose, swapped values, and the nested "type"/"data" object it writes by itself all measured 100 %: it
+# already prefers the record to those, so they teach nothing.)
 _KEY_SYNONYMS = {"name": "full_name", "age": "years", "job": "occupation", "city": "location"}
 
 
 def _rejected(record: dict, rng: random.Random) -> str:
-    """A wrong answer for ``record``: other key names, the age as a string, job and city swapped, a
-    field missing, or the same facts as prose instead of JSON."""
-    kind = rng.randrange(5)
-    if kind == 0:
-        return json.dumps({_KEY_SYNONYMS[k]: v for k, v in record.items()})
-    if kind == 1:
-        return json.dumps({**record, "age": str(record["age"])})
-    if kind == 2:
-        return json.dumps({**record, "job": record["city"], "city": record["job"]})
-    if kind == 3:
+    """A wrong answer for ``record`` (see the comment above)."""
+    kind = rng.randrange(4)
+    if kind < 2:
         dropped = rng.choice(["age", "job", "city"])
         return json.dumps({k: v for k, v in record.items() if k != dropped})
-    return f"Name: {record['name']}, age: {record['age']}, job: {record['job']}, city: {record['city']}"
+    if kind == 2:
+        return json.dumps({**record, "age": str(record["age"])})
+    return json.dumps({_KEY_SYNONYMS[k]: v for k, v in record.items()})
 
 
 def make_pairs(n: int, seed: int, held_out_names: bool) -> list[dict[str, str]]:
     """``n`` preference rows (``prompt``, ``chosen``, ``rejected``) of the demo task: the chosen answer is
-    the row's JSON record, the rejected one a near miss (:func:`_rejected`). The prompt is the
+    the row's JSON record, the rejected one a wrong answer (:func:`_rejected`). The prompt is the
     instruction and the sentence, as the SFT demo renders them."""
     rng = random.Random(seed + 7919)  # its own stream: the rows themselves equal make_rows'
     pairs = []

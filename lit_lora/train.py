@@ -30,31 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lit_lora.answers import exact_match_score, preference_accuracy
-from lit_lora.builder import build_model
-from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, clean_stale, find_resumable
+# Only light modules at import time: a config mistake (Hydra's or lit-lora's checks) then ends the
+# command in about a second instead of after the ~7 s import of torch, Lightning and PEFT, which the
+# functions below import when a run really starts.
 from lit_lora.config import TrainConfig, check_device, check_not_moved, register_configs, to_train_config
-from lit_lora.console import quiet_library_progress_bars
-from lit_lora.data import DataModule
-from lit_lora.distributed import end_process_group, wait_for_launched_ranks
-from lit_lora.environment import process_memory_mb, reset_peak_rss
 from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, UserError, exit_with
-from lit_lora.graceful import GracefulStop
-from lit_lora.module import LitLoRA
 from lit_lora.paths import check_argv_paths, confined
-from lit_lora.progress import ProgressLines, StepProgressBar, interactive
-from lit_lora.strategies import build_strategy, fsdp_storage_dtype, scoring_device
 from lit_lora.sweep import record_failure
 from lit_lora.wandb_logging import finish_runs, flat_config, redacted_config
 
@@ -63,13 +48,22 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
 
 
+def _rank() -> int:
+    """This process's global rank, as Lightning's ``rank_zero_only`` reads it from the environment."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank
+
+
 def _say(message: str) -> None:
     """A progress line on stdout, from rank zero only (other ranks run the same code)."""
-    if rank_zero_only.rank == 0:
+    if _rank() == 0:
         print(f"lit-lora: {message}", flush=True)
 
 
 def _instantiate_all(group: str, nodes: DictConfig) -> list:
+    from hydra.utils import instantiate
+
     objects = []
     for key, node in nodes.items():
         if node is None:
@@ -129,6 +123,8 @@ def check_plugin_keys(cfg: DictConfig) -> None:
 
 def _peak_rss_mb() -> float:
     """Peak resident memory since this job started (see :func:`lit_lora.environment.reset_peak_rss`)."""
+    from lit_lora.environment import process_memory_mb
+
     return process_memory_mb()["peak_rss_mb"]
 
 
@@ -143,7 +139,7 @@ def _check_fresh(out: Path, resuming: bool) -> None:
         if (out / name).exists():
             raise UserError(f"{out / name} exists from an earlier run; choose another output_dir")
     # Rank zero's only: under DDP the other ranks start once rank zero has begun writing these.
-    for name in () if resuming or rank_zero_only.rank != 0 else LOGGER_FILES:
+    for name in () if resuming or _rank() != 0 else LOGGER_FILES:
         if (out / name).exists():
             raise UserError(
                 f"{out / name} exists from an interrupted run; continue it with resume=auto, "
@@ -153,6 +149,8 @@ def _check_fresh(out: Path, resuming: bool) -> None:
 
 def _resume_from(resume: str | None, out: Path) -> Path | None:
     """The checkpoint folder to resume from (None: start at step 0); see ``TrainConfig.resume``."""
+    from lit_lora.checkpoint_io import checkpoint_step, clean_stale, find_resumable
+
     if not resume:
         return None
     if resume == "auto":
@@ -188,6 +186,8 @@ def _checked_output_paths(cfg: DictConfig, tc: TrainConfig) -> Path:
 
 
 def _oom_message(tc: TrainConfig, out: Path, trainer) -> str:
+    from lit_lora.checkpoint_io import find_resumable
+
     last = find_resumable(out / CHECKPOINTS)
     return (
         f"out of device memory at step {trainer.global_step + 1} with micro-batch data.batch_size="
@@ -218,7 +218,7 @@ class TrainResult:
 
     summary: dict
     output_dir: Path
-    model: torch.nn.Module  # the trained peft.PeftModel
+    model: object  # the trained peft.PeftModel (a torch.nn.Module)
     tokenizer: object
 
 
@@ -228,16 +228,28 @@ def train(cfg: DictConfig) -> TrainResult:
     Writes the run folder described in this module's docstring and returns its summary with the model.
     Raises :class:`UserError` for mistakes in the config, data or environment.
     """
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from lit_lora.builder import build_model
+    from lit_lora.checkpoint_io import checkpoint_step
+    from lit_lora.console import quiet_library_progress_bars
+    from lit_lora.data import DataModule
+    from lit_lora.environment import reset_peak_rss
+    from lit_lora.module import LitLoRA
+    from lit_lora.progress import interactive
+    from lit_lora.strategies import fsdp_storage_dtype
+
     started = time.perf_counter()
     reset_peak_rss()  # this job's own peak, also when a sweep runs jobs one after another in one process
     tc: TrainConfig = to_train_config(cfg)
+    check_device(tc)  # imports torch only; the plugin check below imports Lightning (seconds)
     check_plugin_keys(cfg)
-    check_device(tc)
     out = _checked_output_paths(cfg, tc)
     _check_fresh(out, resuming=bool(tc.resume))
     out.mkdir(parents=True, exist_ok=True)
     resume_from = _resume_from(tc.resume, out)
-    if tc.resume and rank_zero_only.rank == 0:  # also when resume=auto finds no checkpoint: logs are kept
+    if tc.resume and _rank() == 0:  # also when resume=auto finds no checkpoint: logs are kept
         # Rank zero alone: ranks started later would rename the files rank zero has begun anew.
         _keep_earlier_files(out, checkpoint_step(resume_from) if resume_from is not None else 0)
     if not interactive():
@@ -289,6 +301,19 @@ def train(cfg: DictConfig) -> TrainResult:
 
 def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, resume_from, started) -> dict:
     """Fit, score the held-out split, write summary.json; returns the summary."""
+    import lightning as L
+    import torch
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lit_lora.answers import exact_match_score, preference_accuracy
+    from lit_lora.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step, find_resumable
+    from lit_lora.distributed import end_process_group, wait_for_launched_ranks
+    from lit_lora.graceful import GracefulStop
+    from lit_lora.progress import ProgressLines, StepProgressBar, interactive
+    from lit_lora.strategies import build_strategy, scoring_device
+
     for logger in loggers:
         logger.log_hyperparams(flat_config(redacted_config(cfg)))
 

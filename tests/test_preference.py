@@ -178,6 +178,7 @@ def _tiny_model_config() -> ModelConfig:
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny Llama with a LoRA adapter whose B weights are non-zero (seeded), and a batch of pairs."""
+    torch.manual_seed(0)  # LoRA A's initialisation: the same adapter in every run of the suite
     built = build_model(plain_config(model=_tiny_model_config(), lora=LoraConfig(r=4, dropout=0.0)))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -346,8 +347,11 @@ def test_chunked_log_probs_and_their_gradients_equal_full_logits(tiny):
             first = logps.detach()
     assert torch.allclose(first, logps.detach(), atol=1e-4)
     assert counts.tolist() == (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
-    assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) < 1e-5
-    assert any(g.abs().max() > 0 for g in grads[0].values())
+    # fp32, two summation orders: equal to rounding, relative to the largest gradient (2e-6 to 4.5e-6
+    # seen over six seeds, hence the bound 5e-5).
+    scale = max(g.abs().max().item() for g in grads[1].values())
+    assert scale > 0
+    assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) < 5e-5 * scale
     tiny.model.zero_grad()
 
 

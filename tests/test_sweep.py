@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lit_lora.embedded import cache_root
 from tests.conftest import ROOT
 
 FAST = [
@@ -91,6 +92,7 @@ def test_compare_reads_the_sweep_offline(sweep_with_a_failure, tmp_path):
 def test_offline_wandb_sweep_runs_share_the_sweep_group(tmp_path):
     sweep = tmp_path / "wb-sweep"
     env = {k: "" for k in os.environ if k.startswith("WANDB_")} | {"WANDB_API_KEY": "", "HOME": str(tmp_path)}
+    env["LIT_LORA_CACHE"] = str(cache_root())  # not a new, empty cache under the new HOME
     done = multirun(sweep, *FAST, "logger=wandb", "lora.r=2,4", "score=false", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     wandb_cli = os.path.join(os.path.dirname(sys.executable), "wandb")
@@ -121,9 +123,10 @@ def test_offline_wandb_sweep_runs_share_the_sweep_group(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_by_two_sweep_of_the_embedded_model(tmp_path):
+def test_two_by_two_sweep_with_qlora_jobs_is_compared_in_one_table(tmp_path):
     sweep = tmp_path / "grid"
     small = [
+        "model=tiny",  # the sweep machinery is under test; the default model trains in test_train.py
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
         "trainer.log_every_n_steps=1",
