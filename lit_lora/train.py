@@ -505,24 +505,27 @@ def _print_report(summary: dict, out: Path) -> None:
     if summary.get("preference", {}).get("rewards_accuracy") is not None:
         pref = summary["preference"]
         _say(
-            f"held-out preference accuracy {100 * pref['rewards_accuracy']:.1f}%, reward margin "
+            f"validation reward accuracy {100 * pref['rewards_accuracy']:.1f}%, reward margin "
             f"{pref['rewards_margin']:.4f} ({summary['objective']['name']})"
         )
     if "score_tuned" in summary:
         tuned = summary["score_tuned"]
-        line = f"held-out exact match ({tuned['n']} rows): "
-        if "score_base" in summary:
-            line += f"base {summary['score_base']['exact_match']:.1f}% -> "
-        _say(line + f"fine-tuned {tuned['exact_match']:.1f}%")
+        _say_before_after(summary, "held-out exact match", "rows", "score", "exact_match")
         if "preference_tuned" in summary:
-            pref = summary["preference_tuned"]
-            line = f"held-out pairs where the chosen answer is the more likely ({pref['n']} pairs): "
-            if "preference_base" in summary:
-                line += f"base {summary['preference_base']['accuracy']:.1f}% -> "
-            _say(line + f"fine-tuned {pref['accuracy']:.1f}%")
+            title = "held-out pairs where the chosen answer is the more likely"
+            _say_before_after(summary, title, "pairs", "preference", "accuracy")
         for example in tuned["examples"][:1]:
             _say(f"  example answer: {json.dumps(example['answer'])}")
             _say(f"  expected:       {json.dumps(example['reference'])}")
+
+
+def _say_before_after(summary: dict, title: str, unit: str, prefix: str, key: str) -> None:
+    """One line ``title (n unit): base x% -> fine-tuned y%`` from ``summary[prefix_base / prefix_tuned]``."""
+    tuned = summary[f"{prefix}_tuned"]
+    line = f"{title} ({tuned['n']} {unit}): "
+    if f"{prefix}_base" in summary:
+        line += f"base {summary[f'{prefix}_base'][key]:.1f}% -> "
+    _say(line + f"fine-tuned {tuned[key]:.1f}%")
 
 
 def run(overrides: Sequence[str] = ()) -> dict:

@@ -33,6 +33,11 @@ TINY = [
 ]
 
 
+# The same tiny runs with a preference objective: DPO on the built-in pairs (tests that must hold for
+# every objective run with and without it).
+DPO = ["objective=dpo", "data=demo_preference"]
+
+
 def plain_config(
     model: ModelConfig | None = None, quant: QuantConfig | None = None, lora: LoraConfig | None = None
 ) -> TrainConfig:
@@ -104,3 +109,38 @@ def demo_batch(tokenizer, rows: list[dict], max_len: int = 256) -> dict:
         examples.append({"input_ids": ids[:max_len], "labels": labels[:max_len]})
     batch = collate(examples, tokenizer.pad_token_id)
     return {k: v for k, v in batch.items() if k in MODEL_KEYS}
+
+
+def train_with_accumulation(
+    tmp_path: Path, overrides: list[str]
+) -> dict[tuple[int, int], tuple[float, dict]]:
+    """``{(micro, accum): (final train loss, adapter weights)}`` of three runs with the same global batch
+    of 8: 8 x 1, 4 x 2 and 2 x 4 (``overrides`` make them exact: fp32, no dropout, no validation)."""
+    from peft import get_peft_model_state_dict
+
+    from lit_lora.train import train
+
+    results = {}
+    for micro, accum in ((8, 1), (4, 2), (2, 4)):
+        result = train(
+            compose_train(
+                [
+                    *overrides,
+                    f"output_dir={tmp_path / f'{micro}x{accum}'}",
+                    f"data.batch_size={micro}",
+                    f"trainer.accumulate_grad_batches={accum}",
+                ]
+            )
+        )
+        weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(result.model).items()}
+        results[(micro, accum)] = (result.summary["final_train_loss"], weights)
+    return results
+
+
+def assert_same_steps(results: dict[tuple[int, int], tuple[float, dict]], bound: float = 1e-5) -> None:
+    """Every run of :func:`train_with_accumulation` ends with 8 x 1's loss and adapter, within ``bound``."""
+    loss_ref, weights_ref = results[(8, 1)]
+    assert any(w.abs().max() > 0 for k, w in weights_ref.items() if "lora_B" in k), "B must have moved"
+    for key, (loss, weights) in results.items():
+        assert abs(loss - loss_ref) < bound, (key, loss, loss_ref)
+        assert max((weights[k] - weights_ref[k]).abs().max().item() for k in weights_ref) < bound, key

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from lit_lora.checkpoint_io import TMP_PREFIX, find_resumable, read_checkpoint, write_checkpoint
 from lit_lora.errors import UserError
 from lit_lora.train import train
-from tests.conftest import ROOT, TINY, compose_train
+from tests.conftest import DPO, ROOT, TINY, compose_train
 
 EVERY_2_STEPS = [
     "callbacks.adapter_checkpoint.every_n_train_steps=2",
@@ -87,9 +87,11 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
-def test_sigkill_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("objective", [[], DPO], ids=["sft", "dpo"])
+def test_sigkill_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, objective):
     common = [
         *TINY,
+        *objective,
         "trainer.max_steps=24",
         "trainer.val_check_interval=8",
         "data.train_size=40",  # 5 batches per epoch: the kill lands mid-epoch or at a boundary

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from lit_lora.batching import EpochSampler, StepBatchSampler
@@ -21,8 +20,7 @@ from lit_lora.builder import build_model
 from lit_lora.config import to_train_config
 from lit_lora.errors import UserError
 from lit_lora.strategies import build_strategy
-from lit_lora.train import train
-from tests.conftest import TINY, compose_train, run_cli
+from tests.conftest import DPO, TINY, assert_same_steps, compose_train, run_cli, train_with_accumulation
 
 EXACT = [*TINY, "lora.dropout=0.0", "score=false", "trainer.limit_val_batches=0"]
 CKPT_EVERY_2 = [
@@ -61,27 +59,7 @@ def test_step_sampler_splits_each_step_over_ranks_and_tags_its_token_count():
 
 
 def test_gradient_accumulation_8x1_4x2_2x4_give_the_same_loss_and_adapter(tmp_path):
-    results = {}
-    for micro, accum in ((8, 1), (4, 2), (2, 4)):
-        result = train(
-            compose_train(
-                [
-                    *EXACT,
-                    f"output_dir={tmp_path / f'{micro}x{accum}'}",
-                    "trainer.max_steps=3",
-                    f"data.batch_size={micro}",
-                    f"trainer.accumulate_grad_batches={accum}",
-                ]
-            )
-        )
-        weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(result.model).items()}
-        results[(micro, accum)] = (result.summary["final_train_loss"], weights)
-    loss_ref, weights_ref = results[(8, 1)]
-    assert any(w.abs().max() > 0 for k, w in weights_ref.items() if "lora_B" in k), "B must have moved"
-    for key in ((4, 2), (2, 4)):
-        loss, weights = results[key]
-        assert abs(loss - loss_ref) < 1e-5, (key, loss, loss_ref)
-        assert _max_diff(weights, weights_ref) < 1e-5, key
+    assert_same_steps(train_with_accumulation(tmp_path, [*EXACT, "trainer.max_steps=3"]))
 
 
 def _ddp(*overrides: str):
@@ -89,8 +67,9 @@ def _ddp(*overrides: str):
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    common = [*EXACT, "trainer.max_steps=4"]
+@pytest.mark.parametrize("objective", [[], DPO], ids=["sft", "dpo"])
+def test_ddp_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path, objective):
+    common = [*EXACT, *objective, "trainer.max_steps=4"]
     single = run_cli(*common, f"output_dir={tmp_path / 'single'}", "data.batch_size=8", timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_cli(*_ddp(*common, f"output_dir={tmp_path / 'ddp'}", "data.batch_size=4"), timeout=300)

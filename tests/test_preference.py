@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from lit_lora.batching import collate_pairs
@@ -35,7 +34,16 @@ from lit_lora.rendering import IGNORE_INDEX, Rendering, prompt_ids
 from lit_lora.rows import BadRows, Row, to_row
 from lit_lora.speedups.chunked_loss import sequence_logps
 from lit_lora.train import train
-from tests.conftest import CONF, TINY, compose_train, plain_config, run_cli
+from tests.conftest import (
+    CONF,
+    DPO,
+    TINY,
+    assert_same_steps,
+    compose_train,
+    plain_config,
+    run_cli,
+    train_with_accumulation,
+)
 
 FIELDS = {
     "instruction": "instruction",
@@ -60,7 +68,7 @@ PAIRS = [
     ("Say hi", "hi there, how are you today?", "no"),
     ("Extract the city: Ana lives in Porto.", '{"city": "Porto"}', "Porto is a city in Portugal."),
 ]
-TINY_DPO = [*TINY, "objective=dpo", "data=demo_preference", "data.train_size=32", "data.val_size=8"]
+TINY_DPO = [*TINY, *DPO, "data.train_size=32", "data.val_size=8"]
 
 
 def _user(text: str) -> list[dict]:
@@ -374,30 +382,14 @@ def test_reference_with_the_adapter_off_equals_a_separately_loaded_plain_base(ti
 
 # --------------------------------------------------------------------------------------- training
 def test_dpo_gradient_accumulation_8x1_4x2_2x4_give_the_same_loss_and_adapter(tmp_path):
-    results = {}
-    for micro, accum in ((8, 1), (4, 2), (2, 4)):
-        result = train(
-            compose_train(
-                [
-                    *TINY_DPO,
-                    "lora.dropout=0.0",
-                    "score=false",
-                    "trainer.limit_val_batches=0",
-                    "trainer.max_steps=3",
-                    f"output_dir={tmp_path / f'{micro}x{accum}'}",
-                    f"data.batch_size={micro}",
-                    f"trainer.accumulate_grad_batches={accum}",
-                ]
-            )
-        )
-        weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(result.model).items()}
-        results[(micro, accum)] = (result.summary["final_train_loss"], weights)
-    loss_ref, weights_ref = results[(8, 1)]
-    assert any(w.abs().max() > 0 for k, w in weights_ref.items() if "lora_B" in k), "B must have moved"
-    for key in ((4, 2), (2, 4)):
-        loss, weights = results[key]
-        assert abs(loss - loss_ref) < 1e-5, (key, loss, loss_ref)
-        assert max((weights[k] - weights_ref[k]).abs().max().item() for k in weights) < 1e-5, key
+    exact = [
+        *TINY_DPO,
+        "lora.dropout=0.0",
+        "score=false",
+        "trainer.limit_val_batches=0",
+        "trainer.max_steps=3",
+    ]
+    assert_same_steps(train_with_accumulation(tmp_path, exact))
 
 
 def test_sft_then_dpo_chain_with_the_sft_adapter_as_init_and_reference(tmp_path):
