@@ -39,17 +39,8 @@ LR = 5e-4
 WARMUP_STEPS = 2
 
 
-def _peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    from lit_lora.environment import process_memory_mb
-
-    return process_memory_mb()["peak_rss_mb"]
-
-
 def _lit(system: str, steps: int, pairs: int, scratch: Path) -> dict:
+    from bench.systems import _peak_memory_mb
     from lit_lora import train
 
     common = [
@@ -88,6 +79,7 @@ def _trl(steps: int, pairs: int, scratch: Path) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    from bench.systems import _peak_memory_mb, quiet_trainer_args
     from lit_lora.builder import build_model
     from lit_lora.config import ModelConfig, SpeedConfig, TrainConfig
     from lit_lora.demo import make_pairs
@@ -111,19 +103,7 @@ def _trl(steps: int, pairs: int, scratch: Path) -> dict:
             times.append(time.perf_counter())
 
     args = DPOConfig(
-        output_dir=str(scratch / "trl"),
-        beta=BETA,
-        learning_rate=LR,
-        per_device_train_batch_size=BATCH_PAIRS,
-        max_steps=steps,
-        max_length=256,
-        bf16=True,
-        use_cpu=not torch.cuda.is_available(),
-        save_strategy="no",
-        report_to=[],
-        logging_strategy="no",
-        disable_tqdm=True,
-        seed=0,
+        **quiet_trainer_args(scratch / "trl", BATCH_PAIRS, LR), beta=BETA, max_steps=steps, max_length=256
     )
     trainer = DPOTrainer(
         model=built.model,

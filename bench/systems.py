@@ -137,6 +137,23 @@ def _peak_memory_mb() -> float:
     return process_memory_mb()["peak_rss_mb"]
 
 
+def quiet_trainer_args(output_dir: Path, batch_size: int, lr: float) -> dict:
+    """What every benchmark gives a Hugging Face ``TrainingArguments`` (or a TRL config built on it): bf16
+    autocast, the CPU unless CUDA is there, no checkpoints, no logging, no progress bar, seed 0."""
+    return {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": batch_size,
+        "learning_rate": lr,
+        "bf16": True,
+        "use_cpu": not torch.cuda.is_available(),
+        "save_strategy": "no",
+        "report_to": [],
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+
+
 def _adapter_bytes(model, scratch: Path) -> int:
     model.save_pretrained(scratch / "adapter", safe_serialization=True)
     return (scratch / "adapter" / "adapter_model.safetensors").stat().st_size
@@ -258,20 +275,11 @@ def run_hf(args, scratch: Path) -> dict:
             clock.step(*sizes[state.global_step - 1])
 
     targs = TrainingArguments(
-        output_dir=str(scratch / "hf"),
-        per_device_train_batch_size=args.batch_size,
+        **quiet_trainer_args(scratch / "hf", args.batch_size, LR),
         num_train_epochs=1,
         max_steps=args.steps if args.data == "fixed" else -1,
-        learning_rate=LR,
-        bf16=True,
-        use_cpu=not torch.cuda.is_available(),
-        save_strategy="no",
-        report_to=[],
-        logging_strategy="no",
-        disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_pin_memory=False,
-        seed=0,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

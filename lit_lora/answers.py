@@ -119,13 +119,14 @@ def preference_accuracy(model, pad_id: int, pairs: list[dict], batch_size: int, 
     device = next(model.parameters()).device
     margins: list[torch.Tensor] = []
     starts = range(0, len(pairs), batch_size)
+    chunked = supports_chunked_loss(model)
     context = contextlib.nullcontext() if use_adapter else model.disable_adapter()
     with context:
         desc = "preference tuned" if use_adapter else "preference base"
         for start in progress(starts, len(starts), desc):
             batch = collate_pairs(pairs[start : start + batch_size], pad_id)
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-            logps, _ = sequence_logps(model, inputs, batch["labels"].to(device), supports_chunked_loss(model))
+            logps, _ = sequence_logps(model, inputs, batch["labels"].to(device), chunked)
             chosen, rejected = logps.float().chunk(2)
             margins.append((chosen - rejected).cpu())
     model.train(was_training)
