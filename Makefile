@@ -61,7 +61,7 @@ chaos: $(STAMP)  ## 20 SIGKILLs at random moments (some inside checkpoint writes
 fuzz: $(STAMP)  ## 10,000 hostile rows per file and row format through the row-to-token pipeline (CI runs a few hundred)
 	FUZZ_ROWS=10000 $(BIN)/python -m pytest -q tests/test_fuzz.py $(ARGS)
 
-ddp-stress: $(STAMP)  ## 20 back-to-back 2-process gloo DDP runs: exit 0, no abort, no process-group thread left at exit (CI runs 3)
+ddp-stress: $(STAMP)  ## 20 back-to-back 2-process gloo DDP runs: exit 0, no abort, no process-group thread left at exit (CI checks one)
 	DDP_STRESS_RUNS=20 $(BIN)/python -m pytest -q -s tests/test_ddp_shutdown.py $(ARGS)
 
 gpu-check: $(STAMP)  ## every GPU path through the CLI within a time budget -> bench/results/gpu-<device>.json (CUDA; ARGS=--dry-run on CPU)

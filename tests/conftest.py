@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,19 @@ TINY = [
 # The same tiny runs with a preference objective: DPO on the built-in pairs (tests that must hold for
 # every objective run with and without it).
 DPO = ["objective=dpo", "data=demo_preference"]
+
+# Runs whose numbers are compared across world sizes and resumes: fp32, no LoRA dropout, no validation.
+EXACT = [*TINY, "lora.dropout=0.0", "score=false", "trainer.limit_val_batches=0"]
+CKPT_EVERY_2 = [
+    "callbacks.adapter_checkpoint.every_n_train_steps=2",
+    "callbacks.adapter_checkpoint.monitor=null",
+    "callbacks.adapter_checkpoint.save_top_k=-1",
+]
+
+
+def ddp(*overrides: str) -> tuple[str, ...]:
+    """``overrides`` on two gloo CPU processes."""
+    return ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides)
 
 
 def plain_config(
@@ -76,9 +90,12 @@ def compose_cfg():
     return compose_train
 
 
-def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m lit_lora.train`` in a subprocess; returns the completed process (text output)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(
+    *args: str, timeout: float = 120, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m lit_lora.train`` in a subprocess (environment: ``env``, default this process's);
+    returns the completed process (text output)."""
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-m", "lit_lora.train", *args],
         cwd=cwd or ROOT,
@@ -92,6 +109,41 @@ def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subpro
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished CLI run: its folder and its completed process."""
+
+    out: Path
+    done: subprocess.CompletedProcess
+
+
+# The two runs below are shared by the DDP tests (several files): starting a 2-process run costs ~15 s of
+# imports and set-up alone on the CI machine, so each is paid once per session.
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> Run:
+    """``EXACT`` for 4 steps in one process, micro-batch 8, a checkpoint every 2 steps."""
+    out = tmp_path_factory.mktemp("reference")
+    done = run_cli(*EXACT, *CKPT_EVERY_2, f"output_dir={out}", "data.batch_size=8", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Run(out, done)
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory) -> Run:
+    """The same 4 steps on two gloo processes (micro-batch 4 each: the same global batch), through the real
+    CLI, whose rank zero starts rank one; each rank reports the threads alive at its exit
+    (:mod:`tests.exit_threads`)."""
+    from tests.exit_threads import reporting_env
+
+    out = tmp_path_factory.mktemp("ddp")
+    env = reporting_env(tmp_path_factory.mktemp("site"))
+    done = run_cli(
+        *ddp(*EXACT, *CKPT_EVERY_2, f"output_dir={out}", "data.batch_size=4"), timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Run(out, done)
 
 
 def alpaca_messages(row: dict) -> list[dict[str, str]]:

@@ -20,14 +20,17 @@ from lit_lora.builder import build_model
 from lit_lora.config import to_train_config
 from lit_lora.errors import UserError
 from lit_lora.strategies import build_strategy
-from tests.conftest import DPO, TINY, assert_same_steps, compose_train, run_cli, train_with_accumulation
-
-EXACT = [*TINY, "lora.dropout=0.0", "score=false", "trainer.limit_val_batches=0"]
-CKPT_EVERY_2 = [
-    "callbacks.adapter_checkpoint.every_n_train_steps=2",
-    "callbacks.adapter_checkpoint.monitor=null",
-    "callbacks.adapter_checkpoint.save_top_k=-1",
-]
+from tests.conftest import (
+    CKPT_EVERY_2,
+    DPO,
+    EXACT,
+    Run,
+    assert_same_steps,
+    compose_train,
+    ddp,
+    run_cli,
+    train_with_accumulation,
+)
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -62,24 +65,28 @@ def test_gradient_accumulation_8x1_4x2_2x4_give_the_same_loss_and_adapter(tmp_pa
     assert_same_steps(train_with_accumulation(tmp_path, [*EXACT, "trainer.max_steps=3"]))
 
 
-def _ddp(*overrides: str):
-    return ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides)
+def _check_ddp_run(run: Run, single: Path) -> None:
+    assert "x 2 devices" in run.done.stdout, "the effective batch line counts both processes"
+    assert _max_diff(_adapter(run.out), _adapter(single)) < 1e-6
+    # Rank zero wrote the summary; the memory tracker reports both ranks in it.
+    summary = json.loads((run.out / "summary.json").read_text())
+    assert len(summary["memory"]["per_rank"]) == 2
+    assert run.done.stdout.count("effective batch") == 1, "progress lines come from rank zero only"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", [[], DPO], ids=["sft", "dpo"])
-def test_ddp_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path, objective):
-    common = [*EXACT, *objective, "trainer.max_steps=4"]
+def test_ddp_two_gloo_processes_equal_one_process_with_the_same_global_batch(ddp_run, reference_run):
+    _check_ddp_run(ddp_run, reference_run.out)
+
+
+@pytest.mark.slow
+def test_ddp_equals_one_process_for_a_preference_objective_too(tmp_path):
+    common = [*EXACT, *DPO]
     single = run_cli(*common, f"output_dir={tmp_path / 'single'}", "data.batch_size=8", timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = run_cli(*_ddp(*common, f"output_dir={tmp_path / 'ddp'}", "data.batch_size=4"), timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "x 2 devices" in ddp.stdout, "the effective batch line counts both processes"
-    assert _max_diff(_adapter(tmp_path / "ddp"), _adapter(tmp_path / "single")) < 1e-6
-    # Rank zero wrote the summary; the memory tracker reports both ranks in it.
-    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert len(summary["memory"]["per_rank"]) == 2
-    assert ddp.stdout.count("effective batch") == 1, "progress lines come from rank zero only"
+    done = run_cli(*ddp(*common, f"output_dir={tmp_path / 'ddp'}", "data.batch_size=4"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _check_ddp_run(Run(tmp_path / "ddp", done), tmp_path / "single")
 
 
 @pytest.mark.parametrize("name", ["default", "cpu", "ddp", "fsdp"])
@@ -110,33 +117,18 @@ def test_deepspeed_configs_compose_and_are_refused_with_the_reason(tmp_path, nam
         check_strategy_combinations(cfg)
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
-    """4 steps in one process, micro-batch 8, a checkpoint every 2 steps (shared by both directions)."""
-    out = tmp_path_factory.mktemp("reference")
-    done = run_cli(
-        *EXACT, *CKPT_EVERY_2, f"output_dir={out}", "data.batch_size=8", "trainer.max_steps=4", timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("first,second", [("ddp", "single"), ("single", "ddp")])
-def test_checkpoint_moves_between_world_sizes_2_and_1(tmp_path, first, second, reference_run):
-    """The step-2 checkpoint of a 4-step run under one world size, resumed under the other, ends where
-    4 steps in one process end (the first run goes on to step 4 so its LR schedule is the same)."""
-    common = [*EXACT, *CKPT_EVERY_2]
-
-    def launch(kind: str, out: Path, *extra: str):
-        args = [*common, f"output_dir={out}", *extra]
-        args = _ddp(*args, "data.batch_size=4") if kind == "ddp" else (*args, "data.batch_size=8")
-        done = run_cli(*args, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done
-
-    launch(first, tmp_path / "first", "trainer.max_steps=4")
-    (checkpoint,) = (tmp_path / "first" / "checkpoints").glob("step-000002*")
-    resumed = launch(second, tmp_path / "second", "trainer.max_steps=4", f"resume={checkpoint}")
+def test_checkpoint_moves_between_world_sizes_2_and_1(tmp_path, first, second, reference_run, ddp_run):
+    """The step-2 checkpoint of a 4-step run under one world size (the shared runs), resumed under the
+    other, ends where 4 steps in one process end (the first run went on to step 4, so the LR schedule
+    is the same)."""
+    (checkpoint,) = ({"ddp": ddp_run, "single": reference_run}[first].out / "checkpoints").glob(
+        "step-000002*"
+    )
+    args = [*EXACT, *CKPT_EVERY_2, f"output_dir={tmp_path / 'second'}", f"resume={checkpoint}"]
+    args = ddp(*args, "data.batch_size=4") if second == "ddp" else (*args, "data.batch_size=8")
+    resumed = run_cli(*args, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "(step 2)" in resumed.stdout
-    assert _max_diff(_adapter(tmp_path / "second"), _adapter(reference_run)) < 1e-6
+    assert _max_diff(_adapter(tmp_path / "second"), _adapter(reference_run.out)) < 1e-6
