@@ -157,13 +157,16 @@ def test_a_one_character_typo_of_every_leaf_key_fails_naming_the_key():
 
 def _typos_fail(leaves: list[str]) -> None:
     assert len(leaves) > 80
-    for key in leaves:
+    for n, key in enumerate(leaves):
         if key.endswith("._target_") or key.startswith("model.config_overrides."):
             continue  # overrides of the architecture's config: checked against it when it loads (below)
         head = key.rpartition(".")[0]
         siblings = {k.rpartition(".")[2] for k in leaves if k.rpartition(".")[0] == head}
         wrong = _typo(key, siblings)
-        for override in (f"{wrong}=1", f"+{wrong}=1"):
+        # ``+key=`` gets past Hydra and must be caught by lit-lora's schema: every key. ``key=`` is
+        # refused by Hydra's struct mode, the same code for every key: a sample of one key in eight
+        # (each compose costs ~0.1 s on the CI machine).
+        for override in (f"+{wrong}=1", f"{wrong}=1") if n % 8 == 0 else (f"+{wrong}=1",):
             try:
                 cfg = compose(config_name="train", overrides=[*TINY, "output_dir=/tmp/unused", override])
                 to_train_config(cfg)
