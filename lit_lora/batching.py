@@ -55,16 +55,24 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
     return batch
 
 
+# The key under which an example (and a pair batch) carries the reference's precomputed log-probs.
+REF_LOGPS = "ref_logps"
+
+
 def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """A batch of B preference pairs as one (2B, T) batch for one forward: rows ``0..B-1`` are the chosen
     sides, rows ``B..2B-1`` the rejected ones in the same order, right-padded together by
-    :func:`collate`; ``pairs`` holds B. ``step_tokens`` (if tagged) counts the pairs of the step."""
+    :func:`collate`; ``pairs`` holds B. ``step_tokens`` (if tagged) counts the pairs of the step.
+    ``ref_logps`` (B, 2): the reference's chosen and rejected log-probs, when the examples carry them
+    (``objective.precompute_ref``, :class:`lit_lora.reference.PrecomputedReference`)."""
     sides = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
     sides += [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
     if "step_tokens" in examples[0]:
         sides[0]["step_tokens"] = examples[0]["step_tokens"]
     batch = collate(sides, pad_id)
     batch["pairs"] = torch.tensor(len(examples), dtype=torch.long)
+    if REF_LOGPS in examples[0]:
+        batch[REF_LOGPS] = torch.tensor([e[REF_LOGPS] for e in examples], dtype=torch.float32)
     return batch
 
 

@@ -277,8 +277,11 @@ class ObjectiveConfig:
     ``data.format=preference`` rows (prompt, chosen, rejected):
 
     - ``dpo``: ``loss`` = ``sigmoid`` (DPO), ``ipo`` or ``hinge``; ``beta`` scales the log-ratio to the
-      reference, ``label_smoothing`` (sigmoid only) is conservative DPO's share of flipped labels. The
+      reference, ``label_smoothing`` (sigmoid only) is conservative DPO's share of flipped labels;
+      ``rpo_alpha`` > 0 adds that weight times the chosen answer's NLL per token (RPO). The
       reference is the base with the adapter off, or base + ``ref_adapter`` (a PEFT adapter folder).
+      ``precompute_ref``: the reference's log-probs of every pair once, before the first step (kept in
+      the run folder, :class:`lit_lora.reference.PrecomputedReference`), so that no step runs it.
     - ``simpo``: reference-free, length-normalised log-probs; ``beta``, margin ``gamma``.
     - ``orpo``: reference-free; NLL of the chosen answer + ``lambda_`` x the log odds-ratio term.
     """
@@ -290,6 +293,8 @@ class ObjectiveConfig:
     gamma: float = 0.5  # simpo only: the target reward margin
     lambda_: float = 0.1  # orpo only ("lambda" is a Python keyword)
     ref_adapter: str | None = None  # dpo only: base + this adapter is the reference
+    precompute_ref: bool = False  # dpo only: reference log-probs once before training, none per step
+    rpo_alpha: float = 0.0  # dpo only: + rpo_alpha x the chosen answer's NLL per token (RPO)
 
     @property
     def preference(self) -> bool:
@@ -318,6 +323,18 @@ class ObjectiveConfig:
         if self.ref_adapter is not None and self.name != "dpo":
             raise UserError(
                 f"objective.ref_adapter is the reference of objective=dpo; objective={self.name} has none"
+            )
+        if self.rpo_alpha < 0:
+            raise UserError(f"objective.rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        if self.rpo_alpha and self.name != "dpo":
+            raise UserError(
+                f"objective.rpo_alpha adds the chosen answer's NLL to objective=dpo; objective={self.name} "
+                "has its own loss (orpo includes that NLL already)"
+            )
+        if self.precompute_ref and self.name != "dpo":
+            raise UserError(
+                f"objective.precompute_ref computes the reference of objective=dpo; objective={self.name} "
+                "has none (set objective.precompute_ref=false)"
             )
 
 
@@ -515,6 +532,7 @@ def check_strategy_combinations(cfg: TrainConfig) -> None:
       cast the packed 4-bit storage to another dtype.
     - FSDP with ``optim=paged_adamw_8bit`` (its 8-bit state cannot be gathered into a checkpoint), and
       FSDP strategy names lit-lora does not build (``fsdp_cpu_offload``: its options would be dropped).
+    - FSDP with ``objective.precompute_ref``: the pass before training would run outside FSDP's forward.
     - FSDP with ``quant=int8``: 8-bit weights are integers, which FSDP cannot flatten with the float
       weights of the same layer (the published FSDP + QLoRA recipe is 4-bit).
     """
@@ -552,6 +570,13 @@ def check_strategy_combinations(cfg: TrainConfig) -> None:
             "trainer.strategy=fsdp cannot gather optim=paged_adamw_8bit's state for a checkpoint (8-bit "
             "moments with float32 block scales per parameter; FSDP's full optimizer state needs one dtype "
             "and the shard's shape); use optim=adamw with FSDP"
+        )
+    if strategy.startswith("fsdp") and cfg.objective.precompute_ref:
+        # The pass before training calls the model outside the root FSDP unit's forward, where the
+        # weights are still sharded; not built yet.
+        raise UserError(
+            "objective.precompute_ref=true is not supported with trainer.strategy=fsdp yet; under FSDP the "
+            "reference runs at every step (set objective.precompute_ref=false)"
         )
     if strategy.startswith("fsdp") and cfg.quant.method == "int8":
         raise UserError(

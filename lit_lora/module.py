@@ -30,7 +30,7 @@ from torchmetrics.text import Perplexity
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from lit_lora import faults
-from lit_lora.batching import MODEL_KEYS, is_right_padded
+from lit_lora.batching import MODEL_KEYS, REF_LOGPS, is_right_padded
 from lit_lora.builder import count_params
 from lit_lora.config import ObjectiveConfig, OptimConfig
 from lit_lora.errors import UserError
@@ -365,10 +365,13 @@ class LitLoRA(L.LightningModule):
 
     def _pair_scores(self, batch: dict[str, torch.Tensor]) -> PairScores:
         """Loss and rewards of each pair of a batch from :func:`lit_lora.batching.collate_pairs`: chosen and
-        rejected sides in one forward; for DPO the reference's in a second one, without gradients."""
+        rejected sides in one forward; for DPO the reference's in a second one, without gradients, unless
+        the batch carries them (``objective.precompute_ref``: ``ref_logps``, computed before training)."""
         logps, tokens = self._sequence_logps(batch)
         ref = None
-        if self.objective.uses_reference:
+        if self.objective.uses_reference and REF_LOGPS in batch:
+            ref = batch[REF_LOGPS].to(logps.dtype).unbind(1)
+        elif self.objective.uses_reference:
             with torch.no_grad(), reference_model(self.model):
                 ref = self._sequence_logps(batch)[0].chunk(2)
         return pair_scores(self.objective, logps.chunk(2), tokens.chunk(2), ref)

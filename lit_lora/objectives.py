@@ -98,7 +98,16 @@ def orpo(
     avg_l = logps_l / tokens_l.clamp(min=1)
     # log(1 - P) = log1p(-exp(avg)); avg < 0 always (a log-prob of a token is below 0).
     log_odds = (avg_w - avg_l) - (torch.log1p(-torch.exp(avg_w)) - torch.log1p(-torch.exp(avg_l)))
-    return -avg_w - lambda_ * F.logsigmoid(log_odds)
+    return chosen_nll(logps_w, tokens_w) - lambda_ * F.logsigmoid(log_odds)
+
+
+def chosen_nll(logps_w: torch.Tensor, tokens_w: torch.Tensor) -> torch.Tensor:
+    """The chosen answer's negative log-likelihood per token of each pair, ``-log pi(y_w|x) / |y_w|``:
+    the term RPO (Pang et al., 2024, "Iterative Reasoning Preference Optimization", eq. 1) adds to DPO
+    with weight ``alpha`` (``objective.rpo_alpha``; TRL's ``rpo_alpha``, which averages it over all chosen
+    tokens of the batch instead). It keeps the chosen answers likely while DPO widens the margin: DPO
+    alone may lower both sides' likelihood, and with it what the model generates."""
+    return -logps_w / tokens_w.clamp(min=1)
 
 
 @dataclass
@@ -132,6 +141,8 @@ def pair_scores(
             loss = dpo_ipo(ratio_w, ratio_l, n_w, n_l, cfg.beta)
         else:
             loss = dpo_hinge(ratio_w, ratio_l, cfg.beta)
+        if cfg.rpo_alpha:
+            loss = loss + cfg.rpo_alpha * chosen_nll(lw, n_w)
         return PairScores(loss, cfg.beta * ratio_w.detach(), cfg.beta * ratio_l.detach(), detached)
     avg_w, avg_l = lw.detach() / n_w.clamp(min=1), ll.detach() / n_l.clamp(min=1)
     if cfg.name == "simpo":

@@ -10,13 +10,23 @@ the memory of one more adapter, not of one more model.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
+import tempfile
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import lightning as L
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from lit_lora.adapters import check_adapter_folder
+from lit_lora.batching import REF_LOGPS, collate_pairs
 from lit_lora.errors import UserError
+from lit_lora.progress import progress
 
 REFERENCE_ADAPTER = "reference"
 
@@ -76,3 +86,122 @@ def reference_model(model) -> Iterator[None]:
                 yield
     finally:
         model.train(training)
+
+
+# ----------------------------------------------------------------------- objective.precompute_ref
+REFERENCE_FOLDER = "reference"  # in the run folder: <key>.safetensors, one per data + model identity
+
+
+def reference_key(examples: dict[str, list[dict]], identity: dict) -> str:
+    """A hash of every pair's tokens (train and val, in order) and of what the reference computes with
+    (``identity``: the model, its quantization, precision, the reference adapter's weights...): the
+    same key means the same reference log-probs."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+    for split in sorted(examples):
+        digest.update(f"|{split}:{len(examples[split])}|".encode())
+        for e in examples[split]:
+            for key in ("input_ids", "labels", "rejected_input_ids", "rejected_labels"):
+                digest.update(np.asarray(e[key], dtype=np.int64).tobytes())
+                digest.update(b",")
+    return digest.hexdigest()[:24]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (the reference adapter's weights, in :func:`reference_key`'s identity)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class PrecomputedReference(L.Callback):
+    """``objective.precompute_ref=true``: before the first step, the reference's summed log-probs of the
+    chosen and rejected answer of every train and val pair, attached to each example (``ref_logps``,
+    which :func:`lit_lora.batching.collate_pairs` puts in the batch and the DPO loss reads instead of a
+    reference forward). Kept in ``<run>/reference/<key>.safetensors`` (:func:`reference_key`), so a
+    resumed run reads them back instead of computing them again.
+
+    The pass runs in the precision plugin's forward context (the autocast the steps run under), in
+    batches of ``batch_size`` pairs. Every rank computes all pairs (each rank's steps may draw any of
+    them; the pass costs one forward without gradients per pair, about a third of a training step's
+    work) and rank zero writes the file. ``status`` says ``computed`` or ``loaded`` afterwards.
+    """
+
+    def __init__(self, folder: Path, identity: dict, batch_size: int):
+        self.folder = Path(folder)
+        self.identity = identity
+        self.batch_size = batch_size
+        self.status: str | None = None
+        self.seconds: float | None = None
+        self.path: Path | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        started = time.perf_counter()
+        datamodule = trainer.datamodule
+        examples = {split: datamodule.examples[split] for split in ("train", "val")}
+        self.path = self.folder / f"{reference_key(examples, self.identity)}.safetensors"
+        stored = self._read(examples)
+        if stored is None:
+            stored = {
+                split: self._compute(pl_module, trainer, items, datamodule.tokenizer.pad_token_id, split)
+                for split, items in examples.items()
+            }
+            if trainer.is_global_zero:
+                self._write(stored)
+            self.status = "computed"
+        else:
+            self.status = "loaded"
+        for split, items in examples.items():
+            for example, pair in zip(items, stored[split].tolist(), strict=True):
+                example[REF_LOGPS] = pair
+        self.seconds = round(time.perf_counter() - started, 2)
+        if trainer.is_global_zero:
+            verb = "computed" if self.status == "computed" else f"read from {self.path}"
+            print(
+                f"lit-lora: reference log-probs of {sum(map(len, examples.values()))} pairs {verb} "
+                f"({self.seconds:.1f} s); no step runs the reference",
+                flush=True,
+            )
+
+    def summary_metrics(self) -> dict:
+        return {
+            "precomputed_reference": {"status": self.status, "seconds": self.seconds, "file": str(self.path)}
+        }
+
+    def _read(self, examples: dict[str, list[dict]]) -> dict[str, torch.Tensor] | None:
+        if not self.path.is_file():
+            return None
+        stored = load_file(str(self.path))
+        if any(stored.get(s, torch.empty(0)).shape != (len(items), 2) for s, items in examples.items()):
+            return None  # written by another version; the key matched, the content does not: recompute
+        return stored
+
+    def _write(self, stored: dict[str, torch.Tensor]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.folder)
+        os.close(fd)
+        try:
+            save_file(
+                {k: v.contiguous() for k, v in stored.items()},
+                tmp,
+                metadata={"identity": json.dumps(self.identity, default=str)},
+            )
+            os.replace(tmp, self.path)  # a reader sees the whole file or none
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _compute(
+        self, pl_module, trainer: L.Trainer, items: list[dict], pad_id: int, split: str
+    ) -> torch.Tensor:
+        out = torch.zeros(len(items), 2, dtype=torch.float32)
+        starts = range(0, len(items), self.batch_size)
+        with torch.no_grad(), reference_model(pl_module.model), trainer.precision_plugin.forward_context():
+            for start in progress(starts, len(starts), f"reference log-probs ({split})"):
+                batch = collate_pairs(items[start : start + self.batch_size], pad_id)
+                batch = {k: v.to(pl_module.device) for k, v in batch.items()}
+                logps = pl_module._sequence_logps(batch)[0].float().cpu()
+                out[start : start + self.batch_size] = torch.stack(logps.chunk(2), dim=1)
+        return out

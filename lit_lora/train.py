@@ -283,6 +283,8 @@ def train(cfg: DictConfig) -> TrainResult:
         objective=tc.objective,
     )
     callbacks = _instantiate_all("callbacks", cfg.callbacks)
+    if tc.objective.precompute_ref:
+        callbacks.append(_precomputed_reference(tc, out))
     loggers = [lg for lg in _instantiate_all("logger", cfg.logger) if lg is not None]
     if not loggers:
         # logger=none: Lightning's LearningRateMonitor refuses a Trainer without a logger; it has
@@ -297,6 +299,22 @@ def train(cfg: DictConfig) -> TrainResult:
         # One W&B run per job, finished even when training failed; the summary goes with it.
         finish_runs(loggers, summary, out / "adapter", failed=summary is None, say=_say)
     return TrainResult(summary, out, built.model, built.tokenizer)
+
+
+def _precomputed_reference(tc: TrainConfig, out: Path):
+    """The callback of ``objective.precompute_ref``, keyed by what the reference computes with."""
+    from lit_lora.reference import PrecomputedReference, file_digest
+
+    ref = tc.objective.ref_adapter
+    identity = {
+        "model": tc.model.name_or_path,
+        "revision": tc.model.revision,
+        "quant": dataclasses.asdict(tc.quant),
+        "precision": str(tc.trainer.precision),
+        "speed": dataclasses.asdict(tc.speed),
+        "ref_adapter": file_digest(Path(ref) / "adapter_model.safetensors") if ref else None,
+    }
+    return PrecomputedReference(out / "reference", identity, tc.data.eval_batch_size)
 
 
 def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, resume_from, started) -> dict:

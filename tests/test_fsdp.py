@@ -25,7 +25,7 @@ from lit_lora.strategies import (
     fsdp_wrap_policy,
     scoring_device,
 )
-from tests.conftest import compose_train, run_cli
+from tests.conftest import DPO, compose_train, run_cli
 
 FSDP_CPU = [
     "model=tiny",
@@ -117,13 +117,14 @@ def _b_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_fsdp_qlora_on_two_cpu_ranks_trains_and_saves(tmp_path):
+def test_fsdp_qlora_dpo_on_two_cpu_ranks_trains_and_saves(tmp_path):
     """Two gloo ranks, nf4 base, FSDP's activation checkpointing, the default gradient_clip_val=1.0 and
     checkpoints every 2 steps (``last.ckpt`` replaced twice): Lightning's own FSDP save refuses an existing
-    folder and its precision plugin refuses norm clipping."""
+    folder and its precision plugin refuses norm clipping. The objective is DPO, whose reference (the
+    adapter switched off) runs inside the same sharded step; FSDP with SFT trains in the test below."""
     first = tmp_path / "first"
     done = run_cli(
-        *FSDP_CPU, "quant=nf4", "model.gradient_checkpointing=true", "trainer.max_steps=4",
+        *FSDP_CPU, *DPO, "quant=nf4", "model.gradient_checkpointing=true", "trainer.max_steps=4",
         f"output_dir={first}", timeout=400,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -133,6 +134,8 @@ def test_fsdp_qlora_on_two_cpu_ranks_trains_and_saves(tmp_path):
     assert "held-out scoring skipped: under fsdp" in done.stdout
     summary = json.loads((first / "summary.json").read_text())
     assert summary["global_step"] == 4 and "score_tuned" not in summary
+    # The last validation's DPO figures, over both ranks: the trained adapter moved off the reference.
+    assert summary["objective"]["name"] == "dpo" and summary["preference"]["rewards_margin"] != 0
     assert sorted(p.name for p in (first / "checkpoints").iterdir()) == [
         "last.ckpt", "step-000002.ckpt", "step-000004.ckpt"
     ]  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +36,7 @@ from lit_lora.rows import BadRows, Row, to_row
 from lit_lora.speedups.chunked_loss import sequence_logps
 from lit_lora.train import train
 from tests.conftest import (
+    CKPT_EVERY_2,
     CONF,
     DPO,
     TINY,
@@ -303,6 +305,24 @@ def test_conservative_dpo_is_the_label_smoothed_formula(tiny):
     assert torch.allclose(ours.loss.detach(), expected, atol=1e-6)
 
 
+def test_rpo_adds_the_chosen_answers_nll_per_token_to_dpo(tiny):
+    alpha = 0.7
+    plain = _ours(tiny, ObjectiveConfig(name="dpo"))
+    rpo = _ours(tiny, ObjectiveConfig(name="dpo", rpo_alpha=alpha))
+    # Written out from the full logits: rows 0..B-1 of the batch are the chosen answers.
+    batch, pairs = tiny.batch, int(tiny.batch["pairs"])
+    with torch.no_grad():
+        logits = tiny.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    nll = []
+    for i in range(pairs):
+        keep = labels[i] != IGNORE_INDEX
+        nll.append(F.cross_entropy(logits[i, :-1][keep].float(), labels[i][keep]))
+    expected = plain.loss.detach() + alpha * torch.stack(nll)
+    assert torch.allclose(rpo.loss.detach(), expected, atol=1e-5), (rpo.loss, expected)
+    assert torch.equal(rpo.rewards_chosen, plain.rewards_chosen), "the rewards are DPO's"
+
+
 def _trl_self(**kwargs):
     return SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")), **kwargs)
 
@@ -430,6 +450,75 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
+def test_precomputed_reference_replaces_the_reference_forward_and_is_read_back_on_resume(
+    tmp_path, monkeypatch
+):
+    exact = [*TINY_DPO, "lora.dropout=0.0", "score=false", *CKPT_EVERY_2]
+    live = train(compose_train([*exact, f"output_dir={tmp_path / 'live'}"])).summary
+
+    def no_reference(model):
+        raise AssertionError("a training or validation step ran the reference model")
+
+    # From here on any step that runs the reference fails; the precomputing pass uses its own import.
+    monkeypatch.setattr("lit_lora.module.reference_model", no_reference)
+    run = tmp_path / "pre"
+    pre = train(compose_train([*exact, "objective.precompute_ref=true", f"output_dir={run}"])).summary
+    assert pre["precomputed_reference"]["status"] == "computed"
+    (stored,) = (run / "reference").glob("*.safetensors")
+    logps = load_file(str(stored))
+    assert logps["train"].shape == (32, 2) and logps["val"].shape == (8, 2) and (logps["train"] < 0).all()
+    # Same training as with the reference run at every step: only the batching of the pass differs.
+    a, b = _adapter(tmp_path / "live"), _adapter(run)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert abs(pre["val_loss"] - live["val_loss"]) < 1e-5
+    assert abs(pre["preference"]["rewards_margin"] - live["preference"]["rewards_margin"]) < 1e-5
+
+    # An interrupted run (a checkpoint at step 2, no results yet) resumes and reads the file back.
+    trained, written = _adapter(run), stored.stat().st_mtime_ns
+    shutil.rmtree(run / "adapter")
+    (run / "summary.json").unlink()
+    for later in (run / "checkpoints").iterdir():
+        if later.name != "step-000002.ckpt":
+            shutil.rmtree(later)
+    resumed = train(
+        compose_train([*exact, "objective.precompute_ref=true", f"output_dir={run}", "resume=auto"])
+    )
+    assert resumed.summary["precomputed_reference"]["status"] == "loaded"
+    assert stored.stat().st_mtime_ns == written and len(list((run / "reference").iterdir())) == 1
+    again = _adapter(run)
+    assert all(torch.equal(trained[k], again[k]) for k in trained), "resume is exact with stored log-probs"
+    assert any(t.abs().max() > 0 for k, t in trained.items() if "lora_B" in k)
+
+
+def test_the_reference_key_changes_with_the_pairs_and_with_what_the_reference_computes_with():
+    from lit_lora.reference import reference_key
+
+    pair = {
+        "input_ids": [1, 2, 3],
+        "labels": [-100, 2, 3],
+        "rejected_input_ids": [1, 2, 4],
+        "rejected_labels": [-100, 2, 4],
+    }
+    examples = {"train": [pair], "val": []}
+    key = reference_key(examples, {"model": "m", "ref_adapter": None})
+    assert key == reference_key({"train": [dict(pair)], "val": []}, {"ref_adapter": None, "model": "m"})
+    assert key != reference_key(examples, {"model": "m", "ref_adapter": "ab12"})
+    assert key != reference_key(
+        {"train": [{**pair, "rejected_input_ids": [1, 2, 5]}], "val": []}, {"model": "m", "ref_adapter": None}
+    )
+    assert key != reference_key({"train": [], "val": [pair]}, {"model": "m", "ref_adapter": None})
+
+
+def test_precompute_ref_is_refused_where_it_cannot_run(tmp_path):
+    from lit_lora.config import check_device, to_train_config
+
+    with pytest.raises(UserError, match="objective=simpo has none"):
+        to_train_config(compose_train([*TINY_DPO, "objective=simpo", "objective.precompute_ref=true"]))
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "objective.precompute_ref=true"]
+    with pytest.raises(UserError, match=r"precompute_ref=true is not supported with trainer\.strategy=fsdp"):
+        check_device(to_train_config(compose_train([*TINY_DPO, *fsdp, f"output_dir={tmp_path}"])))
+
+
 @pytest.mark.parametrize("objective", ["simpo", "orpo"])
 def test_reference_free_objectives_train_and_report_their_metrics(tmp_path, objective):
     result = train(
@@ -467,6 +556,8 @@ def test_dpo_on_non_preference_data_stops_before_loading_the_model(tmp_path):
         (["objective.loss=kto"], "objective.loss='kto' is not supported"),
         (["objective.label_smoothing=0.5"], r"objective.label_smoothing must be in \[0, 0.5\)"),
         (["objective=simpo", "objective.ref_adapter=/x"], "objective=simpo has none"),
+        (["objective.rpo_alpha=-1"], "objective.rpo_alpha must be >= 0"),
+        (["objective=orpo", "objective.rpo_alpha=1"], "objective=orpo has its own loss"),
         (["data.packing=true"], "data.packing=true is not supported with objective=dpo"),
     ],
 )
