@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lit_lora.embedded import cache_root
-from tests.conftest import ROOT
+from tests.conftest import DPO, ROOT
 
 FAST = [
     "model=tiny",
@@ -123,7 +123,9 @@ def test_offline_wandb_sweep_runs_share_the_sweep_group(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_by_two_sweep_with_qlora_jobs_is_compared_in_one_table(tmp_path):
+def test_two_by_two_dpo_sweep_with_qlora_jobs_is_compared_in_one_table(tmp_path):
+    """``-m objective.beta=... quant=none,nf4`` on the preference demo: DPO with QLoRA bases in a sweep,
+    compared with the preference columns and plot (SFT sweeps run in the tests below)."""
     sweep = tmp_path / "grid"
     small = [
         "model=tiny",  # the sweep machinery is under test; the default model trains in test_train.py
@@ -136,7 +138,7 @@ def test_two_by_two_sweep_with_qlora_jobs_is_compared_in_one_table(tmp_path):
         "data.test_size=2",
         "data.score_max_new_tokens=8",
     ]
-    done = multirun(sweep, *small, "lora.r=4,8", "quant=none,nf4", timeout=1500)
+    done = multirun(sweep, *small, *DPO, "objective.beta=0.05,0.5", "quant=none,nf4", timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "4 of 4 jobs completed" in done.stdout
     table = compare(str(sweep))
@@ -144,12 +146,13 @@ def test_two_by_two_sweep_with_qlora_jobs_is_compared_in_one_table(tmp_path):
     with (sweep / "compare.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {r["overrides"] for r in rows} == {
-        "lora.r=4 quant=none",
-        "lora.r=4 quant=nf4",
-        "lora.r=8 quant=none",
-        "lora.r=8 quant=nf4",
+        "objective.beta=0.05 quant=none",
+        "objective.beta=0.05 quant=nf4",
+        "objective.beta=0.5 quant=none",
+        "objective.beta=0.5 quant=nf4",
     }
-    for name in ("loss_curves.png", "memory.png", "throughput.png", "score.png"):
+    assert all(r["preference_accuracy"] and r["reward_margin"] for r in rows)
+    for name in ("loss_curves.png", "memory.png", "throughput.png", "score.png", "preference.png"):
         assert (sweep / name).read_bytes()[:4] == b"\x89PNG"
 
 
