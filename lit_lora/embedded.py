@@ -84,7 +84,8 @@ def gguf_path(name: str) -> Path:
     return path
 
 
-def _digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """The first 12 hex digits of the sha256 of a file's bytes."""
     # Size and mtime would be cheaper, but a content hash keeps the cache valid across reinstalls
     # of the same file and costs about 0.3 s for the 93 MB SmolLM2 file.
     h = hashlib.sha256()
@@ -101,7 +102,7 @@ def resolve(name_or_path: str) -> Path:
     """
     name = name_or_path[len(PREFIX) :]
     source = gguf_path(name)
-    target = cache_root() / "models" / f"{name}-{_digest(source)}"
+    target = cache_root() / "models" / f"{name}-{file_digest(source)}"
     if (target / COMPLETE_MARKER).is_file():
         if _format(target) < FORMAT:
             _upgrade(target, source, name)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ from lit_lora.adapters import check_adapter_folder
 from lit_lora.batching import REF_LOGPS, collate_pairs
 from lit_lora.errors import UserError
 from lit_lora.progress import progress
+from lit_lora.staging import write_file_atomic
 
 REFERENCE_ADAPTER = "reference"
 
@@ -94,7 +93,7 @@ REFERENCE_FOLDER = "reference"  # in the run folder: <key>.safetensors, one per 
 
 def reference_key(examples: dict[str, list[dict]], identity: dict) -> str:
     """A hash of every pair's tokens (train and val, in order) and of what the reference computes with
-    (``identity``: the model, its quantization, precision, the reference adapter's weights...): the
+    (``identity``: the model, its quantization, precision, the reference adapter's digest...): the
     same key means the same reference log-probs."""
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     for split in sorted(examples):
@@ -104,15 +103,6 @@ def reference_key(examples: dict[str, list[dict]], identity: dict) -> str:
                 digest.update(np.asarray(e[key], dtype=np.int64).tobytes())
                 digest.update(b",")
     return digest.hexdigest()[:24]
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (the reference adapter's weights, in :func:`reference_key`'s identity)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class PrecomputedReference(L.Callback):
@@ -178,20 +168,9 @@ class PrecomputedReference(L.Callback):
         return stored
 
     def _write(self, stored: dict[str, torch.Tensor]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.folder)
-        os.close(fd)
-        try:
-            save_file(
-                {k: v.contiguous() for k, v in stored.items()},
-                tmp,
-                metadata={"identity": json.dumps(self.identity, default=str)},
-            )
-            os.replace(tmp, self.path)  # a reader sees the whole file or none
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        tensors = {k: v.contiguous() for k, v in stored.items()}
+        metadata = {"identity": json.dumps(self.identity, default=str)}
+        write_file_atomic(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def _compute(
         self, pl_module, trainer: L.Trainer, items: list[dict], pad_id: int, split: str
@@ -202,6 +181,6 @@ class PrecomputedReference(L.Callback):
             for start in progress(starts, len(starts), f"reference log-probs ({split})"):
                 batch = collate_pairs(items[start : start + self.batch_size], pad_id)
                 batch = {k: v.to(pl_module.device) for k, v in batch.items()}
-                logps = pl_module._sequence_logps(batch)[0].float().cpu()
+                logps = pl_module._sequence_logps(batch)[0].cpu()
                 out[start : start + self.batch_size] = torch.stack(logps.chunk(2), dim=1)
         return out

@@ -22,7 +22,8 @@ Contract of ``with staged_folder(target) as tmp:`` (the body writes the folder's
   the rename.
 
 :func:`scratch_folder` is the hidden temporary folder alone (removed on exit, never renamed), for
-callers that move files out of it one by one; :func:`write_text_atomic` is the same idea for one file.
+callers that move files out of it one by one; :func:`write_file_atomic` (and :func:`write_text_atomic`)
+is the same idea for one file.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -102,11 +103,19 @@ def _swap(new: Path, target: Path) -> None:
 def write_text_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
     """Write ``path`` through a hidden temporary file in its folder and one rename: readers see the old
     file or the new one, never a part. ``mode``: the file's permissions (``mkstemp`` alone gives 0o600)."""
+    write_file_atomic(path, lambda tmp: Path(tmp).write_text(text), mode=mode)
+
+
+def write_file_atomic(path: Path, write: Callable[[Path], object], *, mode: int = 0o644) -> None:
+    """``write(tmp)`` fills a hidden temporary file in ``path``'s folder (created if needed), which one
+    rename then publishes as ``path``; if ``write`` raises, the temporary file is removed and ``path`` is
+    left as it was. For writers that take a file name (``safetensors.torch.save_file``)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(Path(tmp))
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

@@ -303,7 +303,8 @@ def train(cfg: DictConfig) -> TrainResult:
 
 def _precomputed_reference(tc: TrainConfig, out: Path):
     """The callback of ``objective.precompute_ref``, keyed by what the reference computes with."""
-    from lit_lora.reference import PrecomputedReference, file_digest
+    from lit_lora.embedded import file_digest
+    from lit_lora.reference import REFERENCE_FOLDER, PrecomputedReference
 
     ref = tc.objective.ref_adapter
     identity = {
@@ -314,7 +315,7 @@ def _precomputed_reference(tc: TrainConfig, out: Path):
         "speed": dataclasses.asdict(tc.speed),
         "ref_adapter": file_digest(Path(ref) / "adapter_model.safetensors") if ref else None,
     }
-    return PrecomputedReference(out / "reference", identity, tc.data.eval_batch_size)
+    return PrecomputedReference(out / REFERENCE_FOLDER, identity, tc.data.eval_batch_size)
 
 
 def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, resume_from, started) -> dict:
