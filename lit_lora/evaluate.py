@@ -4,7 +4,10 @@ For the base model (``base=true``) and each adapter, on one split of any dataset
 
 - perplexity over the split's trained tokens (token-weighted, fp32);
 - task metrics of greedy answers against the reference (the last assistant turn), through torchmetrics:
-  exact match (JSON-aware, as in training's held-out score), SQuAD-style token F1 and ROUGE-L.
+  exact match (JSON-aware, as in training's held-out score), SQuAD-style token F1 and ROUGE-L;
+- on preference data (``data.format=preference``), where the chosen answer is the reference of the two
+  above: the preference accuracy, the share of pairs whose chosen answer the model finds more likely
+  than the rejected one (training's held-out ``preference_tuned``), and the mean log-prob margin.
 
 Each adapter is rendered with its own saved rendering, so its prompts are exactly those of its
 training; the base model uses the first adapter's (or the data config's). The table is printed and
@@ -23,7 +26,7 @@ from torchmetrics.functional.text import rouge_score, squad
 from torchmetrics.text import Perplexity
 
 from lit_lora.adapters import attach_adapter, check_adapter_folder, rendering_for
-from lit_lora.answers import exact_match, generate_answers
+from lit_lora.answers import exact_match, generate_answers, preference_accuracy
 from lit_lora.api import compose
 from lit_lora.app_config import EvaluateConfig, app_main, typed
 from lit_lora.batching import MODEL_KEYS, collate
@@ -114,6 +117,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                 {"answer": a, "reference": r.messages[-1]["content"]}
                 for a, r in zip(answers[:3], scored[:3], strict=False)
             ]
+        if data.pairs:
+            pairs = preference_accuracy(
+                model, tokenizer.pad_token_id, data.examples[cfg.split], batch, use_adapter=True
+            )
+            entry["preference_accuracy"] = round(pairs["accuracy"], 2)
+            entry["logp_margin"] = round(pairs["mean_logp_margin"], 4)
         results.append(entry)
         if folder is not None:
             base = model.unload()  # take the adapter's layers out before the next one goes in
@@ -127,11 +136,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 def _print_table(report: dict, out: Path) -> None:
     keys = ["perplexity", "exact_match", "f1", "rouge_l"]
+    if any("preference_accuracy" in m for m in report["models"]):
+        keys += ["preference_accuracy", "logp_margin"]
     width = max(len(m["model"]) for m in report["models"])
     print(f"lit-lora: {report['split']} split, {report['n']} rows, base {report['base_model']}")
-    print("  ".join(["model".ljust(width), *(k.rjust(11) for k in keys)]))
+    columns = [max(11, len(k)) for k in keys]
+    print("  ".join(["model".ljust(width), *(k.rjust(c) for k, c in zip(keys, columns, strict=True))]))
     for m in report["models"]:
-        print("  ".join([m["model"].ljust(width), *(str(m.get(k, "-")).rjust(11) for k in keys)]))
+        cells = (str(m.get(k, "-")).rjust(c) for k, c in zip(keys, columns, strict=True))
+        print("  ".join([m["model"].ljust(width), *cells]))
     print(f"lit-lora: written {out}", flush=True)
 
 

@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
+from lit_lora.app_config import GenerateConfig
 from lit_lora.batching import collate_pairs
 from lit_lora.builder import build_model, load_tokenizer
 from lit_lora.compare import compare
-from lit_lora.config import DataConfig, LoraConfig, ModelConfig, ObjectiveConfig, OptimConfig
+from lit_lora.config import DataConfig, LoraConfig, ModelConfig, ObjectiveConfig, OptimConfig, to_train_config
 from lit_lora.data import DataModule, encode_rows
 from lit_lora.errors import UserError
 from lit_lora.module import LitLoRA
@@ -444,6 +446,48 @@ def test_sft_then_dpo_chain_with_the_sft_adapter_as_init_and_reference(tmp_path)
     before, after = load_file(str(adapter / "adapter_model.safetensors")), _adapter(tmp_path / "dpo")
     assert max((before[k] - after[k]).abs().max().item() for k in before) > 0, "DPO moved the SFT adapter"
     assert "preference_tuned" in summary and summary["preference_tuned"]["n"] == 4
+    _merge_generate_and_evaluate_a_dpo_adapter(tmp_path / "dpo", summary)
+
+
+def _merge_generate_and_evaluate_a_dpo_adapter(run: Path, summary: dict) -> None:
+    """The commands after training take a DPO adapter as they take an SFT one (issue 21, point 7)."""
+    from lit_lora import evaluate as evaluate_command
+    from lit_lora import generate as generate_command
+    from lit_lora import merge as merge_command
+
+    adapter = run / "adapter"
+    data = [*DPO[1:], "data.train_size=32", "data.val_size=8", "data.test_size=4", "data.eval_batch_size=1"]
+    work = run.parent / "evaluation"
+    report = evaluate_command.run(
+        ["model=tiny", *data, "data.score_max_new_tokens=4", f"adapters=[{adapter}]", f"work_dir={work}"]
+    )
+    base, tuned = report["models"]
+    # The same held-out pairs as training's own scoring: the same preference accuracy, base and tuned.
+    assert tuned["preference_accuracy"] == round(summary["preference_tuned"]["accuracy"], 2)
+    assert base["preference_accuracy"] == round(summary["preference_base"]["accuracy"], 2)
+    assert tuned["logp_margin"] != base["logp_margin"] and tuned["perplexity"] != base["perplexity"]
+
+    # generate: the evaluation's first greedy answer, from the same prompt through the Python API.
+    cfg = to_train_config(compose_train(["model=tiny", *DPO[:1], *data, f"output_dir={run.parent / 'x'}"]))
+    built = build_model(GenerateConfig(model=cfg.model), adapter=adapter)
+    pairs = DataModule(cfg.data, built.tokenizer, run.parent / "data")
+    pairs.setup()
+    (prompt,) = pairs.rows["test"][0].messages[:-1]
+    quoted = "'" + prompt["content"].replace("'", "\\'") + "'"  # Hydra's quoted value: spaces, newlines
+    reply = generate_command.run(["model=tiny", f"adapter={adapter}", f"prompt={quoted}", "max_new_tokens=4"])
+    assert reply.text == tuned["examples"][0]["answer"] and reply.new_tokens > 0
+
+    # merge: the merged model's logits are the base's plus the adapter's.
+    merged = merge_command.run(["model=tiny", f"adapter={adapter}", f"output_dir={run.parent / 'merged'}"])
+    plain = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    ids = torch.tensor([pairs.examples["test"][0]["input_ids"]])
+    policy = built.model
+    with torch.no_grad():
+        expected, got = policy(input_ids=ids).logits, plain(input_ids=ids).logits
+        with policy.disable_adapter():
+            before = policy(input_ids=ids).logits
+    assert (expected - before).abs().max() > 1e-4, "the DPO adapter must change the logits"
+    assert (got - expected).abs().max() <= 1e-5
 
 
 def _adapter(run: Path) -> dict[str, torch.Tensor]:

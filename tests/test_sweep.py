@@ -89,11 +89,13 @@ def test_compare_reads_the_sweep_offline(sweep_with_a_failure, tmp_path):
     assert "lora.r=4" in done.stdout and "| run |" in (tmp_path / "compare.md").read_text()
 
 
-def test_offline_wandb_sweep_runs_share_the_sweep_group(tmp_path):
+def test_offline_wandb_dpo_sweep_runs_share_the_sweep_group_and_log_the_rewards(tmp_path):
+    """A DPO sweep (issue 21: W&B groups with every objective; SFT's W&B run is read back in
+    tests/test_callbacks.py)."""
     sweep = tmp_path / "wb-sweep"
     env = {k: "" for k in os.environ if k.startswith("WANDB_")} | {"WANDB_API_KEY": "", "HOME": str(tmp_path)}
     env["LIT_LORA_CACHE"] = str(cache_root())  # not a new, empty cache under the new HOME
-    done = multirun(sweep, *FAST, "logger=wandb", "lora.r=2,4", "score=false", env=env)
+    done = multirun(sweep, *FAST, *DPO, "logger=wandb", "lora.r=2,4", "score=false", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     wandb_cli = os.path.join(os.path.dirname(sys.executable), "wandb")
     groups, names = set(), set()
@@ -116,6 +118,11 @@ def test_offline_wandb_sweep_runs_share_the_sweep_group(tmp_path):
         )
         assert summary["state"] == "finished" and summary["exit_code"] == 0
         assert summary["config"]["lora.r"] == (2 if job == "0" else 4)
+        assert summary["config"]["objective.name"] == "dpo"
+        rewards = ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy", "logps_chosen")
+        logged = summary["summary"]  # the last logged values, and lit-lora's summary.json flattened
+        assert all(isinstance(logged.get(f"val/{k}"), int | float) for k in rewards), sorted(logged)
+        assert logged["preference.rewards_margin"] == logged["val/rewards_margin"]
         groups.add(run["run_group"])
         names.add(run["display_name"])
     assert groups == {"sweep-wb-sweep"}
