@@ -37,6 +37,9 @@ def test_config_files_found():
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: str(p.relative_to(CONF)))
 def test_every_config_file_composes(path, tmp_path):
     overrides = [_override_for(path), f"output_dir={tmp_path}"]
+    if path.parent.name == "objective_data":  # chosen by its name, <objective>_<data>, not by an override
+        objective, data = path.stem.split("_", 1)
+        overrides = [f"objective={objective}", f"data={data}", f"output_dir={tmp_path}"]
     if path.parent.name == "data" and path.stem == "files":
         overrides.append(f"data.source={tmp_path}")
     # Preference data and preference objectives only compose together (config.check_objective_data).
@@ -48,6 +51,18 @@ def test_every_config_file_composes(path, tmp_path):
     typed = to_train_config(cfg)
     assert typed.output_dir == str(tmp_path)
     assert typed.model.name_or_path
+
+
+def test_the_preference_demo_trains_dpo_with_the_chosen_answers_nll_unless_told_otherwise(tmp_path):
+    """conf/objective_data/dpo_demo_preference.yaml applies to that pair only; the command line wins."""
+
+    def rpo_alpha(*overrides: str) -> float:
+        return to_train_config(compose_train([*overrides, f"output_dir={tmp_path}"])).objective.rpo_alpha
+
+    assert rpo_alpha("objective=dpo", "data=demo_preference") == 1.0
+    assert rpo_alpha("objective=dpo", "data=demo_preference", "objective.rpo_alpha=0") == 0.0
+    assert rpo_alpha("objective=orpo", "data=demo_preference") == 0.0
+    assert rpo_alpha("objective=dpo", "data=demo_preference", "experiment=smollm2_qlora") == 1.0
 
 
 def test_default_config_values(tmp_path):

@@ -67,7 +67,7 @@ def _default_options() -> dict[str, set[str]]:
     for name in COMMANDS:
         for entry in OmegaConf.load(CONF / f"{name}.yaml").get("defaults", []):
             if isinstance(entry, DictConfig):
-                for group, option in entry.items():
+                for group, option in entry.items_ex(resolve=False):
                     if option is not None and " " not in str(group):  # "override hydra/...": Hydra's own
                         chosen.setdefault(str(group), set()).add(str(option))
     return chosen
