@@ -28,6 +28,7 @@ PATH_KEYS = {
     "merge": ("output_dir",),
     "evaluate": ("work_dir", "hydra.run.dir"),
     "generate": (),
+    "export": ("output_dir",),
 }
 # What Hydra would have put in output_dir on the command line (conf/train.yaml).
 _RUNTIME_OUTPUT_DIR = "${hydra:runtime.output_dir}"

@@ -86,6 +86,36 @@ class EvaluateConfig:
         _one_of("evaluate", "split", self.split, ("train", "val", "test"))
 
 
+EXPORT_FORMATS = ("gguf", "gguf-lora")
+
+
+@dataclass
+class ExportConfig:
+    """``adapter`` -> a GGUF file for llama.cpp / Ollama (``format=gguf``: merged; ``gguf-lora``: the
+    adapter alone), a Modelfile and ``export.json``, checked by the parity gate (:mod:`lit_lora.export`)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # held-out rows when the adapter has no run folder
+    adapter: str = MISSING
+    format: str = "gguf"
+    outtype: str = "f16"
+    output_dir: str | None = None  # default: <run folder>/export-<format>-<outtype>
+    output_root: str | None = None  # output_dir must lie under it; see lit_lora/paths.py
+    pre_tokenizer: str | None = None  # llama.cpp's pre-tokenizer name, where lit-lora cannot tell it
+    base_gguf: str | None = None  # gguf-lora: the GGUF base it applies to (embedded model: its own file)
+    modelfile: bool = True
+    gate: bool = True
+    gate_rows: int = 100  # held-out rows whose greedy answers are compared
+    logit_rows: int = 8  # held-out rows whose logits are compared
+    llama_cpp: bool = True  # also run llama.cpp (llama-cpp-python) in the gate when it is installed
+
+    def __post_init__(self) -> None:
+        _one_of("export", "format", self.format, EXPORT_FORMATS)
+        if self.gate_rows < 1 or self.logit_rows < 1:
+            raise UserError("gate_rows and logit_rows must be >= 1")
+
+
 def register_app_configs() -> None:
     """Register the merge / generate / evaluate schemas, and the training schema they compose with."""
     register_configs()
@@ -93,6 +123,7 @@ def register_app_configs() -> None:
     store.store(name="merge_schema", node=MergeConfig)
     store.store(name="generate_schema", node=GenerateConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
+    store.store(name="export_schema", node=ExportConfig)
 
 
 def typed(cfg: DictConfig, kind: type):

@@ -209,6 +209,12 @@ def _load_config(source: str, local_only: bool, model_cfg: ModelConfig):
     return config
 
 
+def load_config(model_cfg: ModelConfig):
+    """The transformers config of ``model`` (overrides applied), without loading any weight."""
+    source, local_only = resolve_source(model_cfg)
+    return _load_config(source, local_only, model_cfg)
+
+
 def _check_overrides(config, overrides) -> None:
     """A typo in ``model.config_overrides`` would silently add an attribute that nothing reads."""
     for key in overrides:

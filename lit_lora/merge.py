@@ -94,12 +94,23 @@ def load_export_base(cfg: MergeConfig):
     return base, tokenizer, source
 
 
-def merge(cfg: MergeConfig) -> Path:
-    """Write the merged model folder; returns its path. Refuses an existing, non-empty ``output_dir``."""
+@dataclasses.dataclass
+class Merged:
+    """A merged model in memory: the base as stored plus the adapter, rounded once to ``cfg.dtype``;
+    the tokenizer with training's chat template, and training's rendering."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    rendering: object
+    source: str  # the base, as the builder names it
+    base_dtype: str  # the precision the base was loaded at, as stored
+    adapter: Path
+
+
+def merged_model(cfg: MergeConfig) -> Merged:
+    """Merge ``cfg.adapter`` into its base (see the module docstring); shared by :func:`merge` and
+    :mod:`lit_lora.export`. Raises :class:`UserError` for a folder that is not an adapter or does not fit."""
     adapter = check_adapter_folder(cfg.adapter)
-    out = confined("output_dir", cfg.output_dir, cfg.output_root)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; lit-lora never overwrites it")
     base, tokenizer, source = load_export_base(cfg)
     base_dtype = str(base.dtype).removeprefix("torch.")
     # W + scale * B @ A is formed in float64 and rounded once to the output dtype.
@@ -109,26 +120,37 @@ def merge(cfg: MergeConfig) -> Path:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as err:  # PEFT's safe merge found NaNs
         raise UserError(f"merging {adapter} gives non-finite weights: {err}") from err
-    merged = merged.to(getattr(torch, cfg.dtype))
+    merged = merged.to(getattr(torch, cfg.dtype)).eval()
     tokenizer = tokenizer_for(adapter, tokenizer)
     rendering = rendering_for(adapter, tokenizer)
     tokenizer.chat_template = rendering.chat_template  # serving renders exactly as training did
+    return Merged(merged, tokenizer, rendering, source, base_dtype, adapter)
+
+
+def merge(cfg: MergeConfig) -> Path:
+    """Write the merged model folder; returns its path. Refuses an existing, non-empty ``output_dir``."""
+    check_adapter_folder(cfg.adapter)
+    out = confined("output_dir", cfg.output_dir, cfg.output_root)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; lit-lora never overwrites it")
+    done = merged_model(cfg)
 
     # Complete or absent: written into a hidden folder beside it, renamed into place (lit_lora.staging).
     with staged_folder(out, mode=0o755) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        rendering.save(tmp)
+        done.model.save_pretrained(tmp, safe_serialization=True)
+        done.tokenizer.save_pretrained(tmp)
+        done.rendering.save(tmp)
         info = {
-            "adapter": str(adapter.resolve()),
-            "base": source,
-            "base_dtype": base_dtype,  # the precision the base was loaded at, as stored
+            "adapter": str(done.adapter.resolve()),
+            "base": done.source,
+            "base_dtype": done.base_dtype,
             "quant": cfg.quant.method,
             "dtype": cfg.dtype,
         }
         (tmp / "lit_lora_merge.json").write_text(json.dumps(info, indent=2))
     print(
-        f"lit-lora: merged {adapter} into {source} (stored {base_dtype}) as {cfg.dtype} -> {out}", flush=True
+        f"lit-lora: merged {done.adapter} into {done.source} (stored {done.base_dtype}) as {cfg.dtype} -> {out}",
+        flush=True,
     )
     return out
 

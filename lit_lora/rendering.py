@@ -110,6 +110,16 @@ def prompt_ids(tokenizer, rendering: Rendering, messages: list[dict[str, str]]) 
     return _ids(tokenizer, rendering, rendering.with_system(messages), add_generation_prompt=True)
 
 
+def prompt_text(tokenizer, rendering: Rendering, messages: list[dict[str, str]]) -> str:
+    """The prompt of :func:`prompt_ids` as text (for runtimes that tokenize themselves: llama.cpp, Ollama)."""
+    return tokenizer.apply_chat_template(
+        rendering.with_system(messages),
+        chat_template=rendering.chat_template,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):

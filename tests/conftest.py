@@ -65,6 +65,15 @@ def plain_config(
     )
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded SmolLM2 tokenizer, the real one training uses (loaded once per session; a test that
+    changes it restores it)."""
+    from lit_lora.builder import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path="embedded:smollm2-135m"), "embedded:smollm2-135m", True)
+
+
 def compose_train(overrides: list[str]):
     """The composed ``train`` config for ``overrides`` (raises Hydra's errors as the CLI would)."""
     register_configs()

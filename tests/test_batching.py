@@ -17,18 +17,11 @@ from lit_lora.batching import (
     pack,
     padding_fraction,
 )
-from lit_lora.builder import load_tokenizer
-from lit_lora.config import ModelConfig
 from lit_lora.demo import make_rows
 from lit_lora.embedded import resolve
 from lit_lora.rendering import IGNORE_INDEX, Rendering, count_trained, encode_conversation
 from lit_lora.speedups.attention import segments_from_positions, use_lit_attention
 from tests.conftest import alpaca_messages
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(ModelConfig(name_or_path="embedded:smollm2-135m"), "embedded:smollm2-135m", True)
 
 
 @pytest.fixture(scope="module")

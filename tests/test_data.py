@@ -10,8 +10,7 @@ import pytest
 
 from lit_lora import demo
 from lit_lora.answers import exact_match
-from lit_lora.builder import load_tokenizer
-from lit_lora.config import ModelConfig, to_train_config
+from lit_lora.config import to_train_config
 from lit_lora.data import DataModule, encode_rows
 from lit_lora.errors import UserError
 from lit_lora.rendering import Rendering, count_trained
@@ -19,11 +18,6 @@ from lit_lora.train import train
 from tests.conftest import TINY, compose_train
 
 GOOD = {"instruction": "Translate to French.", "input": "", "output": "Bonjour."}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(ModelConfig(name_or_path="embedded:smollm2-135m"), "embedded:smollm2-135m", True)
 
 
 def mixed_corpus(folder):

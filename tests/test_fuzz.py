@@ -33,8 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lit_lora.builder import load_tokenizer
-from lit_lora.config import DataConfig, ModelConfig, to_train_config
+from lit_lora.config import DataConfig, to_train_config
 from lit_lora.data import DataModule
 from lit_lora.errors import UserError
 from lit_lora.rendering import IGNORE_INDEX, count_trained
@@ -67,12 +66,6 @@ def quiet_datasets():
     datasets.disable_progress_bars()
     yield
     datasets.enable_progress_bars()
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    """The embedded SmolLM2 tokenizer, the real one training uses (loaded once per session)."""
-    return load_tokenizer(ModelConfig(name_or_path="embedded:smollm2-135m"), "embedded:smollm2-135m", True)
 
 
 # ------------------------------------------------------------------------------------------ catalogue

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from lit_lora.app_config import GenerateConfig
 from lit_lora.batching import collate_pairs
-from lit_lora.builder import build_model, load_tokenizer
+from lit_lora.builder import build_model
 from lit_lora.compare import compare
 from lit_lora.config import DataConfig, LoraConfig, ModelConfig, ObjectiveConfig, OptimConfig, to_train_config
 from lit_lora.data import DataModule, encode_rows
@@ -135,11 +135,6 @@ def test_bad_preference_rows_are_counted_by_reason_or_fail_naming_the_row(obj, r
     assert row is None and bad.counts == {reason: 1}, bad.counts
     with pytest.raises(UserError, match=rf"rows.jsonl:1: .*\[{reason}\]"):
         to_row(obj, "rows.jsonl:1", "preference", FIELDS, BadRows("fail"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(ModelConfig(name_or_path="embedded:smollm2-135m"), "embedded:smollm2-135m", True)
 
 
 def test_pairs_label_only_their_answers_and_truncate_the_answers_not_the_prompt(tokenizer):

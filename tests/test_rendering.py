@@ -6,8 +6,6 @@ import itertools
 
 import pytest
 
-from lit_lora.builder import load_tokenizer
-from lit_lora.config import ModelConfig
 from lit_lora.errors import UserError
 from lit_lora.rendering import (
     IGNORE_INDEX,
@@ -30,11 +28,6 @@ THREE_TURNS = [
     {"role": "user", "content": "Thanks."},
     {"role": "assistant", "content": "You are welcome."},
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(ModelConfig(name_or_path="embedded:smollm2-135m"), "embedded:smollm2-135m", True)
 
 
 def runs(tokenizer, ids, labels) -> list[tuple[bool, str]]:

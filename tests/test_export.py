@@ -1,0 +1,337 @@
+"""GGUF export (issue 22): files read back by readers lit-lora did not write (transformers' GGUF loader,
+gguf's reader), the parity gate, the Modelfile, and bad input.
+
+The tiny random-init models share the embedded SmolLM2 tokenizer, so every file here carries the real
+49,152-token vocabulary. llama.cpp itself runs only where llama-cpp-python is installed (``make
+llamacpp``; ``tests/test_export.py -m llamacpp``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lit_lora import export as export_command
+from lit_lora import gguf_files, llama_cpp_runtime
+from lit_lora.app_config import MergeConfig
+from lit_lora.config import ModelConfig, QuantConfig, to_train_config
+from lit_lora.embedded import gguf_path, resolve
+from lit_lora.errors import UserError
+from lit_lora.merge import merged_model
+from lit_lora.modelfile import UntranslatableTemplate, modelfile_text, translate
+from lit_lora.rendering import NAMED_TEMPLATES, Rendering, prompt_text
+from lit_lora.train import train
+from tests.conftest import ROOT, TINY, compose_train
+
+SMALL = ["data.test_size=6", "data.score_max_new_tokens=6"]
+# The tiny model's config with the two keys GPT-2's config has no name for (the others map onto n_embd,
+# n_layer, n_head, n_positions). 1024 positions: transformers' GGUF reader sizes GPT-2's position table
+# with its default n_positions (GPT-2's own 1024), whatever the file's context length says.
+GPT2 = [
+    "model.name_or_path=tiny-random-gpt2",
+    "model.model_type=gpt2",
+    "model.config_overrides.max_position_embeddings=1024",
+    "~model.config_overrides.intermediate_size",
+    "~model.config_overrides.num_key_value_heads",
+]
+QWEN2 = ["model.name_or_path=tiny-random-qwen2", "model.model_type=qwen2"]
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory) -> list[str]:
+    """Model overrides: the tiny model with a 512-token byte-level BPE trained here on the demo's texts
+    (SmolLM2's special tokens and chat template). Every reader of a GGUF file parses the whole vocabulary
+    (seconds for SmolLM2's 49,152 tokens and merges, each time); the embedded vocabulary is checked in
+    test_embedded_model_export_has_the_metadata_and_tokenizer_of_the_shipped_gguf."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lit_lora.demo import make_rows
+
+    texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in make_rows(300, 0, False)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=specials[1],
+        eos_token=specials[2],
+        unk_token=specials[0],
+        pad_token=specials[2],
+    )
+    tokenizer.chat_template = AutoTokenizer.from_pretrained(
+        str(resolve("embedded:smollm2-135m"))
+    ).chat_template
+    folder = tmp_path_factory.mktemp("vocab") / "tokenizer"
+    tokenizer.save_pretrained(str(folder))
+    assert len(tokenizer) == VOCAB
+    return ["model=tiny", f"model.tokenizer={folder}", f"model.config_overrides.vocab_size={VOCAB}"]
+
+
+def _trained(tmp_path_factory, name: str, model: list[str], *overrides: str):
+    run = tmp_path_factory.mktemp(name) / "run"
+    result = train(compose_train([*TINY, *model, *SMALL, "score=false", *overrides, f"output_dir={run}"]))
+    assert result.summary["status"] == "completed"
+    tensors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert all(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k), "trained: B is not zero"
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, small_vocab):
+    return _trained(tmp_path_factory, "tiny", small_vocab)
+
+
+@pytest.fixture(scope="module")
+def models(small_vocab) -> list[str]:
+    """What the commands after training need: the run's model and llama.cpp's name of its pre-tokenizer."""
+    return [*small_vocab, "pre_tokenizer=gpt-2"]
+
+
+def test_f32_export_reads_back_exactly_and_passes_the_gate(tiny_run, models):
+    report = export_command.run([*models, f"adapter={tiny_run / 'adapter'}", "outtype=f32"])
+    out = tiny_run / "export-gguf-f32"
+    assert report == json.loads((out / "export.json").read_text())
+    gate = report["gate"]
+    # transformers' loader undoes llama.cpp's rotary row order: equal logits prove the layout.
+    assert gate["passed"] and gate["max_abs_logit_diff"] <= 1e-4, gate
+    assert gate["tokenizer_same_ids"] == "6/6" and gate["answers_match_pct"] == 100.0
+    assert report["tensor_types"] == {"F32": 20} and not report["fallback_f16"]
+    fields = gguf_files.read_fields(out / "model-f32.gguf")
+    assert fields["general.architecture"] == "llama" and fields["general.file_type"] == 0
+    assert fields["tokenizer.chat_template"] == Rendering.load(tiny_run / "adapter").chat_template
+    assert (out / "Modelfile").read_text().startswith("FROM ./model-f32.gguf\n")
+    # The adapter moved the weights: the export is not the base.
+    with_adapter = gguf.GGUFReader(str(out / "model-f32.gguf"))
+    q = next(t for t in with_adapter.tensors if t.name == "blk.0.attn_q.weight")
+    base = merged_model(MergeConfig(model=_model(models), adapter=str(tiny_run / "adapter"), output_dir="x"))
+    w = base.model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    assert np.array_equal(np.asarray(q.data), gguf_files.reorder_rotary_rows(w, 4))
+
+
+def test_quantized_export_keeps_norms_f32_and_a_failed_gate_renames_the_file(tiny_run, models, monkeypatch):
+    monkeypatch.setitem(export_command.LOGIT_BOUNDS, "q8_0", 0.0)  # q8_0 cannot be exact: the gate fails
+    with pytest.raises(export_command.GateFailed, match="max \\|logit difference\\|"):
+        export_command.run([*models, f"adapter={tiny_run / 'adapter'}", "outtype=q8_0"])
+    out = tiny_run / "export-gguf-q8_0"
+    report = json.loads((out / "export.json").read_text())
+    assert not report["gate"]["passed"] and report["file"] == "model-q8_0.GATE-FAILED.gguf"
+    assert not (out / "model-q8_0.gguf").exists()
+    assert report["tensor_types"] == {"Q8_0": 15, "F32": 5}  # 14 projections + embeddings; 5 norms
+    # The figures are real: transformers reads the quantized file and its logits are close, not equal.
+    assert 0 < report["gate"]["max_abs_logit_diff"] < 1.0
+    reader = gguf.GGUFReader(str(out / report["file"]))
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["blk.0.ffn_down.weight"] == "Q8_0"
+
+
+def test_lora_gguf_holds_peft_a_and_b_in_llama_cpp_order(tiny_run, models):
+    report = export_command.run(
+        [*models, f"adapter={tiny_run / 'adapter'}", "format=gguf-lora", "outtype=f32"]
+    )
+    assert report["gate"]["passed"] and report["gate"]["max_rel_update_diff"] <= 1e-6
+    file = tiny_run / "export-gguf-lora-f32" / "adapter-f32.gguf"
+    arrays, alpha = gguf_files.read_lora_gguf(file)
+    config = json.loads((tiny_run / "adapter" / "adapter_config.json").read_text())
+    assert alpha == config["lora_alpha"]
+    fields = gguf_files.read_fields(file)
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    peft = load_file(str(tiny_run / "adapter" / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers.1.self_attn"
+    assert np.array_equal(
+        arrays["blk.1.attn_v.weight.lora_a"], peft[f"{prefix}.v_proj.lora_A.weight"].numpy()
+    )
+    b_q = peft[f"{prefix}.q_proj.lora_B.weight"].numpy()
+    assert np.array_equal(arrays["blk.1.attn_q.weight.lora_b"], gguf_files.reorder_rotary_rows(b_q, 4))
+    b_k = peft[f"{prefix}.k_proj.lora_B.weight"].numpy()  # 2 key/value heads
+    assert np.array_equal(arrays["blk.1.attn_k.weight.lora_b"], gguf_files.reorder_rotary_rows(b_k, 2))
+    assert "FROM needs" in report["modelfile"]["note"]
+
+
+def test_rotary_row_order_is_the_one_transformers_gguf_loader_undoes():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = np.arange(8 * 6 * 3, dtype=np.float32).reshape(48, 3)
+    undo = LlamaTensorProcessor({"num_attention_heads": 6, "num_key_value_heads": 2})
+    assert np.array_equal(
+        undo.process(gguf_files.reorder_rotary_rows(w, 6), "blk.0.attn_q.weight").weights, w
+    )
+    k = w[:16]
+    assert np.array_equal(
+        undo.process(gguf_files.reorder_rotary_rows(k, 2), "blk.0.attn_k.weight").weights, k
+    )
+
+
+@pytest.mark.parametrize("arch", [GPT2, QWEN2], ids=["gpt2", "qwen2"])
+def test_gpt2_and_qwen2_exports_read_back_with_the_trained_logits(
+    tmp_path_factory, small_vocab, models, arch
+):
+    name = "gpt2" if arch is GPT2 else "qwen2"
+    run = _trained(tmp_path_factory, name, [*small_vocab, *arch])
+    overrides = [*models, *arch, f"adapter={run / 'adapter'}", "outtype=f32", "modelfile=false"]
+    report = export_command.run(overrides)
+    assert report["architecture"] == name and report["gate"]["max_abs_logit_diff"] <= 1e-4, report["gate"]
+    assert report["gate"]["passed"]
+
+
+def test_export_of_a_qlora_run_merges_into_the_dequantized_base(tmp_path_factory, small_vocab, models):
+    run = _trained(tmp_path_factory, "nf4", small_vocab, "quant=nf4", "quant.compute_dtype=float32")
+    overrides = [*models, "quant=nf4", "quant.compute_dtype=float32"]
+    report = export_command.run([*overrides, f"adapter={run / 'adapter'}", "outtype=f32", "modelfile=false"])
+    assert report["quant"] == "nf4" and report["gate"]["max_abs_logit_diff"] <= 1e-4
+    merge = {"model": _model(models), "adapter": str(run / "adapter"), "output_dir": "x"}
+    dequantized = merged_model(MergeConfig(**merge, quant=QuantConfig(method="nf4", compute_dtype="float32")))
+    plain = merged_model(MergeConfig(**merge))
+    exported = AutoModelForCausalLM.from_pretrained(
+        str(run / "export-gguf-f32"), gguf_file="model-f32.gguf", dtype=torch.float32
+    )
+    ours = exported.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(ours, dequantized.model.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(ours, plain.model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_embedded_model_export_has_the_metadata_and_tokenizer_of_the_shipped_gguf(tmp_path):
+    """The untrained embedded model (an adapter with B = 0) exported as f16: every key of the shipped
+    Q4_1 file is there, the tokenizer arrays are equal, so llama.cpp sees the same tokenizer."""
+    base = AutoModelForCausalLM.from_pretrained(str(resolve("embedded:smollm2-135m")), dtype=torch.float32)
+    untrained = get_peft_model(base, LoraConfig(r=1, target_modules=["q_proj"]))
+    untrained.save_pretrained(str(tmp_path / "adapter"))
+    report = export_command.run(
+        [f"adapter={tmp_path / 'adapter'}", f"output_dir={tmp_path / 'out'}", "gate=false", "modelfile=false"]
+    )
+    ours = gguf_files.read_fields(tmp_path / "out" / report["file"])
+    shipped = gguf_files.read_fields(gguf_path("smollm2-135m"))
+    assert set(shipped) - set(ours) == set(), "every key of the shipped file"
+    for key in shipped:
+        if key.startswith("tokenizer.") and key != "tokenizer.chat_template":
+            assert ours[key] == shipped[key], key
+        if key.startswith("llama."):
+            assert ours[key] == pytest.approx(shipped[key]), key
+    assert (
+        ours["general.file_type"] == 1
+        and ours["tokenizer.chat_template"] == shipped["tokenizer.chat_template"]
+    )
+
+
+EXPECTED_MODELFILE = '''FROM ./model-f16.gguf
+TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""
+SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""
+PARAMETER stop "<|im_start|>"
+PARAMETER stop "<|im_end|>"
+'''
+
+
+def test_modelfile_of_the_embedded_chat_template(tokenizer):
+    rendering = Rendering.resolve(tokenizer, "auto")
+    translation = translate(lambda m: prompt_text(tokenizer, rendering, m), rendering.system_prompt)
+    assert modelfile_text("./model-f16.gguf", translation) == EXPECTED_MODELFILE
+    # A system prompt of the run's own replaces the template's default.
+    own = Rendering.resolve(tokenizer, "auto", system_prompt="Answer in JSON.")
+    assert translate(lambda m: prompt_text(tokenizer, own, m), own.system_prompt).system == "Answer in JSON."
+    alpaca = Rendering(template="alpaca", chat_template=NAMED_TEMPLATES["alpaca"])
+    with pytest.raises(UntranslatableTemplate, match="modelfile=false"):
+        translate(lambda m: prompt_text(tokenizer, alpaca, m), None)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["outtype=q2_k"], "outtype='q2_k' is not one of"),
+        (["format=gguf-lora", "outtype=q4_0"], "format=gguf-lora"),
+        (["format=onnx"], "format"),
+        (
+            ["model.model_type=phi3"],
+            "does not support model_type 'phi3'; supported: llama, mistral, qwen2, gpt2",
+        ),
+        (["output_dir=/elsewhere"], "outside the output root"),
+    ],
+)
+def test_bad_export_requests_fail_before_work_starts(tiny_run, models, overrides, message):
+    with pytest.raises(UserError, match=message.replace("(", "\\(").replace(")", "\\)")):
+        export_command.run([*models, f"adapter={tiny_run / 'adapter'}", *overrides])
+
+
+def test_existing_output_is_never_overwritten_and_a_bad_folder_is_one_line(tiny_run, models, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(UserError, match="never overwrites"):
+        export_command.run([*models, f"adapter={tiny_run / 'adapter'}", f"output_dir={out}"])
+    assert (out / "mine.txt").read_text() == "keep" and len(list(tmp_path.iterdir())) == 1
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_lora.export", "model=tiny", f"adapter={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "is not a PEFT adapter folder" in done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_a_dora_adapter_is_refused_as_a_llama_cpp_lora():
+    with pytest.raises(UserError, match="DoRA"):
+        gguf_files.lora_pairs({}, {"use_dora": True}, None)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.skipif(
+    not llama_cpp_runtime.available(), reason="llama-cpp-python is not installed (make llamacpp)"
+)
+def test_llama_cpp_answers_from_the_export_and_from_the_shipped_base_with_the_lora(
+    tiny_run, models, tmp_path
+):
+    """llama.cpp runs the merged export (tiny model), and the shipped Q4_1 base + a LoRA GGUF of an
+    embedded-model adapter (random, small, non-zero B): both answer like lit_lora.generate."""
+    report = export_command.run(
+        [*models, f"adapter={tiny_run / 'adapter'}", "outtype=f32", f"output_dir={tmp_path / 'a'}"]
+    )
+    cpp = report["gate"]["llama_cpp"]
+    assert cpp["ran"] and cpp["rows"] == 6 and cpp["answers_match_pct"] >= 50, cpp
+
+    base = AutoModelForCausalLM.from_pretrained(str(resolve("embedded:smollm2-135m")), dtype=torch.float32)
+    adapter = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    adapter.save_pretrained(str(tmp_path / "embedded"))
+    report = export_command.run(
+        [
+            f"adapter={tmp_path / 'embedded'}",
+            "format=gguf-lora",
+            f"output_dir={tmp_path / 'b'}",
+            "gate_rows=10",
+        ]
+    )
+    cpp = report["gate"]["llama_cpp"]
+    assert cpp["ran"] and cpp["model"] == str(gguf_path("smollm2-135m")) and cpp["answers_match_pct"] >= 50, (
+        cpp
+    )
+
+
+def _model(models: list[str]) -> ModelConfig:
+    """The typed model config of ``models`` (overrides for the commands after training)."""
+    train_keys = [o for o in models if o.startswith("model")]
+    return to_train_config(compose_train([*TINY, *train_keys, "output_dir=x"])).model
