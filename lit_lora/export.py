@@ -62,13 +62,13 @@ EXPORT_FILE = "export.json"
 # model (README, "Export to llama.cpp and Ollama") and given headroom.
 LOGIT_BOUNDS = {
     "f32": 1e-4,
-    "f16": 0.5,
-    "bf16": 2.0,
-    "q8_0": 1.0,
-    "q5_1": 3.0,
-    "q5_0": 3.0,
-    "q4_1": 5.0,
-    "q4_0": 5.0,
+    "f16": 0.25,  # measured 0.051
+    "bf16": 1.5,  # measured 0.47
+    "q8_0": 4.0,  # measured 1.98
+    "q5_1": 8.0,
+    "q5_0": 8.0,
+    "q4_1": 8.0,  # measured 33 (the gate fails: see NARROW_HINT)
+    "q4_0": 8.0,  # measured 27
 }
 # Greedy answers of the export against lit_lora.generate's: the least share (%) of identical answers,
 # and the most exact-match points the export may lose.
@@ -84,6 +84,14 @@ ANSWER_BOUNDS = {
 }
 # LoRA read back: the largest |update difference| relative to the update's largest entry.
 LORA_BOUNDS = {"f32": 1e-6, "f16": 2e-3, "bf16": 2e-2, "q8_0": 2e-2}
+
+
+# Why a 4- or 5-bit merged export can fail where q8_0 passes, and what to do instead.
+NARROW_HINT = (
+    "4- and 5-bit rounding can erase a LoRA update smaller than its step (measured on the demo: q4_1 "
+    "answers like the base); export format=gguf-lora (the adapter kept wide, on a quantized base GGUF) "
+    "or outtype=q8_0"
+)
 
 
 class GateFailed(UserError):
@@ -188,8 +196,9 @@ def export(cfg: ExportConfig) -> dict:
         (tmp / EXPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False))
     _print_report(report, out)
     if cfg.gate and not report["gate"]["passed"]:
+        hint = f". {NARROW_HINT}" if cfg.outtype.startswith(("q4", "q5")) and not lora else ""
         raise GateFailed(
-            f"the parity gate failed ({'; '.join(report['gate']['failures'])}); see {out / EXPORT_FILE}"
+            f"the parity gate failed ({'; '.join(report['gate']['failures'])}); see {out / EXPORT_FILE}{hint}"
         )
     return report
 
@@ -272,7 +281,7 @@ def _gate_model(
     exported.eval()
     gguf_tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     rendering = merged.rendering
-    same_ids, diff = 0, 0.0
+    same_ids, diff, same_top, positions = 0, 0.0, 0, 0
     logit_rows = rows[: cfg.logit_rows]
     with torch.no_grad():
         for row in progress(logit_rows, len(logit_rows), "export logits", unit="rows"):
@@ -280,9 +289,10 @@ def _gate_model(
             theirs, _ = encode_conversation(gguf_tokenizer, rendering, row.messages)
             same_ids += ids == theirs
             x = torch.tensor([ids[: data_cfg.max_seq_len]])
-            diff = max(
-                diff, float((exported(input_ids=x).logits - merged.model(input_ids=x).logits).abs().max())
-            )
+            ours, read = merged.model(input_ids=x).logits, exported(input_ids=x).logits
+            diff = max(diff, float((read - ours).abs().max()))
+            same_top += int((read.argmax(-1) == ours.argmax(-1)).sum())
+            positions += x.shape[1]
     gate_rows = rows[: cfg.gate_rows]
     prompts = [r.messages[:-1] for r in gate_rows]
     references = [r.messages[-1]["content"] for r in gate_rows]
@@ -314,6 +324,7 @@ def _gate_model(
         "logit_rows": len(logit_rows),
         "max_abs_logit_diff": diff,
         "logit_bound": LOGIT_BOUNDS[cfg.outtype],
+        "top1_agreement_pct": _share([True] * same_top + [False] * (positions - same_top)),
         "tokenizer_same_ids": f"{same_ids}/{len(logit_rows)}",
         "rows": len(gate_rows),
         "answers_match_pct": match,

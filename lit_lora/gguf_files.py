@@ -301,11 +301,17 @@ class Written:
     fallback_f16: list[str] = field(default_factory=list)
 
 
+# Below 8 bits the embeddings (and the output head, tied to them in small models) stay Q8_0: every
+# token's vector passes through them, and llama.cpp's own quantizer keeps them wider for the same reason.
+WIDE_TENSORS = ("token_embd.weight", "output.weight")
+
+
 def _write(writer, tensors: Iterator[tuple[str, np.ndarray]], wanted: str, progress: Callable) -> Written:
     written = Written()
+    narrow = wanted.startswith(("Q4", "Q5"))
     for name, array in tensors:
-        kind = tensor_type_for(array, wanted)
-        if kind != wanted and array.ndim >= 2:
+        kind = tensor_type_for(array, "Q8_0" if narrow and name in WIDE_TENSORS else wanted)
+        if kind == "F16" and wanted != "F16" and array.ndim >= 2:
             written.fallback_f16.append(name)
         data, raw = _encode(array, kind)
         writer.add_tensor(name, data, raw_dtype=raw)
