@@ -14,7 +14,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast bench bench-dpo bench-scaling bench-paths bench-packing bench-gpu gpu-check chaos fuzz ddp-stress lint format clean-venv
+.PHONY: help install train test test-fast bench bench-dpo bench-scaling bench-paths bench-packing bench-gpu gpu-check llamacpp chaos fuzz ddp-stress lint format clean-venv
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ ddp-stress: $(STAMP)  ## 20 back-to-back 2-process gloo DDP runs: exit 0, no abo
 
 gpu-check: $(STAMP)  ## every GPU path through the CLI within a time budget -> bench/results/gpu-<device>.json (CUDA; ARGS=--dry-run on CPU)
 	$(BIN)/python -m bench.gpu_check $(ARGS)
+
+llamacpp: $(STAMP)  ## build llama-cpp-python into .venv (from source, ~6 min on 2 cores): llama.cpp in the export gate and its tests
+	$(PIP) install -q -c requirements/constraints.txt -e ".[llamacpp]"
 
 bench-gpu: $(STAMP)  ## QLoRA on a Mistral-7B-shaped model, lit-lora vs HF Trainer (CUDA; ARGS=--dry-run on CPU)
 	$(BIN)/python -m bench.gpu $(ARGS)

@@ -23,6 +23,7 @@ from lit_lora import export as export_command
 from lit_lora import gguf_files, llama_cpp_runtime
 from lit_lora.app_config import MergeConfig
 from lit_lora.config import ModelConfig, QuantConfig, to_train_config
+from lit_lora.demo import make_rows
 from lit_lora.embedded import gguf_path, resolve
 from lit_lora.errors import UserError
 from lit_lora.merge import merged_model
@@ -54,8 +55,6 @@ def small_vocab(tmp_path_factory) -> list[str]:
     test_embedded_model_export_has_the_metadata_and_tokenizer_of_the_shipped_gguf."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from lit_lora.demo import make_rows
 
     texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in make_rows(300, 0, False)]
     bpe = Tokenizer(models.BPE())
@@ -278,6 +277,10 @@ def test_existing_output_is_never_overwritten_and_a_bad_folder_is_one_line(tiny_
     with pytest.raises(UserError, match="never overwrites"):
         export_command.run([*models, f"adapter={tiny_run / 'adapter'}", f"output_dir={out}"])
     assert (out / "mine.txt").read_text() == "keep" and len(list(tmp_path.iterdir())) == 1
+    fresh = tmp_path / "fresh"
+    with pytest.raises(UserError, match="does not fit this base model"):  # the embedded base: 576 wide
+        export_command.run([f"adapter={tiny_run / 'adapter'}", f"output_dir={fresh}"])
+    assert not fresh.exists() and len(list(tmp_path.iterdir())) == 1, "nothing half-written"
     done = subprocess.run(
         [sys.executable, "-m", "lit_lora.export", "model=tiny", f"adapter={tmp_path}"],
         cwd=ROOT,
@@ -299,7 +302,7 @@ def test_a_dora_adapter_is_refused_as_a_llama_cpp_lora():
     not llama_cpp_runtime.available(), reason="llama-cpp-python is not installed (make llamacpp)"
 )
 def test_llama_cpp_answers_from_the_export_and_from_the_shipped_base_with_the_lora(
-    tiny_run, models, tmp_path
+    tiny_run, models, tokenizer, tmp_path
 ):
     """llama.cpp runs the merged export (tiny model), and the shipped Q4_1 base + a LoRA GGUF of an
     embedded-model adapter (random, small, non-zero B): both answer like lit_lora.generate."""
@@ -310,25 +313,50 @@ def test_llama_cpp_answers_from_the_export_and_from_the_shipped_base_with_the_lo
     assert cpp["ran"] and cpp["rows"] == 6 and cpp["answers_match_pct"] >= 50, cpp
 
     base = AutoModelForCausalLM.from_pretrained(str(resolve("embedded:smollm2-135m")), dtype=torch.float32)
-    adapter = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    adapter = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in adapter.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.01)
+                p.normal_(0, 0.2)  # large enough to move the logits well beyond 4-bit noise
     adapter.save_pretrained(str(tmp_path / "embedded"))
+    short = ["gate_rows=5", "data.score_max_new_tokens=4", "data.test_size=5"]
     report = export_command.run(
-        [
-            f"adapter={tmp_path / 'embedded'}",
-            "format=gguf-lora",
-            f"output_dir={tmp_path / 'b'}",
-            "gate_rows=10",
-        ]
+        [f"adapter={tmp_path / 'embedded'}", "format=gguf-lora", f"output_dir={tmp_path / 'b'}", *short]
     )
     cpp = report["gate"]["llama_cpp"]
-    assert cpp["ran"] and cpp["model"] == str(gguf_path("smollm2-135m")) and cpp["answers_match_pct"] >= 50, (
-        cpp
+    assert report["gate"]["passed"] and cpp["ran"] and cpp["model"] == str(gguf_path("smollm2-135m")), cpp
+
+    # llama.cpp applies the adapter as PEFT does: its next-token logits on the shipped Q4_1 base move
+    # towards the PEFT model's, away from the plain base's.
+    from llama_cpp import Llama
+
+    rendering = Rendering.resolve(tokenizer, "auto")
+    row = make_rows(1, 1, True)[0]
+    text = prompt_text(
+        tokenizer, rendering, [{"role": "user", "content": f"{row['instruction']}\n\n{row['input']}"}]
     )
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        peft_logits = adapter(input_ids=ids).logits[0, -1].numpy()
+        with adapter.disable_adapter():
+            base_logits = adapter(input_ids=ids).logits[0, -1].numpy()
+
+    def llama_cpp_logits(lora) -> np.ndarray:
+        model = str(gguf_path("smollm2-135m"))
+        llm = Llama(model_path=model, lora_path=lora, n_ctx=512, logits_all=True, verbose=False)
+        llm.eval(llm.tokenize(text.encode(), add_bos=True, special=True))
+        return np.array(llm.scores[llm.n_tokens - 1], copy=True)  # the buffer goes with llm
+
+    with_lora = llama_cpp_logits(str(tmp_path / "b" / "adapter-f16.gguf"))
+    without = llama_cpp_logits(None)
+    gap = {
+        "llama.cpp + LoRA vs PEFT": float(np.abs(with_lora - peft_logits).mean()),
+        "llama.cpp base vs PEFT": float(np.abs(without - peft_logits).mean()),
+        "llama.cpp base vs torch base": float(np.abs(without - base_logits).mean()),
+    }
+    print(gap)
+    assert gap["llama.cpp + LoRA vs PEFT"] < 0.5 * gap["llama.cpp base vs PEFT"], gap
 
 
 def _model(models: list[str]) -> ModelConfig:
