@@ -36,7 +36,8 @@ TINY = [
 
 # The same tiny runs with a preference objective: DPO on the built-in pairs (tests that must hold for
 # every objective run with and without it).
-DPO = ["objective=dpo", "data=demo_preference"]
+# Plain DPO: the demo pair alone would add the NLL term (conf/objective_data/dpo_demo_preference.yaml).
+DPO = ["objective=dpo", "data=demo_preference", "objective.rpo_alpha=0"]
 
 # Runs whose numbers are compared across world sizes and resumes: fp32, no LoRA dropout, no validation.
 EXACT = [*TINY, "lora.dropout=0.0", "score=false", "trainer.limit_val_batches=0"]

@@ -451,7 +451,13 @@ def _merge_generate_and_evaluate_a_dpo_adapter(run: Path, summary: dict) -> None
     from lit_lora import merge as merge_command
 
     adapter = run / "adapter"
-    data = [*DPO[1:], "data.train_size=32", "data.val_size=8", "data.test_size=4", "data.eval_batch_size=1"]
+    data = [
+        *(o for o in DPO if o.startswith("data")),
+        "data.train_size=32",
+        "data.val_size=8",
+        "data.test_size=4",
+        "data.eval_batch_size=1",
+    ]
     work = run.parent / "evaluation"
     report = evaluate_command.run(
         ["model=tiny", *data, "data.score_max_new_tokens=4", f"adapters=[{adapter}]", f"work_dir={work}"]
