@@ -21,6 +21,7 @@ killed halfway leaves nothing that a later run would take for complete.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -87,9 +88,17 @@ def gguf_path(name: str) -> Path:
 def file_digest(path: Path) -> str:
     """The first 12 hex digits of the sha256 of a file's bytes."""
     # Size and mtime would be cheaper, but a content hash keeps the cache valid across reinstalls
-    # of the same file and costs about 0.3 s for the 93 MB SmolLM2 file.
+    # of the same file and costs about 0.3 s for the 93 MB SmolLM2 file. Within one process the hash
+    # of a file whose size and modification time have not changed is computed once: every model and
+    # tokenizer load resolves the embedded model, and a test session loads hundreds.
+    stat = Path(path).stat()
+    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()[:12]

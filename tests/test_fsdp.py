@@ -25,7 +25,7 @@ from lit_lora.strategies import (
     fsdp_wrap_policy,
     scoring_device,
 )
-from tests.conftest import DPO, compose_train, run_cli
+from tests.conftest import DPO, EXACT, compose_train, run_cli
 
 FSDP_CPU = [
     "model=tiny",
@@ -152,34 +152,36 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.slow
-def test_checkpoints_move_between_one_device_and_fsdp_and_resume_exactly(tmp_path):
-    """One process (micro-batch 8) for 6 steps is the reference. FSDP on 2 ranks (micro-batch 4) resumed
-    from its step-2 checkpoint ends where it ends; a second FSDP run resumed from the first FSDP run's
-    step-4 checkpoint ends where that one ends. A wrong optimizer moment on resume (Lightning numbers
-    them by position in the whole model) or an adapter not restored would show here."""
-    common = ["model=tiny", "trainer.precision=32", "lora.dropout=0", "trainer.val_check_interval=2",
-              "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.max_steps=6",
-              "data.train_size=64", "data.val_size=8", "data.test_size=4", "score=false",
-              "callbacks.adapter_checkpoint.every_n_train_steps=2", "callbacks.adapter_checkpoint.monitor=null",
-              "callbacks.adapter_checkpoint.save_top_k=-1"]  # fmt: skip
-    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=4"]
-    single = tmp_path / "single"
-    done = run_cli(*common, "data.batch_size=8", f"output_dir={single}", timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_checkpoints_move_between_one_device_and_fsdp_and_resume_exactly(reference_run, tmp_path):
+    """The one-process reference run (micro-batch 8, 4 steps, tests/conftest.py) is the yardstick. FSDP on
+    2 ranks (micro-batch 4) resumed from its step-2 checkpoint ends where it ends; a second FSDP run
+    resumed from the first FSDP run's step-3 checkpoint ends where that one ends. A wrong optimizer moment
+    on resume (Lightning numbers them by position in the whole model) or an adapter not restored would
+    show here."""
+    every_step = [
+        "callbacks.adapter_checkpoint.every_n_train_steps=1",
+        "callbacks.adapter_checkpoint.monitor=null",
+        "callbacks.adapter_checkpoint.save_top_k=-1",
+    ]
+    fsdp = [
+        *EXACT,
+        *every_step,
+        "trainer=fsdp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "data.batch_size=4",
+    ]
+    single = reference_run.out
     moved = tmp_path / "moved"
-    done = run_cli(
-        *common, *fsdp, f"output_dir={moved}", f"resume={single / 'checkpoints' / 'step-000002.ckpt'}",
-        timeout=400,
-    )  # fmt: skip
+    resume = f"resume={single / 'checkpoints' / 'step-000002.ckpt'}"
+    done = run_cli(*fsdp, f"output_dir={moved}", resume, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _max_diff(_adapter(moved), _adapter(single)) < 1e-5
     again = tmp_path / "again"
-    done = run_cli(
-        *common, *fsdp, f"output_dir={again}", f"resume={moved / 'checkpoints' / 'step-000004.ckpt'}",
-        timeout=400,
-    )  # fmt: skip
+    resume = f"resume={moved / 'checkpoints' / 'step-000003.ckpt'}"
+    done = run_cli(*fsdp, f"output_dir={again}", resume, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((again / "summary.json").read_text())["global_step"] == 6
+    assert json.loads((again / "summary.json").read_text())["global_step"] == 4
     assert _max_diff(_adapter(again), _adapter(moved)) < 1e-6
 
 
