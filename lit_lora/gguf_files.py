@@ -452,10 +452,3 @@ def read_lora_gguf(path: Path) -> tuple[dict[str, np.ndarray], float]:
         data = gguf.quants.dequantize(t.data, t.tensor_type)
         arrays[t.name] = np.asarray(data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
     return arrays, alpha
-
-
-def undo_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Inverse of :func:`reorder_rotary_rows`."""
-    d = weight.shape[0] // heads
-    w = weight.reshape(heads, d // 2, 2, *weight.shape[1:])
-    return w.swapaxes(1, 2).reshape(weight.shape)

@@ -5,7 +5,6 @@ export's parity gate (:mod:`lit_lora.export`)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from lit_lora.progress import progress
@@ -47,8 +46,5 @@ def greedy_answers(
             tokens, max_tokens=max_new_tokens, temperature=0.0, top_k=1, repeat_penalty=1.0
         )
         answers.append(out["choices"][0]["text"])
-    llm.close() if hasattr(llm, "close") else None
+    llm.close()  # frees the model now, not at garbage collection
     return answers
-
-
-Render = Callable[[list[dict]], str]
