@@ -29,6 +29,7 @@ PATH_KEYS = {
     "evaluate": ("work_dir", "hydra.run.dir"),
     "generate": (),
     "export": ("output_dir",),
+    "serve": (),
 }
 # What Hydra would have put in output_dir on the command line (conf/train.yaml).
 _RUNTIME_OUTPUT_DIR = "${hydra:runtime.output_dir}"

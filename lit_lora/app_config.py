@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -116,6 +117,37 @@ class ExportConfig:
             raise UserError("gate_rows and logit_rows must be >= 1")
 
 
+@dataclass
+class ServeConfig:
+    """The OpenAI-compatible server (:mod:`lit_lora.serve`): the base of ``model`` / ``quant`` and the
+    adapters of ``adapters`` (``{name: folder}``, or a list of folders or ``name=folder`` items)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    adapters: Any = None  # {name: folder} or [folder, name=folder, ...]
+    base_name: str = "base"  # the name the base answers to
+    host: str = "127.0.0.1"  # loopback: reachable from this machine only; 0.0.0.0 to open it
+    port: int = 8000  # 0: any free port (printed at start)
+    api_key: str | None = None  # conf/serve.yaml reads LIT_LORA_API_KEY; never logged
+    max_new_tokens: int = 512  # a request's max_tokens default and cap
+    max_batch_size: int = 16  # requests decoded together
+    batch_timeout: float = 0.01  # seconds an idle server waits for more requests to batch
+    grace_period_s: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
+    temperature: float = 0.0  # for requests that give none: 0 is greedy, as lit_lora.generate
+    log_level: str = "warning"  # uvicorn's; "debug" adds the access log
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"port must be in 0..65535, got {self.port}")
+        if self.max_new_tokens < 1 or self.max_batch_size < 1:
+            raise UserError("max_new_tokens and max_batch_size must be >= 1")
+        if self.batch_timeout < 0 or self.grace_period_s < 0 or self.temperature < 0:
+            raise UserError("batch_timeout, grace_period_s and temperature must be >= 0")
+        if self.api_key is not None and not str(self.api_key).strip():
+            raise UserError("api_key is empty; leave it unset to serve without one")
+        _one_of("serve", "log_level", self.log_level, ("critical", "error", "warning", "info", "debug"))
+
+
 def register_app_configs() -> None:
     """Register the merge / generate / evaluate schemas, and the training schema they compose with."""
     register_configs()
@@ -124,6 +156,7 @@ def register_app_configs() -> None:
     store.store(name="generate_schema", node=GenerateConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
     store.store(name="export_schema", node=ExportConfig)
+    store.store(name="serve_schema", node=ServeConfig)
 
 
 def typed(cfg: DictConfig, kind: type):

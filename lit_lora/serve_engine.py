@@ -1,0 +1,372 @@
+"""Batched decoding for :mod:`lit_lora.serve`: one base model in memory, any number of named LoRA adapters.
+
+Requests ("jobs") for different adapters are decoded together in one batch: PEFT's mixed-adapter batches
+(``adapter_names=``, ``"__base__"`` for the base) add each row's own low-rank update to the shared base
+computation. Batching is continuous: a job that arrives while others decode is prefilled on its own and
+joins the running batch at the next step (its key/value cache left-padded to the batch's length), and a
+job that ends, or whose client went away, leaves the batch at once. Adapters that cannot share a batch
+(DoRA) are decoded one adapter at a time instead.
+
+All model work happens on one engine thread; the server talks to it through :meth:`Engine.submit`,
+:meth:`Engine.call` (run something between two steps, e.g. load an adapter) and each job's ``sink``, which
+the engine calls with :class:`Delta`, :class:`Finished` or :class:`Failed` events and must not block.
+
+Greedy decoding of a batch of one computes exactly what ``model.generate`` computes (same positions, same
+cache, logits of the last position only, argmax in float32), so a lone request answers token for token as
+:mod:`lit_lora.generate` does; in a larger batch, padding changes only float round-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
+
+
+@dataclass
+class Delta:
+    """Text that follows what was sent before (streaming jobs only)."""
+
+    text: str
+
+
+@dataclass
+class Finished:
+    text: str  # the whole answer, stop string and EOS excluded
+    reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens)
+    completion_tokens: int  # tokens generated, EOS included
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = Delta | Finished | Failed
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: its prompt tokens, how to decode, and where its events go."""
+
+    adapter: str | None  # PEFT adapter name; None: the base alone
+    prompt: list[int]
+    max_tokens: int
+    eos_id: int | None
+    decode: Callable[[list[int]], str]  # token ids -> text, special tokens skipped
+    sink: Callable[[Event], None]
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # characters already sent as deltas
+    cancelled: bool = False  # set by the server when the client goes away
+    done: bool = False
+    generator: torch.Generator | None = None
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shutting down and takes no new jobs."""
+
+
+class Engine:
+    """The decoding loop on its own thread. ``model`` may be a plain transformers model (the base alone)
+    or a ``PeftModel`` holding every adapter; :meth:`call` may replace it (``engine.model = ...``)."""
+
+    def __init__(self, model, *, pad_id: int, max_batch_size: int = 16, batch_timeout: float = 0.01):
+        self.model = model
+        self.pad_id = pad_id
+        self.max_batch_size = max_batch_size
+        self.batch_timeout = batch_timeout
+        self.served_tokens = 0
+        self._cv = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._tasks: deque[tuple[Callable[[], object], Future]] = deque()
+        self._closed = False
+        self._rows: list[Job] = []
+        self._cache = None  # the batch's key/value cache (DynamicCache), rows in self._rows order
+        self._mask: torch.Tensor | None = None  # [rows, cached length] 1 where a real token is cached
+        self._pos: torch.Tensor | None = None  # [rows] position of each row's next token
+        self._last: torch.Tensor | None = None  # [rows] each row's latest token, fed at the next step
+        self._thread = threading.Thread(target=self._run, name="lit-lora-engine", daemon=True)
+
+    # -- the server's side ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the server is shutting down")
+            self._queue.append(job)
+            self._cv.notify()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn`` on the engine thread before the next step; its result or exception in the future."""
+        future: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the server is shutting down")
+            self._tasks.append((fn, future))
+            self._cv.notify()
+        return future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new jobs, finish the ones queued or decoding, stop the thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, int]:
+        with self._cv:
+            return {"active": len(self._rows), "queued": len(self._queue)}
+
+    # -- the engine thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not (self._queue or self._rows or self._tasks or self._closed):
+                    self._cv.wait()
+                if self._closed and not (self._queue or self._rows or self._tasks):
+                    return
+                tasks = list(self._tasks)
+                self._tasks.clear()
+            for fn, future in tasks:
+                try:
+                    future.set_result(fn())
+                except BaseException as err:  # handed to the caller, who reports it
+                    future.set_exception(err)
+            admit = self._admit()
+            try:
+                if admit:
+                    self._prefill(admit)
+                if self._rows:
+                    self._step()
+            except Exception as err:  # a failed forward fails its batch, never the engine
+                log.exception("decoding failed")
+                for job in [*self._rows, *admit]:
+                    if not job.done:
+                        job.done = True
+                        job.sink(Failed(f"generation failed: {type(err).__name__}: {err}"))
+                self._reset()
+
+    def _admit(self) -> list[Job]:
+        """Jobs that join the batch now. An idle engine waits up to ``batch_timeout`` for a fuller batch."""
+        with self._cv:
+            if not self._rows and self._queue and self.batch_timeout > 0:
+                deadline = time.monotonic() + self.batch_timeout
+                while len(self._queue) < self.max_batch_size and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+            if self._rows and not self._can_extend():
+                return []
+            mixed = self._mixable()
+            group = self._rows[0].adapter if self._rows else None
+            admit, keep = [], deque()
+            while self._queue:
+                job = self._queue.popleft()
+                if job.cancelled:
+                    job.done = True
+                    continue
+                full = len(self._rows) + len(admit) >= self.max_batch_size
+                if not mixed and (self._rows or admit):
+                    group = group if self._rows else admit[0].adapter
+                    full = full or job.adapter != group
+                (keep if full else admit).append(job)
+            self._queue = keep
+            return admit
+
+    def _can_extend(self) -> bool:
+        """A running batch takes new rows only where every cache layer is a plain growing one."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in self._cache.layers)
+
+    def _mixable(self) -> bool:
+        """Whether rows of different adapters may share a batch (PEFT refuses mixed batches with DoRA)."""
+        configs = getattr(self.model, "peft_config", {})
+        return not any(getattr(c, "use_dora", False) for c in configs.values())
+
+    def _forward(self, jobs: list[Job], **inputs):
+        if not hasattr(self.model, "peft_config"):
+            return self.model(**inputs)
+        names = [job.adapter or BASE for job in jobs]
+        if self._mixable():
+            return self.model(**inputs, adapter_names=names)
+        if names[0] == BASE:
+            with self.model.disable_adapter():
+                return self.model(**inputs)
+        self.model.set_adapter(names[0])
+        return self.model(**inputs)
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        width = max(len(job.prompt) for job in jobs)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, job in enumerate(jobs):
+            ids[row, width - len(job.prompt) :] = torch.tensor(job.prompt)
+            mask[row, width - len(job.prompt) :] = 1
+        device = self._device()
+        out = self._forward(
+            jobs,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        first = self._pick(jobs, out.logits[:, -1, :])
+        if self._rows:
+            self._join(out.cache, mask.to(device))
+        else:
+            self._cache, self._mask = out.cache, mask.to(device)
+            self._pos, self._last = self._mask.sum(-1), first
+            self._rows = list(jobs)
+            self._advance(jobs, first)
+            return
+        self._pos = torch.cat([self._pos, mask.to(device).sum(-1)])
+        self._last = torch.cat([self._last, first])
+        self._rows.extend(jobs)
+        self._advance(jobs, first)
+
+    def _join(self, cache, mask: torch.Tensor) -> None:
+        """Append the rows of ``cache`` / ``mask`` to the batch, left-padding the shorter side."""
+        length = max(self._mask.shape[1], mask.shape[1])
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, length), _left_pad(new.keys, length)])
+            old.values = torch.cat([_left_pad(old.values, length), _left_pad(new.values, length)])
+        self._mask = torch.cat([_left_pad(self._mask, length, dim=1), _left_pad(mask, length, dim=1)])
+
+    def _step(self) -> None:
+        device = self._device()
+        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        out = self._forward(
+            self._rows,
+            input_ids=self._last[:, None],
+            attention_mask=self._mask,
+            position_ids=self._pos[:, None].to(device),
+            cache=self._cache,
+            use_cache=True,
+        )
+        self._cache = out.cache
+        self._pos = self._pos + 1
+        self._last = self._pick(self._rows, out.logits[:, -1, :])
+        self._advance(self._rows, self._last)
+
+    def _pick(self, jobs: list[Job], logits: torch.Tensor) -> torch.Tensor:
+        """The next token of each row: argmax in float32 (as ``generate``), or a top-p sample."""
+        logits = logits.float()
+        chosen = logits.argmax(-1)
+        for row, job in enumerate(jobs):
+            if job.temperature > 0:
+                chosen[row] = _sample(logits[row], job)
+        return chosen
+
+    def _advance(self, jobs: list[Job], tokens: torch.Tensor) -> None:
+        """Record each row's new token, send what can be sent, then drop finished and abandoned rows."""
+        for job, token in zip(jobs, tokens.tolist(), strict=True):
+            job.tokens.append(token)
+            self.served_tokens += 1
+            _progress(job)
+        keep = [row for row, job in enumerate(self._rows) if not (job.done or job.cancelled)]
+        if len(keep) == len(self._rows):
+            return
+        for job in self._rows:
+            if job.cancelled:
+                job.done = True
+        if not keep:
+            self._reset()
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        self._cache.batch_select_indices(index)
+        self._rows = [self._rows[row] for row in keep]
+        self._mask, self._pos, self._last = self._mask[index], self._pos[index], self._last[index]
+        # Columns that are padding for every remaining row are dropped from the cache.
+        start = int(self._mask.any(0).nonzero()[0])
+        if start:
+            self._mask = self._mask[:, start:]
+            _crop_left(self._cache, start)
+
+    def _reset(self) -> None:
+        self._rows, self._cache, self._mask, self._pos, self._last = [], None, None, None, None
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _left_pad(tensor: torch.Tensor, length: int, dim: int = -2) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if not missing:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _crop_left(cache, start: int) -> None:
+    for layer in cache.layers:
+        layer.keys = layer.keys[..., start:, :]
+        layer.values = layer.values[..., start:, :]
+
+
+def _sample(logits: torch.Tensor, job: Job) -> int:
+    """One token from ``softmax(logits / temperature)`` restricted to the top-p nucleus, drawn from the
+    job's own generator (seeded by the request's ``seed``, so a seeded request repeats)."""
+    if job.generator is None:
+        job.generator = torch.Generator(device=logits.device)
+        job.generator.manual_seed(job.seed if job.seed is not None else torch.seed())
+    probs = F.softmax(logits / job.temperature, dim=-1)
+    if job.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= job.top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=job.generator))
+
+
+def _progress(job: Job) -> None:
+    """After a new token: finish the job (EOS, a stop string, max_tokens) or send the text that is safe
+    to send (not a possible start of a stop string, not a split UTF-8 character)."""
+    if job.eos_id is not None and job.tokens[-1] == job.eos_id:
+        return _finish(job, job.decode(job.tokens), "stop")
+    text = job.decode(job.tokens)
+    cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
+    if cut >= 0:
+        return _finish(job, text[:cut], "stop")
+    if len(job.tokens) >= job.max_tokens:
+        return _finish(job, text, "length")
+    if job.stream:
+        safe = len(text) - max((len(s) - 1 for s in job.stop), default=0)
+        while safe > job.sent and text[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe > job.sent:
+            job.sink(Delta(text[job.sent : safe]))
+            job.sent = safe
+    return None
+
+
+def _finish(job: Job, text: str, reason: str) -> None:
+    job.done = True
+    if job.stream and len(text) > job.sent:
+        job.sink(Delta(text[job.sent :]))
+        job.sent = len(text)
+    job.sink(Finished(text, reason, len(job.tokens)))
