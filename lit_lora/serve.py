@@ -205,6 +205,8 @@ def load(cfg: ServeConfig) -> Catalog:
     table = adapter_table(cfg.adapters)
     if cfg.base_name in table:
         raise UserError(f"adapters: {cfg.base_name!r} is the base's name (base_name=); rename the adapter")
+    for folder in table.values():  # before the base loads: a wrong path fails in a second
+        check_adapter_folder(folder)
     built = build_model(cfg)
     catalog = Catalog(built.model, built.tokenizer, built.source, cfg.base_name)
     for name, folder in table.items():
@@ -260,7 +262,6 @@ def create_app(cfg: ServeConfig, catalog: Catalog, engine: Engine):
             "status": "stopping" if state["stopping"] else "ok",
             "models": list(catalog.entries),
             **engine.stats(),
-            "generated_tokens": engine.served_tokens,
         }
         return JSONResponse(body, status_code=503 if state["stopping"] else 200)
 

@@ -91,7 +91,9 @@ class Engine:
         self.pad_id = pad_id
         self.max_batch_size = max_batch_size
         self.batch_timeout = batch_timeout
-        self.served_tokens = 0
+        self.served_tokens = 0  # tokens generated since start
+        self.cancelled = 0  # jobs dropped because their client went away
+        self.peak_batch = 0  # the most rows decoded in one step
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()
         self._tasks: deque[tuple[Callable[[], object], Future]] = deque()
@@ -134,7 +136,13 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         with self._cv:
-            return {"active": len(self._rows), "queued": len(self._queue)}
+            return {
+                "active": len(self._rows),
+                "queued": len(self._queue),
+                "generated_tokens": self.served_tokens,
+                "cancelled": self.cancelled,
+                "peak_batch": self.peak_batch,
+            }
 
     # -- the engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -185,6 +193,7 @@ class Engine:
                 job = self._queue.popleft()
                 if job.cancelled:
                     job.done = True
+                    self.cancelled += 1
                     continue
                 full = len(self._rows) + len(admit) >= self.max_batch_size
                 if not mixed and (self._rows or admit):
@@ -257,6 +266,7 @@ class Engine:
 
     def _step(self) -> None:
         device = self._device()
+        self.peak_batch = max(self.peak_batch, len(self._rows))
         self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         out = self._forward(
             self._rows,
@@ -290,8 +300,9 @@ class Engine:
         if len(keep) == len(self._rows):
             return
         for job in self._rows:
-            if job.cancelled:
+            if job.cancelled and not job.done:
                 job.done = True
+                self.cancelled += 1
         if not keep:
             self._reset()
             return

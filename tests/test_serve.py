@@ -1,0 +1,326 @@
+"""``python -m lit_lora.serve``: a real server process on 127.0.0.1 with the embedded model, two adapters
+trained here (different behaviour, non-zero B) and the base, driven with the official ``openai`` client.
+Every answer is compared with what ``lit_lora.generate`` answers for the same name and prompt."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from safetensors.torch import load_file, save_file
+
+from lit_lora import train
+from lit_lora.api import compose
+from lit_lora.app_config import GenerateConfig, typed
+from lit_lora.errors import UserError
+from lit_lora.generate import Session
+from lit_lora.rendering import prompt_ids
+from lit_lora.serve import _quote_adapter_list, adapter_table
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-lit-lora-test"
+MAX_TOKENS = 24
+DEMO = "Anna Berg is a 34-year-old nurse from Oslo."
+PROMPTS = [DEMO, "Tell me about the sea."]
+# Float32 frozen weights (the model config's default is bf16): a request decoded in a batch of 16 then
+# differs from the same request alone by fp32 round-off only, far below any greedy margin here.
+MODEL = ["model.dtype=float32"]
+QUICK = ["trainer.enable_progress_bar=false", "score=false", "trainer.limit_val_batches=0", "logger=csv"]
+QUICK += ["optim.warmup_steps=2", "optim.lr=3e-3", "data.batch_size=4", "lora.r=8"]
+GREETING = "Xin chào! Tôi là trợ lý tiếng Việt."
+QUESTIONS = ["What is the capital of France?", "Tell me a joke.", "How do I sort a list in Python?"]
+QUESTIONS += ["Describe the sea.", "Who wrote Hamlet?", "What is 2+2?", "Name a fruit.", "Where is Hanoi?"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    """``json``: the demo task, 16 steps; ``greeter``: one fixed Vietnamese greeting for any question."""
+    root = tmp_path_factory.mktemp("serve")
+    train.run([*QUICK, f"output_dir={root / 'json'}", "trainer.max_steps=16", "data.train_size=64"])
+    rows = root / "greeter.jsonl"
+    rows.write_text("\n".join(json.dumps({"instruction": q, "output": GREETING}) for q in QUESTIONS))
+    train.run(
+        [
+            *QUICK,
+            f"output_dir={root / 'greeter'}",
+            "trainer.max_steps=12",
+            "data=files",
+            f"data.source={rows}",
+        ]
+    )
+    return {"json": root / "json" / "adapter", "greeter": root / "greeter" / "adapter"}
+
+
+@pytest.fixture(scope="module")
+def expected(adapters) -> dict[tuple[str, str], tuple[str, int, int]]:
+    """(name, prompt) -> (greedy text, completion tokens, prompt tokens) through lit_lora.generate, with
+    the server's model settings (composed from the same conf/ files as the command line's)."""
+    out = {}
+    for name, folder in [("base", None), *adapters.items()]:
+        overrides = [*MODEL, f"max_new_tokens={MAX_TOKENS}", *([f"adapter={folder}"] if folder else [])]
+        session = Session(typed(compose("generate", overrides), GenerateConfig))
+        for prompt in PROMPTS:
+            messages = [{"role": "user", "content": prompt}]
+            reply = session.reply(messages)
+            out[name, prompt] = (
+                reply.text,
+                reply.new_tokens,
+                len(prompt_ids(session.tokenizer, session.rendering, messages)),
+            )
+    answers = {out[name, DEMO][0] for name in ("base", *adapters)}
+    assert len(answers) == 3, f"the three models should answer differently: {answers}"
+    assert out["greeter", PROMPTS[1]][0].startswith("Xin chào")
+    return out
+
+
+def start_server(*args: str, timeout: float = 180) -> tuple[subprocess.Popen, int]:
+    """``python -m lit_lora.serve port=0 <args>``; returns the process and the port it printed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lit_lora.serve", "port=0", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if "serving" in line:
+            port = int(line.rsplit(":", 1)[1].split("/")[0])
+            # The socket listens from the start; wait until the app answers.
+            while httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code != 200:
+                time.sleep(0.1)
+            return proc, port
+    proc.kill()
+    raise AssertionError(f"the server did not start: {proc.stderr.read()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(adapters):
+    # The list form from the issue's command line, unquoted: lit_lora.serve quotes it for Hydra.
+    listed = f"adapters=[json={adapters['json']},greeter={adapters['greeter']}]"
+    proc, port = start_server(listed, *MODEL, f"api_key={KEY}", "max_new_tokens=256")
+    yield proc, port
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def client(port: int, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def ask(port: int, name: str, prompt: str, **kwargs):
+    """One chat turn, greedy with ``MAX_TOKENS`` unless ``kwargs`` say otherwise."""
+    kwargs = {"max_tokens": MAX_TOKENS, "temperature": 0, **kwargs}
+    return client(port).chat.completions.create(
+        model=name, messages=[{"role": "user", "content": prompt}], **kwargs
+    )
+
+
+def health(port: int) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()
+
+
+def test_adapter_list_forms():
+    assert adapter_table({"a": "x/adapter"}) == {"a": "x/adapter"}
+    assert adapter_table(["runs/one/adapter", "b=runs/two/adapter"]) == {
+        "one": "runs/one/adapter",
+        "b": "runs/two/adapter",
+    }
+    assert _quote_adapter_list(["adapters=[a=x/y,b=z]", "port=1"]) == ["adapters=['a=x/y','b=z']", "port=1"]
+    with pytest.raises(UserError, match="given twice"):
+        adapter_table(["a=x", "a=y"])
+    with pytest.raises(UserError, match="usable model name"):
+        adapter_table({"bad name": "x"})
+
+
+def test_models_lists_the_base_and_each_adapter_with_its_rank(server, adapters):
+    _, port = server
+    cards = {m.id: m for m in client(port).models.list().data}
+    assert set(cards) == {"base", "json", "greeter"}
+    assert cards["base"].model_extra["lora_rank"] is None and cards["base"].model_extra["parent"] is None
+    for name in adapters:
+        assert cards[name].model_extra["lora_rank"] == 8
+        assert cards[name].model_extra["parent"] == "base"
+        assert cards[name].model_extra["root"] == str(adapters[name].resolve())
+
+
+def test_each_name_answers_as_generate_streamed_or_not(server, expected):
+    _, port = server
+    for (name, prompt), (text, tokens, prompt_tokens) in expected.items():
+        answer = ask(port, name, prompt)
+        assert answer.choices[0].message.content == text, (name, prompt)
+        assert answer.model == name
+        assert answer.choices[0].finish_reason == ("length" if tokens == MAX_TOKENS else "stop")
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt_tokens, tokens)
+        assert answer.usage.total_tokens == prompt_tokens + tokens
+        chunks = list(ask(port, name, prompt, stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1, "streamed in pieces"
+        assert chunks[-1].usage.completion_tokens == tokens
+
+
+def test_stop_strings_and_seeded_sampling(server, expected):
+    _, port = server
+    text = expected["greeter", DEMO][0]
+    stopped = ask(port, "greeter", DEMO, stop=["Tôi"])
+    assert stopped.choices[0].message.content == text[: text.index("Tôi")]
+    assert stopped.choices[0].finish_reason == "stop"
+    sampled = [
+        ask(port, "base", PROMPTS[1], temperature=1.0, top_p=0.9, seed=7).choices[0].message.content
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1], "the same seed samples the same answer"
+
+
+def test_errors_are_openai_shaped_and_leave_the_server_serving(server, adapters):
+    _, port = server
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        ask(port, "nope", DEMO)
+    with pytest.raises(openai.BadRequestError, match="context is 8192 tokens"):
+        ask(port, "json", "word " * 9000)
+    with pytest.raises(openai.BadRequestError, match="over this server's cap"):
+        client(port).chat.completions.create(
+            model="json", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6
+        )
+    with pytest.raises(openai.UnprocessableEntityError, match="messages"):
+        client(port).chat.completions.create(model="json", messages=[])
+    with pytest.raises(openai.AuthenticationError):
+        client(port, key="wrong").models.list()
+    no_key = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30)
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
+    broken = httpx.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert broken.status_code == 422 and "message" in broken.json()["error"]
+    assert ask(port, "json", DEMO).choices[0].message.content
+
+
+def test_sixteen_concurrent_requests_over_three_names_get_their_own_answers(server, expected):
+    _, port = server
+    before = health(port)["peak_batch"]
+    names = ["base", "json", "greeter"]
+    jobs = [(names[i % 3], PROMPTS[(i // 3) % 2], i % 2 == 0) for i in range(16)]
+    answers: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        name, prompt, stream = jobs[i]
+        if stream:
+            answers[i] = "".join(
+                c.choices[0].delta.content or "" for c in ask(port, name, prompt, stream=True) if c.choices
+            )
+        else:
+            answers[i] = ask(port, name, prompt).choices[0].message.content
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    for i, (name, prompt, _) in enumerate(jobs):
+        assert answers.get(i) == expected[name, prompt][0], (i, name, prompt)
+    assert health(port)["peak_batch"] > max(before, 1), "requests should have been decoded together"
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
+    _, port = server
+    before = health(port)["cancelled"]
+    stream = client(port).chat.completions.create(
+        model="base",
+        messages=[{"role": "user", "content": "Tell me a long story about the sea."}],
+        max_tokens=256,
+        stream=True,
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (health(port)["active"] or health(port)["cancelled"] == before):
+        time.sleep(0.05)
+    state = health(port)
+    assert state["active"] == 0 and state["cancelled"] == before + 1
+
+
+def test_adapters_load_at_run_time_and_a_misfit_is_refused(server, adapters, expected, tmp_path):
+    _, port = server
+    url = f"http://127.0.0.1:{port}/v1/adapters"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"name": "json-again", "path": str(adapters["json"])}
+    assert httpx.post(url, json=body, timeout=60).status_code == 401
+    added = httpx.post(url, json=body, headers=auth, timeout=60)
+    assert added.status_code == 200 and added.json()["lora_rank"] == 8
+    assert ask(port, "json-again", DEMO).choices[0].message.content == expected["json", DEMO][0]
+    assert httpx.post(url, json=body, headers=auth, timeout=60).status_code == 409
+    # The same adapter with its A matrices one column wider: trained on another base.
+    misfit = tmp_path / "misfit"
+    shutil.copytree(adapters["json"], misfit)
+    weights = load_file(misfit / "adapter_model.safetensors")
+    for key, value in weights.items():
+        if "lora_A" in key:
+            weights[key] = value.new_ones(value.shape[0], value.shape[1] + 1)
+    save_file(weights, misfit / "adapter_model.safetensors")
+    refused = httpx.post(url, json={"name": "misfit", "path": str(misfit)}, headers=auth, timeout=60)
+    assert refused.status_code == 400 and "does not fit" in refused.json()["error"]["message"]
+    assert "misfit" not in [m.id for m in client(port).models.list().data]
+    assert ask(port, "base", DEMO).choices[0].message.content == expected["base", DEMO][0]
+
+
+def test_sigterm_finishes_four_streams_in_flight_then_exits_zero(server, expected):
+    """The last test of the module: it stops the shared server."""
+    proc, port = server
+    started = threading.Barrier(5, timeout=120)
+    results: dict[int, str] = {}
+    names = ["base", "json", "greeter", "json"]
+
+    def run(i: int) -> None:
+        parts = []
+        for n, piece in enumerate(ask(port, names[i], PROMPTS[1], stream=True)):
+            if n == 1:
+                started.wait()
+            if piece.choices:
+                parts.append(piece.choices[0].delta.content or "")
+        results[i] = "".join(parts)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    proc.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(120)
+    assert proc.wait(60) == 0, proc.stderr.read()[-2000:]
+    for i, name in enumerate(names):
+        assert results.get(i) == expected[name, PROMPTS[1]][0], (i, name)
+
+
+def test_bad_command_lines_fail_with_one_line(tmp_path):
+    missing = subprocess.run(
+        [sys.executable, "-m", "lit_lora.serve", f"adapters=[{tmp_path / 'nowhere'}]", "port=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith("lit-lora: error:")
+    assert "not a PEFT adapter folder" in missing.stderr and "Traceback" not in missing.stderr
