@@ -103,6 +103,8 @@ class Engine:
         self._mask: torch.Tensor | None = None  # [rows, cached length] 1 where a real token is cached
         self._pos: torch.Tensor | None = None  # [rows] position of each row's next token
         self._last: torch.Tensor | None = None  # [rows] each row's latest token, fed at the next step
+        self._mode: str | None = None  # the adapter the model runs now (see _switch)
+        self._mode_of = None  # ... for this model object (an adapter load may replace it)
         self._thread = threading.Thread(target=self._run, name="lit-lora-engine", daemon=True)
 
     # -- the server's side ------------------------------------------------------------------------------
@@ -156,6 +158,7 @@ class Engine:
                 tasks = list(self._tasks)
                 self._tasks.clear()
             for fn, future in tasks:
+                self._mode_of = None  # a task may change the adapters: switch anew at the next forward
                 try:
                     future.set_result(fn())
                 except BaseException as err:  # handed to the caller, who reports it
@@ -215,16 +218,31 @@ class Engine:
         return not any(getattr(c, "use_dora", False) for c in configs.values())
 
     def _forward(self, jobs: list[Job], **inputs):
+        """One forward of ``jobs``' rows. A batch of one adapter (or of the base alone) runs the model as
+        ``generate`` does, with that adapter switched on (switching costs a pass over the modules, so it
+        happens only when the batch's adapter changes); only a batch of several adapters goes through
+        PEFT's mixed-batch path, whose hooks are set up anew at every forward."""
         if not hasattr(self.model, "peft_config"):
             return self.model(**inputs)
         names = [job.adapter or BASE for job in jobs]
-        if self._mixable():
-            return self.model(**inputs, adapter_names=names)
-        if names[0] == BASE:
-            with self.model.disable_adapter():
-                return self.model(**inputs)
-        self.model.set_adapter(names[0])
-        return self.model(**inputs)
+        if len(set(names)) == 1:
+            self._switch(names[0])
+            return self.model(**inputs)
+        self._switch(None)
+        return self.model(**inputs, adapter_names=names)
+
+    def _switch(self, name: str | None) -> None:
+        """Make ``name`` the active adapter (``BASE``: adapter layers off; None: on, for a mixed batch)."""
+        if name == self._mode and self.model is self._mode_of:
+            return
+        tuner = self.model.base_model
+        if name == BASE:
+            tuner.disable_adapter_layers()
+        else:
+            tuner.enable_adapter_layers()
+            if name is not None:
+                self.model.set_adapter(name)
+        self._mode, self._mode_of = name, self.model
 
     def _prefill(self, jobs: list[Job]) -> None:
         width = max(len(job.prompt) for job in jobs)
