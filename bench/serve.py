@@ -31,6 +31,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = (1, 4, 16)
+MIXED = "16 mixed"  # 16 clients, every other request to the base
 
 
 def _prompts(n: int) -> list[str]:
@@ -89,7 +90,9 @@ def _start_server(adapter: Path, max_tokens: int) -> tuple[subprocess.Popen, int
     raise SystemExit(f"the server did not start (exit {proc.wait()})")
 
 
-def _server_level(port: int, clients: int, prompts: list[str], max_tokens: int) -> dict:
+def _server_level(port: int, clients: int, prompts: list[str], max_tokens: int, mixed: bool = False) -> dict:
+    """``clients`` closed-loop clients through ``prompts``; ``mixed``: odd requests ask the base, so that
+    batches hold two models (PEFT's mixed-adapter path)."""
     import openai
 
     queue = list(enumerate(prompts))
@@ -107,7 +110,7 @@ def _server_level(port: int, clients: int, prompts: list[str], max_tokens: int) 
                 i, prompt = queue.pop(0)
             start = time.perf_counter()
             answer = api.chat.completions.create(
-                model="json",
+                model="base" if mixed and i % 2 else "json",
                 messages=[{"role": "user", "content": prompt}],
                 max_tokens=max_tokens,
                 temperature=0,
@@ -165,7 +168,7 @@ def markdown(report: dict) -> str:
     ]
     loop = report["summary"]["loop"]["tokens_per_s"]
     for key, figures in report["summary"].items():
-        system, clients = ("generate loop", 1) if key == "loop" else ("lit_lora.serve", int(key))
+        system, clients = ("generate loop", "1") if key == "loop" else ("lit_lora.serve", key)
         rows.append(
             f"| {system} | {clients} | {figures['requests_per_s']:.2f} | {figures['tokens_per_s']:.1f} | "
             f"{figures['p50_s']:.2f} | {figures['p95_s']:.2f} | {figures['tokens_per_s'] / loop:.2f}x |"
@@ -175,9 +178,9 @@ def markdown(report: dict) -> str:
         f"# lit_lora.serve vs one request at a time ({m['date']}, {m['machine']})\n\n"
         f"{m['requests']} held-out demo prompts per level, max_tokens {m['max_tokens']}, greedy, one adapter "
         f"(the demo task), embedded SmolLM2-135M with bf16 frozen weights, max_batch_size 16; median of "
-        f"{m['rounds']} interleaved rounds. Same answers as the loop: {report['same_answers']}.\n\n"
-        + "\n".join(rows)
-        + "\n"
+        f'{m["rounds"]} interleaved rounds. "16 mixed": every other request asks the base, so batches '
+        f"mix two models (PEFT's mixed-adapter path); its answers from the adapter are compared. Same answers "
+        f"as the loop: {report['same_answers']}.\n\n" + "\n".join(rows) + "\n"
     )
 
 
@@ -202,12 +205,13 @@ def main() -> None:
         )
         session = Session(cfg)
         proc, port = _start_server(adapter, args.max_tokens)
-        runs: dict[str, list[dict]] = {"loop": [], **{str(c): [] for c in LEVELS}}
+        runs: dict[str, list[dict]] = {"loop": [], **{str(c): [] for c in LEVELS}, MIXED: []}
         try:
             for round_ in range(args.rounds):
                 runs["loop"].append(_loop_level(session, prompts))
                 for clients in LEVELS:
                     runs[str(clients)].append(_server_level(port, clients, prompts, args.max_tokens))
+                runs[MIXED].append(_server_level(port, 16, prompts, args.max_tokens, mixed=True))
                 print(
                     f"round {round_ + 1}: "
                     + ", ".join(f"{k}: {v[-1]['tokens_per_s']:.1f} tok/s" for k, v in runs.items()),
@@ -229,7 +233,11 @@ def main() -> None:
             "rounds": args.rounds,
         },
         "summary": {k: _summary(v) for k, v in runs.items()},
-        "same_answers": ", ".join(f"{k}: {n}/{args.requests}" for k, n in same.items() if k != "loop"),
+        "same_answers": ", ".join(
+            f"{k}: {n}/{args.requests // 2 if k == MIXED else args.requests}"
+            for k, n in same.items()
+            if k != "loop"
+        ),
         "runs": {k: [{x: y for x, y in r.items() if x != "answers"} for r in v] for k, v in runs.items()},
     }
     RESULTS.mkdir(exist_ok=True)
