@@ -8,14 +8,48 @@ validation are ModelCheckpoint's own options.
 This subclass adds what exact resumption needs and Lightning does not save: the torch, numpy and
 Python RNG states (dropout draws from them). They are restored just before the first training batch
 after a resume, which is the point at which an uninterrupted run would continue with the same states.
+
+``monitor`` may also be a weighted sum of logged metrics, for example ``val/loss + 2 * retention/kl``
+(keep the checkpoint that learned the task while drifting least from the base): terms joined by `` + ``
+or `` - `` (spaces around), each a metric name, optionally times a number.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+_NUMBER = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
+_METRIC = r"[A-Za-z_][A-Za-z0-9_./-]*"
+_TERM = re.compile(rf"^(?:({_NUMBER})\s*\*\s*)?({_METRIC})(?:\s*\*\s*({_NUMBER}))?$")
+
+
+def parse_criterion(text: str) -> list[tuple[float, str]] | None:
+    """``[(weight, metric), ...]`` of a weighted sum such as ``val/loss + 0.5 * retention/kl``; None for
+    a plain metric name. Raises :class:`~lit_lora.errors.UserError` for a sum it cannot read."""
+    from lit_lora.errors import UserError
+
+    parts = re.split(r"\s+([+-])\s+", text.strip())
+    if len(parts) == 1 and "*" not in text:
+        return None
+    terms, sign = [], 1.0
+    for i, part in enumerate(parts):
+        if i % 2:
+            sign = 1.0 if part == "+" else -1.0
+            continue
+        match = _TERM.match(part.strip())
+        if not match or (match.group(1) and match.group(3)):
+            raise UserError(
+                f"callbacks.adapter_checkpoint.monitor={text!r}: {part.strip()!r} is not a metric or "
+                "number * metric (write sums as 'val/loss + 0.5 * retention/kl', spaces around + and -)"
+            )
+        weight = float(match.group(1) or match.group(3) or 1.0)
+        terms.append((sign * weight, match.group(2)))
+    return terms
 
 
 class AdapterCheckpoint(ModelCheckpoint):
@@ -28,6 +62,15 @@ class AdapterCheckpoint(ModelCheckpoint):
     def __init__(self, filename: str = "step-{step:06d}", save_last: bool = True, **kwargs: Any):
         super().__init__(filename=filename, save_last=save_last, auto_insert_metric_name=False, **kwargs)
         self._rng_to_restore: dict[str, Any] | None = None
+        self.criterion = parse_criterion(self.monitor) if self.monitor else None
+
+    def _monitor_candidates(self, trainer) -> dict[str, torch.Tensor]:
+        """Lightning's candidates, plus the value of a weighted-sum ``monitor`` once all its terms exist."""
+        candidates = super()._monitor_candidates(trainer)
+        if self.criterion and all(name in candidates for _, name in self.criterion):
+            total = sum(w * candidates[name].detach().float().cpu() for w, name in self.criterion)
+            candidates[self.monitor] = torch.as_tensor(total)
+        return candidates
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "rng_states": _collect_rng_states(include_cuda=True)}

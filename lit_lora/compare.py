@@ -9,9 +9,10 @@ One row per run: the overrides that differ between the runs, status, trainable p
 on disk, peak memory, tokens/s, best validation loss and perplexity, held-out exact match, wall time.
 The table is printed and written as ``compare.md`` and ``compare.csv``; the plots
 ``loss_curves.png`` (training and validation loss overlaid), ``memory.png``, ``throughput.png`` and
-``score.png`` are written next to them (default: into the sweep folder, or the current folder), and
-for preference runs (``objective=dpo`` ...) ``preference.png``: validation preference accuracy and
-reward margin by step.
+``score.png`` are written next to them (default: into the sweep folder, or the current folder), for
+preference runs (``objective=dpo`` ...) ``preference.png``: validation preference accuracy and
+reward margin by step, and for runs that measured retention (``callbacks/retention.py``)
+``score_vs_drift.png``: task score against ``retention/kl``, one point per run.
 Reads ``summary.json``, ``failed.json``, ``metrics*.csv`` and ``.hydra/overrides.yaml``; never W&B.
 """
 
@@ -44,10 +45,19 @@ COLUMNS = (
     ("score_base", "base exact match %"),
     ("preference_accuracy", "val preference accuracy %"),
     ("reward_margin", "val reward margin"),
+    ("retention_kl", "retention KL"),
+    ("retention_agreement", "base agreement %"),
     ("wall_time_s", "wall time s"),
 )
 # Curves read from metrics*.csv: the losses for every run, the preference figures for preference runs.
-CURVES = ("train/loss", "val/loss", "val/rewards_accuracy", "val/rewards_margin")
+CURVES = (
+    "train/loss",
+    "val/loss",
+    "val/rewards_accuracy",
+    "val/rewards_margin",
+    "retention/kl",
+    "retention/agreement",
+)
 
 
 @dataclass
@@ -146,6 +156,10 @@ def row_of(run: Run, overrides: list[str]) -> dict:
         "score_base": None if "score_base" not in s else round(s["score_base"]["exact_match"], 1),
         "preference_accuracy": None if accuracy is None else round(100 * accuracy, 1),
         "reward_margin": None if margin is None else round(margin, 4),
+        "retention_kl": None if s.get("retention/kl") is None else round(s["retention/kl"], 4),
+        "retention_agreement": None
+        if s.get("retention/agreement") is None
+        else round(100 * s["retention/agreement"], 1),
         "wall_time_s": s.get("wall_time_s"),
     }
 
@@ -209,7 +223,31 @@ def plots(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
     if any(run.curves.get("val/rewards_accuracy") for run in runs):
         written.append(_preference_plot(plt, runs, labels, out / "preference.png"))
+    if any(r["retention_kl"] is not None for r in rows):
+        written.append(_drift_plot(plt, rows, labels, out / "score_vs_drift.png"))
     return written
+
+
+def _drift_plot(plt, rows: list[dict], labels: list[str], path: Path) -> Path:
+    """Task score against drift from the base, one point per run: up and to the left is better.
+    The score is the held-out exact match where runs were scored, else the best validation loss."""
+    scored = any(r["score"] is not None for r in rows)
+    key, ylabel = (
+        ("score", "held-out exact match (%)") if scored else ("best_val_loss", "best validation loss")
+    )
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        if row["retention_kl"] is None or row[key] is None:
+            continue
+        ax.scatter(row["retention_kl"], row[key], color=f"C{i % 10}", s=40)
+        ax.annotate(
+            label, (row["retention_kl"], row[key]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
+    ax.set(xlabel="retention/kl: mean KL(base || tuned) on general prompts", ylabel=ylabel)
+    ax.set_title("Task score vs drift from the base")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def _preference_plot(plt, runs: list[Run], labels: list[str], path: Path) -> Path:

@@ -528,12 +528,19 @@ def _print_report(summary: dict, out: Path) -> None:
             f"{pref['rewards_margin']:.4f} ({summary['objective']['name']})"
         )
     if "score_tuned" in summary:
-        tuned = summary["score_tuned"]
         _say_before_after(summary, "held-out exact match", "rows", "score", "exact_match")
         if "preference_tuned" in summary:
             title = "held-out pairs where the chosen answer is the more likely"
             _say_before_after(summary, title, "pairs", "preference", "accuracy")
-        for example in tuned["examples"][:1]:
+    if summary.get("retention/kl") is not None:
+        probe = summary["retention"]
+        _say(
+            f"retention ({probe['probes']} general prompts, adapter on vs off): agreement with the base "
+            f"{100 * summary['retention/agreement']:.1f}%, KL {summary['retention/kl']:.3f}, NLL ratio "
+            f"{summary['retention/nll_ratio']:.3f}"
+        )
+    if "score_tuned" in summary:
+        for example in summary["score_tuned"]["examples"][:1]:
             _say(f"  example answer: {json.dumps(example['answer'])}")
             _say(f"  expected:       {json.dumps(example['reference'])}")
 

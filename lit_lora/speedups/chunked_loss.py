@@ -116,6 +116,21 @@ def supports_chunked_loss(model) -> bool:
     )
 
 
+def position_logits(model, inputs: dict, where: torch.Tensor) -> torch.Tensor:
+    """Logits ``[len(where), vocab]`` at the flat positions ``where`` (``row * T + t``) of a batch.
+
+    Where the logits are exactly ``lm_head(decoder(...))`` (:func:`supports_chunked_loss`), the output
+    layer runs on those positions' hidden states only (for a 49k-token vocabulary it is a large share of
+    a small model's forward); otherwise the model's full logits are indexed.
+    """
+    if supports_chunked_loss(model):
+        _, decoder, head = _parts(model)
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state
+        return head(hidden.reshape(-1, hidden.shape[-1])[where])
+    logits = model(**inputs, use_cache=False).logits
+    return logits.reshape(-1, logits.shape[-1])[where]
+
+
 def trained_token_loss(
     model, inputs: dict, labels: torch.Tensor, divisor: torch.Tensor, chunk: int = CHUNK_ROWS, **kwargs
 ) -> torch.Tensor:

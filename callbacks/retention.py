@@ -1,0 +1,326 @@
+"""Retention: what fine-tuning costs the base model, measured at every validation.
+
+The probe: general prompts written by the team (``lit_lora/samples/retention_probes.json``: a few dozen,
+several domains, English and Vietnamese, none from a training task), each rendered as a one-turn
+conversation with the run's own chat template, and the base model's own greedy continuation of each
+(``max_new_tokens`` tokens, generated once with the adapter off and cached on disk by model, tokenizer,
+chat template, probe file and length, so later runs of the same base skip it).
+
+At each validation the probe sequences run through the model with the adapter on; the base's answer
+(adapter off, the same batches) is computed at the first validation and kept, since the base never
+changes. Over the continuation positions only, in float32 over the full vocabulary:
+
+- ``retention/kl``: mean per-token KL(base || tuned);
+- ``retention/nll_ratio``: the tuned model's negative log-likelihood of the base's continuations over the
+  base's own (1.0: no drift);
+- ``retention/agreement``: share of positions where the tuned model's greedy next token is the base's.
+
+They are logged through every logger, kept in ``summary.json`` (with the probe's cost in time, against the
+validation it rides on), and may drive checkpoint choice (``callbacks.adapter_checkpoint.monitor``). A KL
+above ``warn_kl`` prints one line at that validation and is recorded in the summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+PROBE_FILE = Path(__file__).resolve().parents[1] / "lit_lora" / "samples" / "retention_probes.json"
+METRICS = ("retention/kl", "retention/nll_ratio", "retention/agreement")
+
+
+def load_probes(path: str | Path | None = None) -> tuple[list[str], str]:
+    """The probe prompts of ``path`` (default: the committed set) and the file's sha256."""
+    from lit_lora.errors import UserError
+
+    path = Path(path or PROBE_FILE).expanduser()
+    try:
+        raw = path.read_bytes()
+        prompts = [p["text"] if isinstance(p, dict) else str(p) for p in json.loads(raw)["prompts"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"callbacks.retention.probe_file={path}: not a readable probe file ({err})") from err
+    if not prompts:
+        raise UserError(f"callbacks.retention.probe_file={path} holds no prompts")
+    return prompts, hashlib.sha256(raw).hexdigest()
+
+
+def probe_key(
+    model_id: str, tokenizer, chat_template: str | None, probe_hash: str, max_new_tokens: int
+) -> str:
+    """The cache key of a probe set's base continuations: every input that changes them."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = [
+        model_id,
+        hashlib.sha256(vocab.encode()).hexdigest(),
+        chat_template or "",
+        probe_hash,
+        str(max_new_tokens),
+    ]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
+
+
+def model_identity(model_cfg, quant_cfg=None) -> str:
+    """What names the base's weights: hub id and revision, or the local files (paths, sizes, mtimes), plus
+    the dtype the frozen weights run in (the continuations are the base's as this run computes them)."""
+    from lit_lora import embedded
+
+    name = str(model_cfg.name_or_path)
+    ident = [name, str(model_cfg.revision), str(model_cfg.dtype), str(model_cfg.random_init)]
+    ident.append(str(getattr(quant_cfg, "method", None)))
+    ident.append(
+        json.dumps(dict(getattr(model_cfg, "config_overrides", None) or {}), sort_keys=True, default=str)
+    )
+    if embedded.is_embedded(name):
+        ident.append(embedded.file_digest(embedded.gguf_path(name.split(":", 1)[1])))
+    elif Path(name).expanduser().is_dir():
+        for f in sorted(Path(name).expanduser().glob("*")):
+            if f.suffix in (".safetensors", ".json", ".bin"):
+                ident.append(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}")
+    return "|".join(ident)
+
+
+def kl_and_agreement(
+    base_logp: torch.Tensor, tuned_logp: torch.Tensor, targets: torch.Tensor
+) -> dict[str, float]:
+    """The three metrics from float32 log-probabilities ``[positions, vocab]`` and the base's tokens."""
+    base_logp, tuned_logp = base_logp.float(), tuned_logp.float()
+    kl = (base_logp.exp() * (base_logp - tuned_logp)).sum(-1)
+    nll_tuned = -tuned_logp.gather(-1, targets[:, None]).squeeze(-1)
+    nll_base = -base_logp.gather(-1, targets[:, None]).squeeze(-1)
+    agree = tuned_logp.argmax(-1) == base_logp.argmax(-1)
+    return {
+        "retention/kl": float(kl.mean()),
+        "retention/nll_ratio": float(nll_tuned.mean() / nll_base.mean().clamp_min(1e-12)),
+        "retention/agreement": float(agree.float().mean()),
+    }
+
+
+class Retention(L.Callback):
+    """See the module docstring. ``enabled=false`` turns it off (``callbacks.retention.enabled=false``)."""
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        probe_file: str | None = None,
+        max_new_tokens: int = 16,
+        batch_size: int = 8,
+        warn_kl: float | None = 0.5,
+        model=None,
+        quant=None,
+        cache_dir: str | None = None,
+    ):
+        self.enabled = enabled
+        self.probe_file = probe_file
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.warn_kl = warn_kl
+        # The run's model and quant configs (conf/callbacks/retention.yaml interpolates them): they name
+        # the base whose continuations are cached.
+        self.model_cfg, self.quant_cfg = model, quant
+        self.cache_dir = cache_dir
+        self.sequences: list[tuple[list[int], list[int]]] = []  # (prompt ids, base continuation ids)
+        self.cache_hit: bool | None = None
+        self._base_logp: list[torch.Tensor] | None = None  # per batch, [positions, vocab] float32 (CPU)
+        self.last: dict[str, float] = {}
+        self.history: list[dict] = []
+        self.warnings: list[str] = []
+        self.probe_s: list[float] = []
+        self.validation_s: list[float] = []
+        self._val_started: float | None = None
+        self._probe_this_val = 0.0
+        self.base_s = 0.0
+
+    # -- probe set -----------------------------------------------------------------------------------
+    def _cache_file(self, key: str) -> Path:
+        from lit_lora.embedded import cache_root
+
+        return (
+            Path(self.cache_dir).expanduser() / f"{key}.json"
+            if self.cache_dir
+            else cache_root() / "retention" / f"{key}.json"
+        )
+
+    def build_probes(self, pl_module) -> None:
+        """Prompt ids and the base's greedy continuations: from the cache, or generated with the adapter off."""
+        from lit_lora.rendering import prompt_ids
+        from lit_lora.staging import write_text_atomic
+
+        tokenizer, rendering = pl_module.tokenizer, pl_module.rendering
+        prompts, probe_hash = load_probes(self.probe_file)
+        ids = [prompt_ids(tokenizer, rendering, [{"role": "user", "content": p}]) for p in prompts]
+        model_id = model_identity(self.model_cfg, self.quant_cfg) if self.model_cfg is not None else "unknown"
+        key = probe_key(model_id, tokenizer, rendering.chat_template, probe_hash, self.max_new_tokens)
+        cache = self._cache_file(key)
+        if cache.is_file():
+            stored = json.loads(cache.read_text())
+            if stored.get("prompt_ids") == ids:
+                self.sequences = list(zip(ids, stored["continuations"], strict=True))
+                self.cache_hit = True
+                return
+        started = time.perf_counter()
+        continuations = self._generate(pl_module, ids, tokenizer)
+        self.base_s = time.perf_counter() - started
+        self.sequences = list(zip(ids, continuations, strict=True))
+        self.cache_hit = False
+        body = {"prompt_ids": ids, "continuations": continuations, "max_new_tokens": self.max_new_tokens}
+        write_text_atomic(cache, json.dumps(body))
+
+    @torch.no_grad()
+    def _generate(self, pl_module, ids: list[list[int]], tokenizer) -> list[list[int]]:
+        """Greedy continuations by the base (adapter off), in fixed order and batches: deterministic."""
+        model, device = pl_module.model, pl_module.device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        out: list[list[int]] = []
+        was_training = model.training
+        model.eval()
+        try:
+            with model.disable_adapter():
+                for start in range(0, len(ids), self.batch_size):
+                    chunk = ids[start : start + self.batch_size]
+                    width = max(map(len, chunk))
+                    batch = torch.full((len(chunk), width), pad, dtype=torch.long)
+                    mask = torch.zeros_like(batch)
+                    for row, seq in enumerate(chunk):
+                        batch[row, width - len(seq) :] = torch.tensor(seq)
+                        mask[row, width - len(seq) :] = 1
+                    generated = model.generate(
+                        input_ids=batch.to(device),
+                        attention_mask=mask.to(device),
+                        max_new_tokens=self.max_new_tokens,
+                        min_new_tokens=self.max_new_tokens,  # a fixed length: every probe weighs the same
+                        do_sample=False,
+                        pad_token_id=pad,
+                    )
+                    out.extend(generated[:, width:].tolist())
+        finally:
+            model.train(was_training)
+        return out
+
+    # -- measurement ---------------------------------------------------------------------------------
+    def _batches(self, device) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+        """Right-padded probe batches, each with the flat indices of the positions that predict a
+        continuation token and those tokens."""
+        batches = []
+        for start in range(0, len(self.sequences), self.batch_size):
+            chunk = self.sequences[start : start + self.batch_size]
+            width = max(len(p) + len(c) for p, c in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            where, targets = [], []
+            for row, (prompt, cont) in enumerate(chunk):
+                seq = prompt + cont
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+                # Position t predicts token t + 1: the continuation is predicted from len(prompt) - 1 on.
+                where.extend(row * width + t for t in range(len(prompt) - 1, len(seq) - 1))
+                targets.extend(cont)
+            batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+            batches.append((batch, torch.tensor(where, device=device), torch.tensor(targets, device=device)))
+        return batches
+
+    @torch.no_grad()
+    def _logps(self, trainer, pl_module, batch: dict, where: torch.Tensor) -> torch.Tensor:
+        """Float32 log-probabilities at the positions ``where``, computed as validation computes (the
+        module's inputs, the trainer's precision context), the output layer on those positions only."""
+        from lit_lora.speedups.chunked_loss import position_logits
+
+        inputs = pl_module._model_inputs(batch, False, pl_module.right_padding_mask)
+        with trainer.precision_plugin.forward_context():
+            logits = position_logits(pl_module.model, inputs, where)
+        return F.log_softmax(logits.float(), dim=-1)
+
+    @torch.no_grad()
+    def measure(self, trainer, pl_module) -> dict[str, float]:
+        """The three metrics now (adapter on), against the base's kept answer (adapter off)."""
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        try:
+            batches = self._batches(pl_module.device)
+            if self._base_logp is None:
+                with model.disable_adapter():
+                    self._base_logp = [self._logps(trainer, pl_module, b, w).cpu() for b, w, _ in batches]
+            tuned = torch.cat([self._logps(trainer, pl_module, b, w).cpu() for b, w, _ in batches])
+        finally:
+            model.train(was_training)
+        targets = torch.cat([t.cpu() for _, _, t in batches])
+        return kl_and_agreement(torch.cat(self._base_logp), tuned, targets)
+
+    # -- Lightning hooks -----------------------------------------------------------------------------
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not self.enabled:
+            return
+        if not hasattr(pl_module.model, "disable_adapter") or pl_module.tokenizer is None:
+            self.enabled = False
+            log.warning("retention: no adapter or tokenizer on this module; the probe is off")
+            return
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            # Sharded parameters: generate() and a callback's own forward passes are not supported there yet.
+            self.enabled = False
+            if trainer.is_global_zero:
+                print(f"lit-lora: retention probe off under {strategy}", file=sys.stderr, flush=True)
+            return
+        self.build_probes(pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_started = time.perf_counter()
+        self._probe_this_val = 0.0
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self.enabled or trainer.sanity_checking or not self.sequences:
+            return
+        started = time.perf_counter()
+        metrics = self.measure(trainer, pl_module)
+        self._probe_this_val = time.perf_counter() - started
+        self.probe_s.append(self._probe_this_val)
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_epoch=True, sync_dist=False, rank_zero_only=False)
+        self.last = metrics
+        self.history.append({"step": trainer.global_step, **metrics})
+        if self.warn_kl is not None and metrics["retention/kl"] > self.warn_kl:
+            line = (
+                f"lit-lora: warning: step {trainer.global_step}: drift from the base, retention/kl "
+                f"{metrics['retention/kl']:.3f} > warn_kl {self.warn_kl} (agreement "
+                f"{100 * metrics['retention/agreement']:.1f}%)"
+            )
+            self.warnings.append(line)
+            if trainer.is_global_zero:
+                print(line, file=sys.stderr, flush=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._val_started is not None and not trainer.sanity_checking and self._probe_this_val:
+            # The validation's own time, without the probe that rode on it.
+            self.validation_s.append(time.perf_counter() - self._val_started - self._probe_this_val)
+        self._val_started = None
+
+    def summary_metrics(self) -> dict:
+        if not self.enabled or not self.history:
+            return {}
+        probe = sum(self.probe_s) / len(self.probe_s)
+        validation = sum(self.validation_s) / max(1, len(self.validation_s))
+        return {
+            **self.last,
+            "retention": {
+                "history": self.history,
+                "warnings": self.warnings,
+                "probes": len(self.sequences),
+                "positions": sum(len(c) for _, c in self.sequences),
+                "cache_hit": self.cache_hit,
+                "base_generation_s": round(self.base_s, 2),
+                "probe_s_mean": round(probe, 3),
+                "validation_s_mean": round(validation, 3),
+                "cost_pct_of_validation": round(100 * probe / validation, 1) if validation else None,
+            },
+        }

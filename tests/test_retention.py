@@ -1,0 +1,180 @@
+"""The retention probe (callbacks/retention.py) on the tiny model: its KL against an independent
+computation, zero for an adapter with B = 0 and growing as the adapter is scaled up; the probe cache and
+what invalidates it; checkpoint choice by a criterion that includes drift."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.demos.boring_classes import BoringModel
+from omegaconf import OmegaConf
+
+from callbacks.adapter_checkpoint import AdapterCheckpoint, parse_criterion
+from callbacks.retention import Retention, load_probes, model_identity, probe_key
+from lit_lora.builder import build_model
+from lit_lora.config import ModelConfig, OptimConfig
+from lit_lora.errors import UserError
+from lit_lora.module import LitLoRA
+from lit_lora.rendering import Rendering
+from tests.conftest import compose_train, plain_config
+
+TINY_MODEL = OmegaConf.to_container(compose_train(["model=tiny"]).model, resolve=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A LitLoRA module on the tiny model with non-zero B, a CPU trainer, and a probe built from its base
+    (cached under a temporary folder)."""
+    built = build_model(plain_config(model=ModelConfig(**TINY_MODEL)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in built.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)  # small: a perturbation, not a takeover of the residual stream
+    rendering = Rendering.resolve(built.tokenizer)
+    module = LitLoRA(built.model, OptimConfig(), tokenizer=built.tokenizer, rendering=rendering)
+    trainer = L.Trainer(accelerator="cpu", precision="32-true", logger=False, enable_progress_bar=False)
+    probe = Retention(max_new_tokens=6, cache_dir=str(tmp_path_factory.mktemp("probe-cache")))
+    probe.model_cfg = OmegaConf.create(TINY_MODEL)
+    probe.build_probes(module)
+    return module, trainer, probe
+
+
+def _lora_b(module) -> list[torch.nn.Parameter]:
+    return [p for n, p in module.model.named_parameters() if "lora_B" in n]
+
+
+def test_kl_agreement_and_nll_ratio_match_an_independent_computation(tiny):
+    module, trainer, probe = tiny
+    measured = probe.measure(trainer, module)
+    kls, agree, nll_tuned, nll_base = [], [], [], []
+    model = module.model.eval()
+    with torch.no_grad():
+        for prompt, cont in probe.sequences:  # one sequence at a time, full logits, float64
+            ids = torch.tensor([prompt + cont])
+            tuned = model(input_ids=ids).logits[0].double().log_softmax(-1)
+            with model.disable_adapter():
+                base = model(input_ids=ids).logits[0].double().log_softmax(-1)
+            rows = torch.arange(len(prompt) - 1, len(prompt) + len(cont) - 1)
+            kls.append(F.kl_div(tuned[rows], base[rows], log_target=True, reduction="none").sum(-1))
+            agree.append(tuned[rows].argmax(-1) == base[rows].argmax(-1))
+            targets = torch.tensor(cont)[:, None]
+            nll_tuned.append(-tuned[rows].gather(1, targets))
+            nll_base.append(-base[rows].gather(1, targets))
+    assert measured["retention/kl"] == pytest.approx(float(torch.cat(kls).mean()), rel=1e-4, abs=1e-7)
+    assert measured["retention/agreement"] == pytest.approx(float(torch.cat(agree).double().mean()))
+    ratio = float(torch.cat(nll_tuned).mean() / torch.cat(nll_base).mean())
+    assert measured["retention/nll_ratio"] == pytest.approx(ratio, rel=1e-4)
+    assert measured["retention/kl"] > 1e-4, "this adapter (B != 0) moves the model"
+    # The probe's tokens are the base's greedy continuation (ties aside): the base agrees with itself.
+    assert all(len(c) == 6 for _, c in probe.sequences)
+
+
+def test_kl_is_zero_with_b_zero_and_grows_as_the_adapter_is_scaled_up(tiny):
+    module, trainer, probe = tiny
+    saved = [p.detach().clone() for p in _lora_b(module)]
+    try:
+        figures = {}
+        for scale in (0.0, 0.5, 1.0, 2.0):
+            with torch.no_grad():
+                for param, value in zip(_lora_b(module), saved, strict=True):
+                    param.copy_(value * scale)
+            figures[scale] = probe.measure(trainer, module)
+        zero = figures[0.0]
+        assert zero["retention/kl"] == pytest.approx(0.0, abs=1e-7)
+        assert zero["retention/agreement"] == 1.0
+        assert zero["retention/nll_ratio"] == pytest.approx(1.0, abs=1e-6)
+        kls = [figures[s]["retention/kl"] for s in (0.0, 0.5, 1.0, 2.0)]
+        assert kls == sorted(kls) and len(set(kls)) == 4, kls
+    finally:
+        with torch.no_grad():
+            for param, value in zip(_lora_b(module), saved, strict=True):
+                param.copy_(value)
+
+
+def test_probe_continuations_are_cached_and_invalidated_by_what_changes_them(tiny, tmp_path):
+    module, _, probe = tiny
+    again = Retention(max_new_tokens=6, cache_dir=probe.cache_dir)
+    again.model_cfg = probe.model_cfg
+    again.build_probes(module)
+    assert again.cache_hit is True and again.sequences == probe.sequences
+    longer = Retention(max_new_tokens=7, cache_dir=probe.cache_dir)
+    longer.model_cfg = probe.model_cfg
+    longer.build_probes(module)
+    assert longer.cache_hit is False and all(
+        c[:6] == s[1] for c, s in zip((c for _, c in longer.sequences), probe.sequences, strict=True)
+    )
+
+    # The key: each input alone changes it.
+    tokenizer, template = module.tokenizer, module.rendering.chat_template
+    prompts, digest = load_probes()
+    model = model_identity(OmegaConf.create(TINY_MODEL))
+    key = probe_key(model, tokenizer, template, digest, 16)
+    assert key == probe_key(model, tokenizer, template, digest, 16)
+    other_model = model_identity(OmegaConf.create({**TINY_MODEL, "dtype": "bfloat16"}))
+    assert probe_key(other_model, tokenizer, template, digest, 16) != key
+    assert probe_key(model, tokenizer, template, digest, 17) != key
+    assert probe_key(model, tokenizer, template + " ", digest, 16) != key
+    edited = tmp_path / "probes.json"
+    edited.write_text(json.dumps({"prompts": [*prompts, "One more prompt."]}))
+    assert probe_key(model, tokenizer, template, load_probes(edited)[1], 16) != key
+    grown = copy.deepcopy(tokenizer)
+    grown.add_tokens(["<retention-test-token>"])
+    assert probe_key(model, grown, template, digest, 16) != key
+
+
+def test_the_committed_probe_set_is_bilingual_and_general():
+    prompts, _ = load_probes()
+    data = json.loads(Path("lit_lora/samples/retention_probes.json").read_text())["prompts"]
+    assert len(prompts) >= 24 and {p["lang"] for p in data} == {"en", "vi"}
+    assert len({p["domain"] for p in data}) >= 8
+    with pytest.raises(UserError, match="not a readable probe file"):
+        load_probes("/nonexistent/probes.json")
+
+
+class _Scripted(BoringModel):
+    """Validation logs hand-made figures: epoch 0 learns the task best but drifts; epoch 1 drifts little."""
+
+    FIGURES = ({"val/loss": 1.00, "retention/kl": 0.60}, {"val/loss": 1.10, "retention/kl": 0.05})
+
+    def on_validation_epoch_end(self):
+        for name, value in self.FIGURES[self.current_epoch].items():
+            self.log(name, value)
+
+
+@pytest.mark.parametrize(
+    ("monitor", "kept_epoch"), [("val/loss", 0), ("val/loss + 1.0 * retention/kl", 1), ("retention/kl", 1)]
+)
+def test_checkpoint_choice_by_a_retention_criterion(tmp_path, monitor, kept_epoch):
+    checkpoint = AdapterCheckpoint(
+        dirpath=str(tmp_path), monitor=monitor, mode="min", save_top_k=1, save_last=False
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_Scripted())
+    assert len(list(tmp_path.glob("*.ckpt"))) == 1
+    # Two training batches per epoch: epoch e's checkpoint is named after step 2 (e + 1).
+    assert Path(checkpoint.best_model_path).name == f"step-{2 * (kept_epoch + 1):06d}.ckpt"
+    figures = _Scripted.FIGURES[kept_epoch]
+    expected = sum(w * figures[name] for w, name in parse_criterion(monitor) or [(1.0, monitor)])
+    assert float(checkpoint.best_model_score) == pytest.approx(expected)
+
+
+def test_a_malformed_criterion_is_refused():
+    with pytest.raises(UserError, match="not a metric or number"):
+        AdapterCheckpoint(monitor="val/loss + two * retention/kl")
