@@ -22,6 +22,7 @@ above ``warn_kl`` prints one line at that validation and is recorded in the summ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -113,8 +114,8 @@ class Retention(L.Callback):
         self,
         enabled: bool = True,
         probe_file: str | None = None,
-        max_new_tokens: int = 16,
-        batch_size: int = 8,
+        max_new_tokens: int = 8,
+        batch_size: int = 32,
         warn_kl: float | None = 0.5,
         model=None,
         quant=None,
@@ -139,7 +140,8 @@ class Retention(L.Callback):
         self.validation_s: list[float] = []
         self._val_started: float | None = None
         self._probe_this_val = 0.0
-        self.base_s = 0.0
+        self.base_s = 0.0  # generating the base's continuations (once per base: cached)
+        self.base_pass_s = 0.0  # the base's log-probabilities (once per run)
 
     # -- probe set -----------------------------------------------------------------------------------
     def _cache_file(self, key: str) -> Path:
@@ -151,7 +153,7 @@ class Retention(L.Callback):
             else cache_root() / "retention" / f"{key}.json"
         )
 
-    def build_probes(self, pl_module) -> None:
+    def build_probes(self, pl_module, trainer=None) -> None:
         """Prompt ids and the base's greedy continuations: from the cache, or generated with the adapter off."""
         from lit_lora.rendering import prompt_ids
         from lit_lora.staging import write_text_atomic
@@ -169,7 +171,9 @@ class Retention(L.Callback):
                 self.cache_hit = True
                 return
         started = time.perf_counter()
-        continuations = self._generate(pl_module, ids, tokenizer)
+        context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+        with context:  # the run's precision (autocast under bf16-mixed), as validation computes
+            continuations = self._generate(pl_module, ids, tokenizer)
         self.base_s = time.perf_counter() - started
         self.sequences = list(zip(ids, continuations, strict=True))
         self.cache_hit = False
@@ -208,36 +212,63 @@ class Retention(L.Callback):
         return out
 
     # -- measurement ---------------------------------------------------------------------------------
-    def _batches(self, device) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
-        """Right-padded probe batches, each with the flat indices of the positions that predict a
-        continuation token and those tokens."""
+    def _prefix(self) -> list[int]:
+        """The tokens every probe starts with (the chat template's system turn and header), computed once
+        per batch and shared, at least one token of each prompt left after it."""
+        prompts = [p for p, _ in self.sequences]
+        n = 0
+        while n < min(map(len, prompts)) - 1 and all(p[n] == prompts[0][n] for p in prompts):
+            n += 1
+        return prompts[0][:n]
+
+    def _batches(self, device) -> list[tuple[list[int], dict, torch.Tensor, torch.Tensor]]:
+        """Probe batches after the shared prefix, sorted by length (little padding), right-padded; each
+        with the flat positions that predict a continuation token, and those tokens."""
+        prefix = self._prefix()
+        order = sorted(range(len(self.sequences)), key=lambda i: len(self.sequences[i][0]))
         batches = []
-        for start in range(0, len(self.sequences), self.batch_size):
-            chunk = self.sequences[start : start + self.batch_size]
-            width = max(len(p) + len(c) for p, c in chunk)
+        for start in range(0, len(order), self.batch_size):
+            chunk = [self.sequences[i] for i in order[start : start + self.batch_size]]
+            width = max(len(p) + len(c) for p, c in chunk) - len(prefix)
             ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
+            mask = torch.zeros((len(chunk), len(prefix) + width), dtype=torch.long)
             where, targets = [], []
             for row, (prompt, cont) in enumerate(chunk):
-                seq = prompt + cont
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
-                # Position t predicts token t + 1: the continuation is predicted from len(prompt) - 1 on.
-                where.extend(row * width + t for t in range(len(prompt) - 1, len(seq) - 1))
+                rest = prompt[len(prefix) :] + cont
+                ids[row, : len(rest)] = torch.tensor(rest)
+                mask[row, : len(prefix) + len(rest)] = 1
+                # Position t predicts token t + 1: the continuation from the prompt's last token on.
+                first = len(prompt) - len(prefix) - 1
+                where.extend(row * width + t for t in range(first, first + len(cont)))
                 targets.extend(cont)
-            batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-            batches.append((batch, torch.tensor(where, device=device), torch.tensor(targets, device=device)))
+            positions = torch.arange(len(prefix), len(prefix) + width).expand(len(chunk), -1)
+            batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+            batches.append(
+                (
+                    prefix,
+                    {k: v.to(device) for k, v in batch.items()},
+                    torch.tensor(where, device=device),
+                    torch.tensor(targets),
+                )
+            )
         return batches
 
     @torch.no_grad()
-    def _logps(self, trainer, pl_module, batch: dict, where: torch.Tensor) -> torch.Tensor:
-        """Float32 log-probabilities at the positions ``where``, computed as validation computes (the
-        module's inputs, the trainer's precision context), the output layer on those positions only."""
+    def _logps(self, trainer, pl_module, prefix: list[int], batch: dict, where: torch.Tensor) -> torch.Tensor:
+        """Float32 log-probabilities at the positions ``where``, in the trainer's precision context, the
+        shared prefix run once and its key/value cache repeated for the batch."""
         from lit_lora.speedups.chunked_loss import position_logits
 
-        inputs = pl_module._model_inputs(batch, False, pl_module.right_padding_mask)
+        model, rows = pl_module.model, batch["input_ids"].shape[0]
         with trainer.precision_plugin.forward_context():
-            logits = position_logits(pl_module.model, inputs, where)
+            cache = None
+            if prefix:
+                out = model(
+                    input_ids=torch.tensor([prefix], device=batch["input_ids"].device), use_cache=True
+                )
+                cache = out.cache if hasattr(out, "cache") else out.past_key_values
+                cache.batch_repeat_interleave(rows)
+            logits = position_logits(model, {**batch, "cache": cache}, where)
         return F.log_softmax(logits.float(), dim=-1)
 
     @torch.no_grad()
@@ -249,12 +280,14 @@ class Retention(L.Callback):
         try:
             batches = self._batches(pl_module.device)
             if self._base_logp is None:
+                started = time.perf_counter()
                 with model.disable_adapter():
-                    self._base_logp = [self._logps(trainer, pl_module, b, w).cpu() for b, w, _ in batches]
-            tuned = torch.cat([self._logps(trainer, pl_module, b, w).cpu() for b, w, _ in batches])
+                    self._base_logp = [self._logps(trainer, pl_module, *b[:3]).cpu() for b in batches]
+                self.base_pass_s = time.perf_counter() - started
+            tuned = torch.cat([self._logps(trainer, pl_module, *b[:3]).cpu() for b in batches])
         finally:
             model.train(was_training)
-        targets = torch.cat([t.cpu() for _, _, t in batches])
+        targets = torch.cat([t for *_, t in batches])
         return kl_and_agreement(torch.cat(self._base_logp), tuned, targets)
 
     # -- Lightning hooks -----------------------------------------------------------------------------
@@ -272,7 +305,7 @@ class Retention(L.Callback):
             if trainer.is_global_zero:
                 print(f"lit-lora: retention probe off under {strategy}", file=sys.stderr, flush=True)
             return
-        self.build_probes(pl_module)
+        self.build_probes(pl_module, trainer)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._val_started = time.perf_counter()
@@ -281,12 +314,14 @@ class Retention(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self.enabled or trainer.sanity_checking or not self.sequences:
             return
-        started = time.perf_counter()
+        started, first = time.perf_counter(), self._base_logp is None
         metrics = self.measure(trainer, pl_module)
         self._probe_this_val = time.perf_counter() - started
-        self.probe_s.append(self._probe_this_val)
+        # The recurring cost: the base's pass happens once per run and is reported on its own.
+        self.probe_s.append(self._probe_this_val - (self.base_pass_s if first else 0.0))
         for name, value in metrics.items():
-            pl_module.log(name, value, on_epoch=True, sync_dist=False, rank_zero_only=False)
+            # Every rank measured the same probe; sync_dist keeps Lightning from warning about it.
+            pl_module.log(name, value, on_epoch=True, sync_dist=True)
         self.last = metrics
         self.history.append({"step": trainer.global_step, **metrics})
         if self.warn_kl is not None and metrics["retention/kl"] > self.warn_kl:
@@ -319,6 +354,7 @@ class Retention(L.Callback):
                 "positions": sum(len(c) for _, c in self.sequences),
                 "cache_hit": self.cache_hit,
                 "base_generation_s": round(self.base_s, 2),
+                "base_pass_s": round(self.base_pass_s, 3),
                 "probe_s_mean": round(probe, 3),
                 "validation_s_mean": round(validation, 3),
                 "cost_pct_of_validation": round(100 * probe / validation, 1) if validation else None,

@@ -100,6 +100,11 @@ def test_offline_wandb_run_reads_back(tmp_path):
     rows = [json.loads(line) for line in history.stdout.splitlines() if '"type":"history"' in line]
     losses = [r["history"]["item"]["train/loss"] for r in rows if "train/loss" in r["history"]["item"]]
     assert len(losses) == 4, "one train/loss point per step"
+    # Retention (callbacks/retention.py), on by default: a point per validation, in the summary too.
+    for key in ("retention/kl", "retention/nll_ratio", "retention/agreement"):
+        points = [r["history"]["item"][key] for r in rows if key in r["history"]["item"]]
+        assert len(points) == 2 and all(p >= 0 for p in points), (key, points)
+        assert summary[key] == points[-1]
 
 
 def test_wandb_mode_without_credentials_is_offline(monkeypatch):

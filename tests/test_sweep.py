@@ -83,7 +83,19 @@ def test_compare_reads_the_sweep_offline(sweep_with_a_failure, tmp_path):
     )
     assert float(rows[1]["adapter_mb"]) > float(rows[2]["adapter_mb"]) > 0
     assert all(float(r["best_val_loss"]) > 0 for r in rows[1:])
-    for name in ("compare.md", "loss_curves.png", "memory.png", "throughput.png", "score.png"):
+    # Retention per run, read back from each summary, and the score-vs-drift scatter.
+    assert all(
+        float(r["retention_kl"]) >= 0 and 0 <= float(r["retention_agreement"]) <= 100 for r in rows[1:]
+    )
+    assert rows[0]["retention_kl"] == "-"
+    for name in (
+        "compare.md",
+        "loss_curves.png",
+        "memory.png",
+        "throughput.png",
+        "score.png",
+        "score_vs_drift.png",
+    ):
         assert (tmp_path / name).stat().st_size > 1000 or name == "compare.md"
     assert (tmp_path / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "lora.r=4" in done.stdout and "| run |" in (tmp_path / "compare.md").read_text()

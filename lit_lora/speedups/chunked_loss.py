@@ -123,11 +123,12 @@ def position_logits(model, inputs: dict, where: torch.Tensor) -> torch.Tensor:
     layer runs on those positions' hidden states only (for a 49k-token vocabulary it is a large share of
     a small model's forward); otherwise the model's full logits are indexed.
     """
+    cached = inputs.get("cache") is not None  # a key/value cache of a prefix (callbacks/retention.py)
     if supports_chunked_loss(model):
         _, decoder, head = _parts(model)
-        hidden = decoder(**inputs, use_cache=False).last_hidden_state
+        hidden = decoder(**inputs, use_cache=cached).last_hidden_state
         return head(hidden.reshape(-1, hidden.shape[-1])[where])
-    logits = model(**inputs, use_cache=False).logits
+    logits = model(**inputs, use_cache=cached).logits
     return logits.reshape(-1, logits.shape[-1])[where]
 
 
