@@ -171,7 +171,9 @@ class Retention(L.Callback):
                 self.cache_hit = True
                 return
         started = time.perf_counter()
-        context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+        context = (
+            trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+        )
         with context:  # the run's precision (autocast under bf16-mixed), as validation computes
             continuations = self._generate(pl_module, ids, tokenizer)
         self.base_s = time.perf_counter() - started

@@ -96,3 +96,10 @@ class GracefulStop(L.Callback):
     ) -> None:
         if self.requested is not None and not trainer.sanity_checking:
             self._stop(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # A signal that arrives after the last validation batch (during the epoch-end hooks: metrics,
+        # the retention probe) would otherwise meet Lightning's own SIGTERM check first, which stops the
+        # run without a checkpoint. Validation ends at a step boundary: a safe point.
+        if self.requested is not None and not trainer.sanity_checking:
+            self._stop(trainer)
