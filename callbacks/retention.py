@@ -185,6 +185,8 @@ class Retention(L.Callback):
     @torch.no_grad()
     def _generate(self, pl_module, ids: list[list[int]], tokenizer) -> list[list[int]]:
         """Greedy continuations by the base (adapter off), in fixed order and batches: deterministic."""
+        from lit_lora.batching import left_padded
+
         model, device = pl_module.model, pl_module.device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         out: list[list[int]] = []
@@ -193,13 +195,8 @@ class Retention(L.Callback):
         try:
             with model.disable_adapter():
                 for start in range(0, len(ids), self.batch_size):
-                    chunk = ids[start : start + self.batch_size]
-                    width = max(map(len, chunk))
-                    batch = torch.full((len(chunk), width), pad, dtype=torch.long)
-                    mask = torch.zeros_like(batch)
-                    for row, seq in enumerate(chunk):
-                        batch[row, width - len(seq) :] = torch.tensor(seq)
-                        mask[row, width - len(seq) :] = 1
+                    batch, mask = left_padded(ids[start : start + self.batch_size], pad)
+                    width = batch.shape[1]
                     generated = model.generate(
                         input_ids=batch.to(device),
                         attention_mask=mask.to(device),

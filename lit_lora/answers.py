@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
+from lit_lora.batching import left_padded
 from lit_lora.progress import progress
 from lit_lora.rendering import Rendering, prompt_ids
 from lit_lora.rows import Row
@@ -40,12 +41,8 @@ def generate_answers(
     starts = range(0, len(conversations), batch_size)
     for start in progress(starts, len(starts), desc):
         prompts = [prompt_ids(tokenizer, rendering, c) for c in conversations[start : start + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+        ids, mask = left_padded(prompts, tokenizer.pad_token_id)
+        width = ids.shape[1]
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),

@@ -76,6 +76,18 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token lists padded on the left, so that every row continues
+    from its own last token (greedy answers, batched decoding, probes)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
     """True when every row of a (B, T) 0/1 ``attention_mask`` is ones, then only zeros (or all ones)."""
     mask = attention_mask.bool()

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lit_lora.batching import left_padded
+
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
@@ -245,12 +247,7 @@ class Engine:
         self._mode, self._mode_of = name, self.model
 
     def _prefill(self, jobs: list[Job]) -> None:
-        width = max(len(job.prompt) for job in jobs)
-        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for row, job in enumerate(jobs):
-            ids[row, width - len(job.prompt) :] = torch.tensor(job.prompt)
-            mask[row, width - len(job.prompt) :] = 1
+        ids, mask = left_padded([job.prompt for job in jobs], self.pad_id)
         device = self._device()
         out = self._forward(
             jobs,
