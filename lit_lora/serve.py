@@ -1,5 +1,6 @@
 """Serve the base model and any number of adapters through the OpenAI API:
-``python -m lit_lora.serve adapters={json:runs/a/adapter,sentiment:runs/b/adapter}``.
+``python -m lit_lora.serve 'adapters={json:runs/a/adapter,sentiment:runs/b/adapter}'`` (quoted: the
+shell would expand ``{a,b}``).
 
 One base model is loaded once (``model=`` / ``quant=`` as in training, QLoRA bases included); each adapter
 is attached to it as a named PEFT adapter and served under its name, the base under ``base_name``. A
