@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench import write_results
+
 SYSTEMS = ("lit", "trl", "sft")
 NAMES = {"lit": "lit-lora DPO", "trl": "TRL DPOTrainer + PEFT", "sft": "lit-lora SFT (2x rows)"}
 BATCH_PAIRS = 8
@@ -215,9 +216,7 @@ def main() -> None:
         "table": table,
         "targets": targets,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / f"{args.name}.md").write_text(markdown(report))
+    write_results(args.name, report, markdown(report))
     print(markdown(report))
 
 

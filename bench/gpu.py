@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from bench.run import RESULTS, machine
+from bench import RESULTS
+from bench.run import machine
 
 MISTRAL_7B = {
     "vocab_size": 32000,

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench import write_results
+
 SYSTEMS = ("lit", "hf", "raw")
 NAMES = {"lit": "lit-lora", "hf": "HF Trainer + PEFT", "raw": "raw PyTorch + PEFT"}
 WORKLOADS = {
@@ -221,9 +222,7 @@ def main() -> None:
         "runs": runs,
         "wall_s": round(time.time() - started, 1),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(report))
+    write_results(args.name, report, markdown(report))
     print(markdown(report))
 
 

@@ -14,7 +14,8 @@ import argparse
 import json
 import time
 
-from bench.run import RESULTS, machine, run_system
+from bench import RESULTS
+from bench.run import machine, run_system
 
 SWEEPS = {
     "seq_len": {"values": [256, 512, 1024, 2048], "fixed": {"batch_size": 1, "rank": None}},

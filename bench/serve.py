@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import subprocess
@@ -28,7 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = (1, 4, 16)
 MIXED = "16 mixed"  # 16 clients, every other request to the base
@@ -240,9 +240,7 @@ def main() -> None:
         ),
         "runs": {k: [{x: y for x, y in r.items() if x != "answers"} for r in v] for k, v in runs.items()},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / f"{args.name}.md").write_text(markdown(report))
+    write_results(args.name, report, markdown(report))
     print(markdown(report))
 
 

@@ -6,6 +6,7 @@ and ``rendering.json`` of their training, which :func:`tokenizer_for` and :func:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from lit_lora.errors import UserError
@@ -35,6 +36,20 @@ def attach_adapter(base, folder: str | Path, trainable: bool = False):
         raise UserError(
             f"the adapter in {folder} does not fit this base model: {str(err).splitlines()[0]}"
         ) from err
+
+
+def load_named_adapter(model, path: Path, name: str, trainable: bool = False) -> None:
+    """Load the adapter in ``path`` onto ``model`` (a ``PeftModel``) as ``name``. On failure (shape
+    mismatch, unknown target modules...) the error is raised as PEFT raised it, and no half-loaded
+    adapter is left behind: PEFT registers the adapter before it copies the weights."""
+    try:
+        model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError):
+        if name in model.peft_config:
+            with contextlib.suppress(Exception):
+                model.delete_adapter(name)
+            model.peft_config.pop(name, None)
+        raise
 
 
 def tokenizer_for(adapter: Path, fallback):

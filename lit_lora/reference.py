@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lit_lora.adapters import check_adapter_folder
+from lit_lora.adapters import check_adapter_folder, load_named_adapter
 from lit_lora.batching import REF_LOGPS, collate_pairs
 from lit_lora.errors import UserError
 from lit_lora.progress import progress
@@ -44,13 +44,8 @@ def load_reference(model, folder: str) -> None:
             f"{own.base_model_name_or_path}; the reference must adapt the same base"
         )
     try:
-        model.load_adapter(str(path), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        load_named_adapter(model, path, REFERENCE_ADAPTER)
     except (RuntimeError, ValueError, KeyError) as err:  # shape mismatch, unknown target modules...
-        # PEFT registers the adapter before it copies the weights: leave no half-loaded reference behind.
-        if REFERENCE_ADAPTER in model.peft_config:
-            with contextlib.suppress(Exception):
-                model.delete_adapter(REFERENCE_ADAPTER)
-            model.peft_config.pop(REFERENCE_ADAPTER, None)
         raise UserError(
             f"objective.ref_adapter={folder} does not fit this run's model "
             f"{own.base_model_name_or_path}: {str(err).splitlines()[0]}"

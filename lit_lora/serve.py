@@ -44,7 +44,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from lit_lora.adapters import check_adapter_folder, rendering_for, tokenizer_for
+from lit_lora.adapters import check_adapter_folder, load_named_adapter, rendering_for, tokenizer_for
 from lit_lora.app_config import ServeConfig, app_main
 from lit_lora.errors import UserError
 from lit_lora.rendering import Rendering, prompt_ids
@@ -181,12 +181,10 @@ class Catalog:
         adapter = f"adapter{len(self.entries) - 1}"
         try:
             if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(path), adapter_name=adapter)
+                load_named_adapter(self.model, path, adapter)
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter)
         except (RuntimeError, ValueError, KeyError) as err:
-            if isinstance(self.model, PeftModel) and adapter in self.model.peft_config:
-                self.model.delete_adapter(adapter)
             raise UserError(
                 f"the adapter in {folder} does not fit this base: {str(err).splitlines()[0]}"
             ) from err

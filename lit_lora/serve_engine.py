@@ -247,28 +247,26 @@ class Engine:
         self._mode, self._mode_of = name, self.model
 
     def _prefill(self, jobs: list[Job]) -> None:
-        ids, mask = left_padded([job.prompt for job in jobs], self.pad_id)
         device = self._device()
+        ids, mask = left_padded([job.prompt for job in jobs], self.pad_id)
+        ids, mask = ids.to(device), mask.to(device)
         out = self._forward(
             jobs,
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             use_cache=True,
             logits_to_keep=1,
         )
         first = self._pick(jobs, out.logits[:, -1, :])
         if self._rows:
-            self._join(out.cache, mask.to(device))
+            self._join(out.cache, mask)
+            self._pos = torch.cat([self._pos, mask.sum(-1)])
+            self._last = torch.cat([self._last, first])
+            self._rows.extend(jobs)
         else:
-            self._cache, self._mask = out.cache, mask.to(device)
-            self._pos, self._last = self._mask.sum(-1), first
+            self._cache, self._mask, self._pos, self._last = out.cache, mask, mask.sum(-1), first
             self._rows = list(jobs)
-            self._advance(jobs, first)
-            return
-        self._pos = torch.cat([self._pos, mask.to(device).sum(-1)])
-        self._last = torch.cat([self._last, first])
-        self._rows.extend(jobs)
         self._advance(jobs, first)
 
     def _join(self, cache, mask: torch.Tensor) -> None:
