@@ -6,7 +6,8 @@
 - ``inf_grad@N``: one adapter gradient element becomes +inf before the optimizer step of step N;
 - ``slow_save=S``: every checkpoint write sleeps S seconds half way (so that a kill lands inside it);
 - ``enospc_save@K``: the K-th checkpoint write of the process fails half way with ``ENOSPC``;
-- ``oom@N``: the forward pass of global step N raises ``torch.OutOfMemoryError``.
+- ``oom@N``: the forward pass of global step N raises ``torch.OutOfMemoryError``;
+- ``sigterm@N``: the process sends itself SIGTERM after step N's batch hooks (callbacks' first).
 
 A name may repeat with several steps (``nan_loss@3,nan_loss@4``).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import signal
 import time
 
 ENV = "LIT_LORA_FAULTS"
@@ -52,3 +54,13 @@ def during_save() -> None:
         time.sleep(delay)
     if at("enospc_save", _saves):
         raise OSError(errno.ENOSPC, "No space left on device (injected by LIT_LORA_FAULTS)")
+
+
+def signal_self_after(name: str, step: int) -> None:
+    """Send this process SIGTERM when fault ``name`` is set for ``step`` (once per step)."""
+    if at(name, step) and step not in _signalled:
+        _signalled.add(step)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_signalled: set[int] = set()

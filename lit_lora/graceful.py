@@ -12,6 +12,16 @@ kill). :class:`GracefulStop` notes the signal and, at the next safe point, saves
 If no safe point comes within ``grace_period_s`` (a step longer than the grace period), a watchdog
 ends the process with status 143; the previous checkpoint is intact. Under SLURM with Lightning's
 auto-requeue, SIGUSR1 is left to Lightning (it saves and runs ``scontrol requeue``).
+
+In a single process this callback alone decides where the run stops. Lightning also notes SIGTERM and
+raises its own ``SIGTERMException`` at fixed points of its loops (after each training batch, after an
+epoch); a signal that lands between one of our hooks and such a point (while the logger writes its
+metrics after validation, say) would stop the run there without a checkpoint. The handler therefore
+clears Lightning's flag when the run has one process. With several processes Lightning's flag is what
+the ranks agree on (rank zero broadcasts it every step), so it is left alone there.
+
+The handler is installed before the model is built (:meth:`install`), so a signal that arrives while
+the model loads is kept and honoured at the first step boundary instead of killing the process.
 """
 
 from __future__ import annotations
@@ -34,12 +44,31 @@ class GracefulStop(L.Callback):
         self.grace_period_s = grace_period_s
         self.requested: int | None = None
         self.saved: Path | None = None
+        self._trainer: L.Trainer | None = None
+        self._previous: dict[int, object] = {}
 
-    def install(self, slurm_requeue: bool = False) -> None:
-        """Register the handlers (call before ``Trainer.fit``; Lightning chains its own SIGTERM one)."""
-        signals = [signal.SIGTERM] + ([] if slurm_requeue else [signal.SIGUSR1])
+    def install(self, sigusr1: bool = True) -> None:
+        """Register the handlers (before ``Trainer.fit``; Lightning chains its own SIGTERM one).
+
+        Called first with ``sigusr1=False`` before the model is built, then once the trainer exists
+        with ``sigusr1=not slurm_requeue(trainer)``: under SLURM auto-requeue SIGUSR1 is Lightning's.
+        The handlers found the first time are put back by :meth:`uninstall`."""
+        signals = [signal.SIGTERM] + ([signal.SIGUSR1] if sigusr1 else [])
         for signum in signals:
+            self._previous.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, self._handler)
+
+    def uninstall(self) -> None:
+        """Put back the handlers found by :meth:`install` (a sweep runs its next job in this process).
+
+        A signal already received keeps its watchdog: the process still ends within the grace period."""
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handler:
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self._trainer = trainer
 
     @staticmethod
     def slurm_requeue(trainer: L.Trainer) -> bool:
@@ -47,6 +76,11 @@ class GracefulStop(L.Callback):
         return isinstance(env, SLURMEnvironment) and env.auto_requeue
 
     def _handler(self, signum, frame) -> None:
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size == 1:
+            # Lightning's own handler ran just before this one (it chains the handler it found) and set
+            # the flag its loops raise SIGTERMException on; the safe points here decide instead.
+            trainer._signal_connector.received_sigterm = False
         if self.requested is not None:
             return
         self.requested = signum

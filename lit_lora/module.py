@@ -413,6 +413,11 @@ class LitLoRA(L.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         return scaler if scaler is not None and scaler.is_enabled() else None
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Lightning calls this after every callback's hook of the batch: a signal injected here lands
+        # after GracefulStop has looked and before Lightning's own SIGTERM check (the reliability tests).
+        faults.signal_self_after("sigterm", self.global_step)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Check the gradients (``on_nonfinite``) and log ``train/loss``, the token-weighted mean loss of
         the optimizer step, all ranks together.

@@ -229,14 +229,11 @@ def train(cfg: DictConfig) -> TrainResult:
     Raises :class:`UserError` for mistakes in the config, data or environment.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from lit_lora.builder import build_model
     from lit_lora.checkpoint_io import checkpoint_step
     from lit_lora.console import quiet_library_progress_bars
-    from lit_lora.data import DataModule
     from lit_lora.environment import reset_peak_rss
-    from lit_lora.module import LitLoRA
+    from lit_lora.graceful import GracefulStop
     from lit_lora.progress import interactive
     from lit_lora.strategies import fsdp_storage_dtype
 
@@ -259,12 +256,29 @@ def train(cfg: DictConfig) -> TrainResult:
         # Decided before config.yaml is written, so that it records the storage dtype that ran.
         _say(f"FSDP: 4-bit weights stored as {storage} (one dtype per FSDP unit; same bytes)")
         cfg.quant.storage_dtype = tc.quant.storage_dtype = storage
-    config_yaml = OmegaConf.to_yaml(redacted_config(cfg))  # secrets from ${oc.env:...} become ***
-    if not (out / "config.yaml").exists():
-        (out / "config.yaml").write_text(config_yaml)
-    elif (out / "config.yaml").read_text() != config_yaml:
-        (out / f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml").write_text(config_yaml)
-    L.seed_everything(tc.seed, workers=True, verbose=False)
+    # Installed before config.yaml and the model (minutes for a large one): a SIGTERM from then on is
+    # kept and honoured at the first step boundary with a checkpoint, not a kill half way through a load.
+    stopper = GracefulStop(out / CHECKPOINTS, tc.grace_period_s)
+    stopper.install(sigusr1=False)
+    try:
+        config_yaml = OmegaConf.to_yaml(redacted_config(cfg))  # secrets from ${oc.env:...} become ***
+        if not (out / "config.yaml").exists():
+            (out / "config.yaml").write_text(config_yaml)
+        elif (out / "config.yaml").read_text() != config_yaml:
+            (out / f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml").write_text(config_yaml)
+        L.seed_everything(tc.seed, workers=True, verbose=False)
+        return _build_and_fit(cfg, tc, out, resume_from, started, stopper)
+    finally:
+        stopper.uninstall()
+
+
+def _build_and_fit(cfg, tc: TrainConfig, out: Path, resume_from, started: float, stopper) -> TrainResult:
+    """Build the model, data and callbacks of ``tc``, then fit and summarise (the body of :func:`train`)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from lit_lora.builder import build_model
+    from lit_lora.data import DataModule
+    from lit_lora.module import LitLoRA
 
     built = build_model(tc)
     data = DataModule(tc.data, built.tokenizer, out / "data")
@@ -293,7 +307,7 @@ def train(cfg: DictConfig) -> TrainResult:
     summary: dict | None = None
     try:
         summary = _fit_and_summarise(
-            cfg, tc, out, built, data, module, callbacks, loggers, resume_from, started
+            cfg, tc, out, built, data, module, callbacks, loggers, resume_from, started, stopper
         )
     finally:
         # One W&B run per job, finished even when training failed; the summary goes with it.
@@ -318,7 +332,9 @@ def _precomputed_reference(tc: TrainConfig, out: Path):
     return PrecomputedReference(out / REFERENCE_FOLDER, identity, tc.data.eval_batch_size)
 
 
-def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, resume_from, started) -> dict:
+def _fit_and_summarise(
+    cfg, tc, out, built, data, module, callbacks, loggers, resume_from, started, stopper
+) -> dict:
     """Fit, score the held-out split, write summary.json; returns the summary."""
     import lightning as L
     import torch
@@ -381,9 +397,8 @@ def _fit_and_summarise(cfg, tc, out, built, data, module, callbacks, loggers, re
     )
     if resume_from is not None:
         _say(f"resuming from {resume_from} (step {checkpoint_step(resume_from)})")
-    stopper = GracefulStop(out / CHECKPOINTS, tc.grace_period_s)
     trainer.callbacks.append(stopper)
-    stopper.install(slurm_requeue=GracefulStop.slurm_requeue(trainer))
+    stopper.install(sigusr1=not GracefulStop.slurm_requeue(trainer))
     fitted = False
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
