@@ -587,11 +587,19 @@ def main(cfg: DictConfig) -> float:
 
     A single run ends a user mistake with one line on stderr and its exit status (2; 3 out of memory,
     4 disk full, 143 stopped by a signal with a checkpoint saved). Under ``-m`` a failed
-    job is recorded (``failed.json``) and the sweep goes on; see :mod:`lit_lora.sweep`.
+    job is recorded (``failed.json``) and the sweep goes on (see :mod:`lit_lora.sweep`), except after
+    a signal: that job keeps its checkpoint and the sweep ends with status 143.
     """
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         result = train(cfg)
+    except Interrupted as err:
+        # The signal is meant for the process (a preempted node, a cancelled job): under -m the sweep
+        # stops with this job's checkpoint saved, rather than starting the next job into the kill.
+        if multirun:
+            record_failure(cfg.output_dir, err)
+            err = Interrupted(f"{err} (the sweep stopped at this job: the jobs after it did not start)")
+        exit_with(err)
     except UserError as err:
         if not multirun:
             exit_with(err)

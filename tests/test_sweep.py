@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from lit_lora.checkpoint_io import checkpoint_step, find_resumable
 from lit_lora.embedded import cache_root
+from lit_lora.sweep import FAILED_FILE, sweep_jobs
 from tests.conftest import DPO, ROOT
 
 FAST = [
@@ -68,6 +70,19 @@ def test_a_failing_job_does_not_stop_the_others(sweep_with_a_failure):
         assert json.loads((sweep / job / "summary.json").read_text())["status"] == "completed"
         assert (sweep / job / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((sweep / "0" / "failed.json").read_text())["type"] == "UserError"
+
+
+def test_a_signal_stops_the_sweep_after_checkpointing_the_running_job(tmp_path):
+    sweep = tmp_path / "s"
+    # Job 0 sends itself SIGTERM after step 1: it stops at step 2 with a checkpoint; job 1 never starts.
+    done = multirun(sweep, *FAST, "lora.r=2,4", "score=false", env={"LIT_LORA_FAULTS": "sigterm@1"})
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert "the sweep stopped at this job" in done.stderr.strip().splitlines()[-1]
+    jobs = sweep_jobs(sweep)
+    assert [j.name for j in jobs] == ["0"]
+    assert json.loads((jobs[0] / FAILED_FILE).read_text())["type"] == "Interrupted"
+    assert checkpoint_step(find_resumable(jobs[0] / "checkpoints")) == 2
 
 
 def test_compare_reads_the_sweep_offline(sweep_with_a_failure, tmp_path):
