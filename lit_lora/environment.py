@@ -12,6 +12,7 @@ import os
 import resource
 import socket
 import sys
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -39,12 +40,24 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
 
 
 def tcp_reachable(host: str, port: int, timeout: float) -> bool:
-    """Whether one TCP connection to ``host:port`` opens within ``timeout`` seconds."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """Whether one TCP connection to ``host:port`` opens within ``timeout`` seconds, name lookup included.
+
+    ``create_connection``'s timeout covers the connect only; an offline machine whose resolver does not
+    answer would spend its own 10-30 s in the lookup, so the attempt runs in a thread that is waited
+    for ``timeout`` seconds at most (a late thread is a daemon and ends with its lookup)."""
+    opened: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=attempt, name="lit-lora-hub-check", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
 
 
 MB = 1024 * 1024

@@ -82,8 +82,14 @@ def _check_examples(module: DataModule) -> None:
         assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels, strict=True))
 
 
+# Derandomized, no example database: every run (CI's clean clone included) draws the same rows, so a
+# failure reproduces anywhere instead of once in a while (`make fuzz` explores far more rows).
 _SETTINGS = settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 
