@@ -7,7 +7,8 @@
 - ``slow_save=S``: every checkpoint write sleeps S seconds half way (so that a kill lands inside it);
 - ``enospc_save@K``: the K-th checkpoint write of the process fails half way with ``ENOSPC``;
 - ``oom@N``: the forward pass of global step N raises ``torch.OutOfMemoryError``;
-- ``sigterm@N``: the process sends itself SIGTERM after step N's batch hooks (callbacks' first).
+- ``sigterm@N``: the process sends itself SIGTERM after step N's batch hooks (callbacks' first);
+- ``sigterm_after_fit@N``: the same once a fit that ended at step N is over (during held-out scoring).
 
 A name may repeat with several steps (``nan_loss@3,nan_loss@4``).
 """
@@ -58,9 +59,9 @@ def during_save() -> None:
 
 def signal_self_after(name: str, step: int) -> None:
     """Send this process SIGTERM when fault ``name`` is set for ``step`` (once per step)."""
-    if at(name, step) and step not in _signalled:
-        _signalled.add(step)
+    if at(name, step) and (name, step) not in _signalled:
+        _signalled.add((name, step))
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-_signalled: set[int] = set()
+_signalled: set[tuple[str, int]] = set()

@@ -37,6 +37,15 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from lit_lora.errors import Interrupted
 
+_received: list[int] = []  # every signal a GracefulStop of this process took, in order
+
+
+def signal_received() -> int | None:
+    """The first SIGTERM / SIGUSR1 any :class:`GracefulStop` of this process took, or None. A sweep
+    (several jobs in one process) asks it after each job: a signal that came after a job's last safe
+    point left that job complete, and ends the sweep."""
+    return _received[0] if _received else None
+
 
 class GracefulStop(L.Callback):
     def __init__(self, checkpoint_dir: Path, grace_period_s: float = 120.0):
@@ -84,6 +93,7 @@ class GracefulStop(L.Callback):
         if self.requested is not None:
             return
         self.requested = signum
+        _received.append(signum)
         print(
             f"lit-lora: received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary "
             f"(grace period {self.grace_period_s:.0f} s)",

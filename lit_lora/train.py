@@ -23,6 +23,7 @@ import dataclasses
 import errno
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 # Only light modules at import time: a config mistake (Hydra's or lit-lora's checks) then ends the
 # command in about a second instead of after the ~7 s import of torch, Lightning and PEFT, which the
 # functions below import when a run really starts.
+from lit_lora import faults
 from lit_lora.config import TrainConfig, check_device, check_not_moved, register_configs, to_train_config
 from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, UserError, exit_with
 from lit_lora.paths import check_argv_paths, confined
@@ -425,6 +427,7 @@ def _fit_and_summarise(
         # group was destroyed only during interpreter finalization, with its threads running,
         # which could abort the process (issue 17; see lit_lora.distributed).
         end_process_group(completed=fitted, barrier=trainer.strategy.barrier)
+    faults.signal_self_after("sigterm_after_fit", trainer.global_step)  # tests: a signal during scoring
 
     summary: dict = {
         "status": "completed" if not trainer.interrupted else "interrupted",
@@ -590,9 +593,20 @@ def main(cfg: DictConfig) -> float:
     job is recorded (``failed.json``) and the sweep goes on (see :mod:`lit_lora.sweep`), except after
     a signal: that job keeps its checkpoint and the sweep ends with status 143.
     """
+    from lit_lora.graceful import signal_received
+
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         result = train(cfg)
+        if multirun and (signum := signal_received()) is not None:
+            # After the job's last step boundary (held-out scoring, the summary): the job completed, and
+            # the next one must not start into the kill.
+            exit_with(
+                Interrupted(
+                    f"{signal.Signals(signum).name} received after this job's last step; the job completed "
+                    "and the sweep stopped after it: the jobs after it did not start"
+                )
+            )
     except Interrupted as err:
         # The signal is meant for the process (a preempted node, a cancelled job): under -m the sweep
         # stops with this job's checkpoint saved, rather than starting the next job into the kill.

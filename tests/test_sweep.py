@@ -85,6 +85,20 @@ def test_a_signal_stops_the_sweep_after_checkpointing_the_running_job(tmp_path):
     assert checkpoint_step(find_resumable(jobs[0] / "checkpoints")) == 2
 
 
+def test_a_signal_after_the_last_step_ends_the_sweep_once_that_job_completes(tmp_path):
+    sweep = tmp_path / "s"
+    # SIGTERM while job 0 scores its held-out rows, after its last step: no safe point is left, the job
+    # completes, and the sweep must not start job 1.
+    env = {"LIT_LORA_FAULTS": "sigterm_after_fit@2"}
+    done = multirun(sweep, *FAST, "lora.r=2,4", "data.test_size=2", env=env)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "received after this job's last step" in done.stderr.strip().splitlines()[-1]
+    jobs = sweep_jobs(sweep)
+    assert [j.name for j in jobs] == ["0"]
+    assert json.loads((jobs[0] / "summary.json").read_text())["status"] == "completed"
+    assert not (jobs[0] / FAILED_FILE).exists()
+
+
 def test_compare_reads_the_sweep_offline(sweep_with_a_failure, tmp_path):
     sweep, _ = sweep_with_a_failure
     done = compare(str(sweep), "--out", str(tmp_path))
