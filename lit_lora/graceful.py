@@ -37,14 +37,14 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from lit_lora.errors import Interrupted
 
-_received: list[int] = []  # every signal a GracefulStop of this process took, in order
+_first_signal: int | None = None  # the first signal a GracefulStop of this process took
 
 
 def signal_received() -> int | None:
     """The first SIGTERM / SIGUSR1 any :class:`GracefulStop` of this process took, or None. A sweep
     (several jobs in one process) asks it after each job: a signal that came after a job's last safe
     point left that job complete, and ends the sweep."""
-    return _received[0] if _received else None
+    return _first_signal
 
 
 class GracefulStop(L.Callback):
@@ -93,7 +93,8 @@ class GracefulStop(L.Callback):
         if self.requested is not None:
             return
         self.requested = signum
-        _received.append(signum)
+        global _first_signal
+        _first_signal = _first_signal or signum
         print(
             f"lit-lora: received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary "
             f"(grace period {self.grace_period_s:.0f} s)",
