@@ -28,6 +28,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -91,20 +92,66 @@ def model_identity(model_cfg, quant_cfg=None) -> str:
     return "|".join(ident)
 
 
-def kl_and_agreement(
-    base_logp: torch.Tensor, tuned_logp: torch.Tensor, targets: torch.Tensor
-) -> dict[str, float]:
-    """The three metrics from float32 log-probabilities ``[positions, vocab]`` and the base's tokens."""
-    base_logp, tuned_logp = base_logp.float(), tuned_logp.float()
-    kl = (base_logp.exp() * (base_logp - tuned_logp)).sum(-1)
-    nll_tuned = -tuned_logp.gather(-1, targets[:, None]).squeeze(-1)
-    nll_base = -base_logp.gather(-1, targets[:, None]).squeeze(-1)
-    agree = tuned_logp.argmax(-1) == base_logp.argmax(-1)
+@dataclass(frozen=True)
+class BaseAnswer:
+    """The base's side of the probe, computed once per run (the base never changes): at each scored
+    position its log-probabilities and probabilities, its greedy token, and its negative log-likelihood
+    of the continuation token. Float32."""
+
+    logp: torch.Tensor  # [positions, vocab]
+    probs: torch.Tensor  # [positions, vocab]
+    greedy: torch.Tensor  # [positions]
+    nll: torch.Tensor  # [positions]
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor) -> BaseAnswer:
+        logp = F.log_softmax(logits.float(), dim=-1)
+        probs = logp.exp()
+        return cls(
+            logp=logp,
+            probs=probs,
+            greedy=logp.argmax(-1),
+            nll=-logp.gather(-1, targets[:, None]).squeeze(-1),
+        )
+
+
+def drift(base: BaseAnswer, tuned_logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """The three metrics from the base's answer and the tuned model's logits ``[positions, vocab]``.
+
+    KL is summed as ``p * (log p - log q)``, never as ``sum p log p - sum p log q``: for a small drift
+    the two sums are close and float32 cancellation alone moved the KL by several per cent (measured)."""
+    logq = F.log_softmax(tuned_logits.float(), dim=-1)
+    kl = torch.einsum("pv,pv->p", base.probs, base.logp - logq)
+    nll_tuned = -logq.gather(-1, targets[:, None]).squeeze(-1)
+    agree = logq.argmax(-1) == base.greedy
     return {
         "retention/kl": float(kl.mean()),
-        "retention/nll_ratio": float(nll_tuned.mean() / nll_base.mean().clamp_min(1e-12)),
+        "retention/nll_ratio": float(nll_tuned.mean() / base.nll.mean().clamp_min(1e-12)),
         "retention/agreement": float(agree.float().mean()),
     }
+
+
+def _pack(lengths: list[int]) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into rows: first fit, longest first, at the row width (from the
+    longest length to twice it) that leaves the fewest tokens in all. Deterministic: ties keep their order
+    and the narrower width wins (attention grows with the width)."""
+
+    def first_fit(width: int) -> list[list[int]]:
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+            if row is None:
+                rows.append([])
+                room.append(width)
+                row = len(rows) - 1
+            rows[row].append(index)
+            room[row] -= lengths[index]
+        return rows
+
+    widths = range(max(lengths), 2 * max(lengths) + 1)
+    best = min(widths, key=lambda w: (len(first_fit(w)) * w, w))
+    return first_fit(best)
 
 
 class Retention(L.Callback):
@@ -132,7 +179,8 @@ class Retention(L.Callback):
         self.cache_dir = cache_dir
         self.sequences: list[tuple[list[int], list[int]]] = []  # (prompt ids, base continuation ids)
         self.cache_hit: bool | None = None
-        self._base_logp: list[torch.Tensor] | None = None  # per batch, [positions, vocab] float32 (CPU)
+        self._batches_kept: list | None = None  # the packed probe batches (built at the first measurement)
+        self._base: BaseAnswer | None = None  # the base's answer (adapter off), kept on the CPU
         self.last: dict[str, float] = {}
         self.history: list[dict] = []
         self.warnings: list[str] = []
@@ -141,7 +189,7 @@ class Retention(L.Callback):
         self._val_started: float | None = None
         self._probe_this_val = 0.0
         self.base_s = 0.0  # generating the base's continuations (once per base: cached)
-        self.base_pass_s = 0.0  # the base's log-probabilities (once per run)
+        self.base_pass_s = 0.0  # the base's answer on the probe (once per run)
 
     # -- probe set -----------------------------------------------------------------------------------
     def _cache_file(self, key: str) -> Path:
@@ -221,26 +269,43 @@ class Retention(L.Callback):
         return prompts[0][:n]
 
     def _batches(self, device) -> list[tuple[list[int], dict, torch.Tensor, torch.Tensor]]:
-        """Probe batches after the shared prefix, sorted by length (little padding), right-padded; each
-        with the flat positions that predict a continuation token, and those tokens."""
+        """Probe batches after the shared prefix, each sequence packed with others into rows of the longest
+        one's width or wider; each batch with the flat positions that predict a continuation token, and those tokens.
+
+        Packing rather than padding: the probes differ in length by up to 3x, and on a CPU the cost of a
+        forward is its token count, so a padded batch spent about 40 % of its work on padding. A 4D mask
+        keeps each packed sequence to the prefix and its own earlier tokens, and its position ids restart
+        after the prefix, so every sequence sees exactly what it would see alone. The last continuation
+        token is left out: no scored position reads it.
+        """
         prefix = self._prefix()
-        order = sorted(range(len(self.sequences)), key=lambda i: len(self.sequences[i][0]))
         batches = []
-        for start in range(0, len(order), self.batch_size):
-            chunk = [self.sequences[i] for i in order[start : start + self.batch_size]]
-            width = max(len(p) + len(c) for p, c in chunk) - len(prefix)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros((len(chunk), len(prefix) + width), dtype=torch.long)
+        for start in range(0, len(self.sequences), self.batch_size):
+            chunk = self.sequences[start : start + self.batch_size]
+            segments = [(prompt[len(prefix) :] + cont[:-1], prompt, cont) for prompt, cont in chunk]
+            rows = _pack([len(rest) for rest, _, _ in segments])
+            width = max(sum(len(segments[i][0]) for i in members) for members in rows)
+            ids = torch.zeros((len(rows), width), dtype=torch.long)
+            positions = torch.full((len(rows), width), len(prefix), dtype=torch.long)
+            # [rows, 1, query, prefix + key]: True where the query may attend. Every query sees the prefix
+            # (padding queries too: a fully masked row would be NaN in the attention kernel).
+            mask = torch.zeros((len(rows), 1, width, len(prefix) + width), dtype=torch.bool)
+            mask[..., : len(prefix)] = True
             where, targets = [], []
-            for row, (prompt, cont) in enumerate(chunk):
-                rest = prompt[len(prefix) :] + cont
-                ids[row, : len(rest)] = torch.tensor(rest)
-                mask[row, : len(prefix) + len(rest)] = 1
-                # Position t predicts token t + 1: the continuation from the prompt's last token on.
-                first = len(prompt) - len(prefix) - 1
-                where.extend(row * width + t for t in range(first, first + len(cont)))
-                targets.extend(cont)
-            positions = torch.arange(len(prefix), len(prefix) + width).expand(len(chunk), -1)
+            for row, members in enumerate(rows):
+                at = 0
+                for index in members:
+                    rest, prompt, cont = segments[index]
+                    span = slice(at, at + len(rest))
+                    ids[row, span] = torch.tensor(rest)
+                    positions[row, span] = torch.arange(len(prefix), len(prefix) + len(rest))
+                    causal = torch.ones((len(rest), len(rest)), dtype=torch.bool).tril()
+                    mask[row, 0, span, len(prefix) + at : len(prefix) + at + len(rest)] = causal
+                    # Position t predicts token t + 1: the continuation from the prompt's last token on.
+                    first = at + len(prompt) - len(prefix) - 1
+                    where.extend(row * width + t for t in range(first, first + len(cont)))
+                    targets.extend(cont)
+                    at += len(rest)
             batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
             batches.append(
                 (
@@ -253,9 +318,11 @@ class Retention(L.Callback):
         return batches
 
     @torch.no_grad()
-    def _logps(self, trainer, pl_module, prefix: list[int], batch: dict, where: torch.Tensor) -> torch.Tensor:
-        """Float32 log-probabilities at the positions ``where``, in the trainer's precision context, the
-        shared prefix run once and its key/value cache repeated for the batch."""
+    def _logits(
+        self, trainer, pl_module, prefix: list[int], batch: dict, where: torch.Tensor
+    ) -> torch.Tensor:
+        """Float32 logits at the positions ``where``, in the trainer's precision context, the shared prefix
+        run once and its key/value cache repeated for the batch's rows."""
         from lit_lora.speedups.chunked_loss import position_logits
 
         model, rows = pl_module.model, batch["input_ids"].shape[0]
@@ -268,7 +335,7 @@ class Retention(L.Callback):
                 cache = out.cache if hasattr(out, "cache") else out.past_key_values
                 cache.batch_repeat_interleave(rows)
             logits = position_logits(model, {**batch, "cache": cache}, where)
-        return F.log_softmax(logits.float(), dim=-1)
+        return logits.float()
 
     @torch.no_grad()
     def measure(self, trainer, pl_module) -> dict[str, float]:
@@ -277,17 +344,20 @@ class Retention(L.Callback):
         was_training = model.training
         model.eval()
         try:
-            batches = self._batches(pl_module.device)
-            if self._base_logp is None:
+            if self._batches_kept is None:
+                self._batches_kept = self._batches(pl_module.device)
+            batches = self._batches_kept
+            targets = torch.cat([t for *_, t in batches])
+            if self._base is None:
                 started = time.perf_counter()
                 with model.disable_adapter():
-                    self._base_logp = [self._logps(trainer, pl_module, *b[:3]).cpu() for b in batches]
+                    base = torch.cat([self._logits(trainer, pl_module, *b[:3]).cpu() for b in batches])
+                self._base = BaseAnswer.from_logits(base, targets)
                 self.base_pass_s = time.perf_counter() - started
-            tuned = torch.cat([self._logps(trainer, pl_module, *b[:3]).cpu() for b in batches])
+            tuned = torch.cat([self._logits(trainer, pl_module, *b[:3]).cpu() for b in batches])
         finally:
             model.train(was_training)
-        targets = torch.cat([t for *_, t in batches])
-        return kl_and_agreement(torch.cat(self._base_logp), tuned, targets)
+        return drift(self._base, tuned, targets)
 
     # -- Lightning hooks -----------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -313,7 +383,7 @@ class Retention(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self.enabled or trainer.sanity_checking or not self.sequences:
             return
-        started, first = time.perf_counter(), self._base_logp is None
+        started, first = time.perf_counter(), self._base is None
         metrics = self.measure(trainer, pl_module)
         self._probe_this_val = time.perf_counter() - started
         # The recurring cost: the base's pass happens once per run and is reported on its own.
