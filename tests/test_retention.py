@@ -4,8 +4,10 @@ what invalidates it; checkpoint choice by a criterion that includes drift."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -16,29 +18,38 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from omegaconf import OmegaConf
 
 from callbacks.adapter_checkpoint import AdapterCheckpoint, parse_criterion
-from callbacks.retention import Retention, load_probes, model_identity, probe_key
+from callbacks.retention import Retention, load_probes, model_identity, probe_key, shares_prefix
 from lit_lora.builder import build_model
 from lit_lora.config import ModelConfig, OptimConfig
 from lit_lora.errors import UserError
 from lit_lora.module import LitLoRA
 from lit_lora.rendering import Rendering
+from lit_lora.speedups import attention
+from lit_lora.speedups.attention import use_lit_attention
 from tests.conftest import compose_train, plain_config
 
 TINY_MODEL = OmegaConf.to_container(compose_train(["model=tiny"]).model, resolve=True)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A LitLoRA module on the tiny model with non-zero B, a CPU trainer, and a probe built from its base
-    (cached under a temporary folder)."""
-    built = build_model(plain_config(model=ModelConfig(**TINY_MODEL)))
+def _tiny_module(**model) -> LitLoRA:
+    """A LitLoRA module on the tiny model with non-zero B, on lit-lora's attention (what training puts
+    on a model: the probe's prefix then rides in row 0)."""
+    built = build_model(plain_config(model=ModelConfig(**{**TINY_MODEL, **model})))
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in built.model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)  # small: a perturbation, not a takeover of the residual stream
+    assert use_lit_attention(built.model, eager_max_len=192)
     rendering = Rendering.resolve(built.tokenizer)
-    module = LitLoRA(built.model, OptimConfig(), tokenizer=built.tokenizer, rendering=rendering)
+    return LitLoRA(built.model, OptimConfig(), tokenizer=built.tokenizer, rendering=rendering)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny LitLoRA module (:func:`_tiny_module`), a CPU trainer, and a probe built from its base
+    (cached under a temporary folder)."""
+    module = _tiny_module()
     trainer = L.Trainer(accelerator="cpu", precision="32-true", logger=False, enable_progress_bar=False)
     probe = Retention(max_new_tokens=6, cache_dir=str(tmp_path_factory.mktemp("probe-cache")))
     probe.model_cfg = OmegaConf.create(TINY_MODEL)
@@ -50,9 +61,26 @@ def _lora_b(module) -> list[torch.nn.Parameter]:
     return [p for n, p in module.model.named_parameters() if "lora_B" in n]
 
 
-def test_kl_agreement_and_nll_ratio_match_an_independent_computation(tiny):
+@contextlib.contextmanager
+def _layout(probe, inline: bool):
+    """The probe measured with its prefix in the first row (one forward) or as a cache (two)."""
+    saved = (probe.inline, probe._batches_kept, probe._base)
+    probe.inline, probe._batches_kept, probe._base = inline, None, None
+    try:
+        yield probe
+    finally:
+        probe.inline, probe._batches_kept, probe._base = saved
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["prefix in row 0", "prefix as a cache"])
+def test_kl_agreement_and_nll_ratio_match_an_independent_computation(tiny, inline):
     module, trainer, probe = tiny
-    measured = probe.measure(trainer, module)
+    assert shares_prefix(module.model), "the tiny model runs lit-lora's attention: inline is the default"
+    with _layout(probe, inline):
+        measured = probe.measure(trainer, module)
+        batches = probe._batches_kept
+    rows = sum(b.inputs["input_ids"].shape[0] for b in batches)
+    assert rows < len(probe.sequences), "packed: fewer rows than sequences"
     kls, agree, nll_tuned, nll_base = [], [], [], []
     model = module.model.eval()
     with torch.no_grad():
@@ -74,6 +102,44 @@ def test_kl_agreement_and_nll_ratio_match_an_independent_computation(tiny):
     assert measured["retention/kl"] > 1e-4, "this adapter (B != 0) moves the model"
     # The probe's tokens are the base's greedy continuation (ties aside): the base agrees with itself.
     assert all(len(c) == 6 for _, c in probe.sequences)
+
+
+def test_the_prefix_in_row_0_gives_the_cached_prefix_logits_through_the_bf16_plain_path(tiny, monkeypatch):
+    """Under bf16 autocast on a CPU the inline layout runs lit-lora's plain attention with the shared
+    prefix's keys put in front of every row, the cache layout runs SDPA: the same logits within bf16
+    rounding, while the same rows with the prefix hidden from them are far off."""
+    _, _, fp32 = tiny
+    module = _tiny_module(dtype="bfloat16")  # bf16 weights, as the default run's: queries stay bf16
+    probe = Retention()
+    probe.sequences = fp32.sequences
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False)
+    calls = []
+    real = attention._plain_attention
+    monkeypatch.setattr(attention, "_plain_attention", lambda *a: calls.append(a[1].shape) or real(*a))
+    model = module.model.eval()
+    try:
+        inline = probe._batches(module.device, inline=True)
+        cached = probe._batches(module.device, inline=False)
+        size = len(inline[0].prefix)
+        assert size > 0 and all(b.inputs["input_ids"][0, :size].tolist() == b.prefix for b in inline)
+        with_prefix = torch.cat([probe._logits(trainer, module, b) for b in inline])
+        width = inline[0].inputs["input_ids"].shape[1]  # one batch: the probe has fewer than 32 prompts
+        assert len(inline) == 1 and calls and all(keys[2] == size + width for keys in calls), calls
+        reference = torch.cat([probe._logits(trainer, module, b) for b in cached])
+        hidden = []
+        for b in inline:  # the prefix's columns masked for every query but the prefix's own
+            mask = b.inputs["attention_mask"].clone()
+            mask[1:, :, :, :size] = False
+            mask[0, :, size:, :size] = False
+            mask[..., size:].diagonal(dim1=-2, dim2=-1).fill_(True)  # nobody left with nothing to read
+            hidden.append(
+                probe._logits(trainer, module, replace(b, inputs={**b.inputs, "attention_mask": mask}))
+            )
+    finally:
+        model.train()
+    off = (with_prefix - reference).abs().max()
+    assert off < 0.05 * reference.abs().max(), (float(off), float(reference.abs().max()))
+    assert (torch.cat(hidden) - reference).abs().max() > 10 * off
 
 
 def test_kl_is_zero_with_b_zero_and_grows_as_the_adapter_is_scaled_up(tiny):

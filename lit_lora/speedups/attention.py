@@ -109,6 +109,7 @@ def lit_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     packed_segments: tuple[tuple[int, ...], ...] | None = None,
+    shared_prefix: int = 0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention for one layer: per packed segment, plain for short 16-bit CPU sequences, else SDPA.
@@ -117,15 +118,25 @@ def lit_attention_forward(
     transformers' ``sdpa_mask`` built: None (plain causal) or a boolean (B, 1, T, T), True = attend.
     The plain path's threshold is read from the layer (set by :func:`use_lit_attention`).
     Returns (B, T, H, D) like transformers' attention functions.
+
+    ``shared_prefix`` = P > 0: row 0's first P positions are a prefix every row reads, so a batch of
+    sequences that all start with it computes the prefix once, in the same forward, instead of a
+    separate forward for a key/value cache (on a CPU a forward's fixed cost is streaming every weight
+    once). Row 0's P keys/values are put in front of each row's own, and ``attention_mask`` is the
+    caller's boolean (B, 1, T, P + T) over that layout (callbacks/retention.py builds it).
     """
     length = query.shape[2]
+    if shared_prefix:
+        rows = query.shape[0]
+        key = torch.cat([key[:1, :, :shared_prefix].expand(rows, -1, -1, -1), key], dim=2)
+        value = torch.cat([value[:1, :, :shared_prefix].expand(rows, -1, -1, -1), value], dim=2)
     max_len = getattr(module, _MAX_LEN_ATTR, 0)
     plain = (
         max_len > 0
         and query.device.type == "cpu"
         and query.dtype in (torch.bfloat16, torch.float16)
         and dropout == 0.0
-        and key.shape[2] == length
+        and (key.shape[2] == length or shared_prefix > 0)
         and (attention_mask is None or attention_mask.dtype == torch.bool)
         and kwargs.get("position_bias") is None
         and kwargs.get("softcap") is None
