@@ -6,9 +6,10 @@ conversation with the run's own chat template, and the base model's own greedy c
 (``max_new_tokens`` tokens, generated once with the adapter off and cached on disk by model, tokenizer,
 chat template, probe file and length, so later runs of the same base skip it).
 
-At each validation the probe sequences run through the model with the adapter on; the base's answer
-(adapter off, the same batches) is computed at the first validation and kept, since the base never
-changes. Over the continuation positions only, in float32 over the full vocabulary:
+At each validation the probe sequences run through the model with the adapter on, packed several to a
+row after the chat template's shared system prefix, in one forward (:meth:`Retention._batches`); the
+base's answer (adapter off, the same batches) is computed at the first validation and kept, since the
+base never changes. Over the continuation positions only, in float32 over the full vocabulary:
 
 - ``retention/kl``: mean per-token KL(base || tuned);
 - ``retention/nll_ratio``: the tuned model's negative log-likelihood of the base's continuations over the
@@ -192,7 +193,7 @@ class Retention(L.Callback):
         self,
         enabled: bool = True,
         probe_file: str | None = None,
-        max_new_tokens: int = 8,
+        max_new_tokens: int = 4,
         batch_size: int = 32,
         warn_kl: float | None = 0.5,
         model=None,
