@@ -200,6 +200,11 @@ class Retention(L.Callback):
         quant=None,
         cache_dir: str | None = None,
     ):
+        from lit_lora.errors import UserError
+
+        for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"callbacks.retention.{name} must be a whole number >= 1, got {value!r}")
         self.enabled = enabled
         self.probe_file = probe_file
         self.max_new_tokens = max_new_tokens
@@ -334,8 +339,7 @@ class Retention(L.Callback):
             width = max(sum(size if i == len(segments) else lengths[i] for i in members) for members in rows)
             ids = torch.zeros((len(rows), width), dtype=torch.long)
             positions = torch.full((len(rows), width), size, dtype=torch.long)
-            # True where a query may attend. Every query sees the prefix (padding queries too: a fully
-            # masked row would be NaN in the attention kernel).
+            # True where a query may attend. Every query sees the prefix.
             mask = torch.zeros((len(rows), 1, width, size + width), dtype=torch.bool)
             mask[..., :size] = True
             causal = torch.ones((width, width), dtype=torch.bool).tril()
@@ -358,6 +362,10 @@ class Retention(L.Callback):
                     first = at + len(prompt) - size - 1
                     scored[index] = ([row * width + t for t in range(first, first + len(cont))], cont)
                     at += len(rest)
+                # Padding queries read themselves too: with no shared prefix they would read nothing, and
+                # an all-masked query is zeros in PyTorch's CPU kernels but NaN in some others.
+                pad = torch.arange(at, width)
+                mask[row, 0, pad, size + pad] = True
             # In probe order whatever the packing: the same order in both layouts and in every batch size.
             where = [p for i in sorted(scored) for p in scored[i][0]]
             targets = [t for i in sorted(scored) for t in scored[i][1]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -140,6 +141,32 @@ def test_the_prefix_in_row_0_gives_the_cached_prefix_logits_through_the_bf16_pla
     off = (with_prefix - reference).abs().max()
     assert off < 0.05 * reference.abs().max(), (float(off), float(reference.abs().max()))
     assert (torch.cat(hidden) - reference).abs().max() > 10 * off
+
+
+def test_a_probe_without_a_shared_prefix_packs_with_padding(tiny):
+    """Prompts that share no first token (another chat template, or none): packed rows with padding and
+    no prefix for it to read; both layouts give the same finite figures."""
+    module, trainer, fp32 = tiny
+    size = len(fp32._prefix())
+    sequences = [(prompt[size + i % 3 :], cont) for i, (prompt, cont) in enumerate(fp32.sequences)]
+    figures = []
+    for inline in (True, False):
+        probe = Retention()
+        probe.sequences, probe.inline = sequences, inline
+        assert probe._prefix() == []
+        batches = probe._batches(module.device, inline)
+        tokens = sum(len(prompt) + len(cont) - 1 for prompt, cont in sequences)
+        assert tokens < sum(b.inputs["input_ids"].numel() for b in batches), "some row is padded"
+        figures.append(probe.measure(trainer, module))
+    assert all(math.isfinite(v) for v in figures[0].values()) and figures[0]["retention/kl"] > 0
+    assert figures[0] == pytest.approx(figures[1], rel=1e-5)
+
+
+def test_probe_lengths_must_be_positive():
+    with pytest.raises(UserError, match="max_new_tokens must be a whole number >= 1"):
+        Retention(max_new_tokens=0)
+    with pytest.raises(UserError, match="batch_size must be a whole number >= 1"):
+        Retention(batch_size=-1)
 
 
 def test_kl_is_zero_with_b_zero_and_grows_as_the_adapter_is_scaled_up(tiny):
