@@ -161,7 +161,9 @@ def start_server(*args: str, timeout: float = 180) -> tuple[subprocess.Popen, in
 def server(adapters):
     # The list form from the command line, unquoted: lit_lora.serve quotes it for Hydra.
     listed = f"adapters=[json={adapters['json']},greeter={adapters['greeter']}]"
-    proc, port = start_server(listed, *MODEL, f"api_key={KEY}", "max_new_tokens=256")
+    # grace_period_s: the SIGTERM test checks that streams in flight finish, not how long the grace is.
+    # With the 30 s default, a loaded 2-core machine (two test suites at once) cut a stream at 30 s.
+    proc, port = start_server(listed, *MODEL, f"api_key={KEY}", "max_new_tokens=256", "grace_period_s=600")
     yield proc, port
     if proc.poll() is None:
         proc.kill()
