@@ -412,19 +412,21 @@ class Retention(L.Callback):
                 started = time.perf_counter()
                 inline = self.inline if self.inline is not None else shares_prefix(model)
                 self._batches_kept = self._batches(pl_module.device, inline)
-                batches = self._batches_kept
-                targets = torch.cat([b.targets for b in batches])
                 with model.disable_adapter():
-                    base = torch.cat([self._logits(trainer, pl_module, b).cpu() for b in batches])
-                self._base = BaseAnswer.from_logits(base, targets)
+                    base = self._all_logits(trainer, pl_module)
+                self._base = BaseAnswer.from_logits(base, self._targets())
                 self.base_pass_s = time.perf_counter() - started
-            batches = self._batches_kept
-            targets = torch.cat([b.targets for b in batches])
-            tuned = [self._logits(trainer, pl_module, b).cpu() for b in batches]
-            tuned = tuned[0] if len(tuned) == 1 else torch.cat(tuned)
+            tuned = self._all_logits(trainer, pl_module)
         finally:
             model.train(was_training)
-        return drift(self._base, tuned, targets)
+        return drift(self._base, tuned, self._targets())
+
+    def _all_logits(self, trainer, pl_module) -> torch.Tensor:
+        """The scored positions' logits over every kept batch, on the CPU, in probe order."""
+        return torch.cat([self._logits(trainer, pl_module, b).cpu() for b in self._batches_kept])
+
+    def _targets(self) -> torch.Tensor:
+        return torch.cat([b.targets for b in self._batches_kept])
 
     # -- Lightning hooks -----------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
