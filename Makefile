@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 install: $(STAMP)  ## create .venv and install lit-lora with pinned dependencies
 
 train: $(STAMP)  ## fine-tune the embedded SmolLM2-135M on the demo task (ARGS="lora.r=16 ...")
-	$(BIN)/python -m lit_lora.train $(ARGS)
+	$(BIN)/lit-lora train $(ARGS)
 
 test: $(STAMP)  ## run the test suite (CPU, offline)
 	$(BIN)/python -m pytest $(ARGS)
@@ -46,7 +46,7 @@ bench: $(STAMP)  ## lit-lora vs HF Trainer vs raw loop (interleaved) + scaling t
 bench-dpo: $(STAMP)  ## lit-lora DPO vs TRL DPOTrainer (pairs/s, memory) and vs lit-lora SFT (memory) -> bench/results/dpo-*
 	$(BIN)/python -m bench.dpo $(ARGS)
 
-bench-serve: $(STAMP)  ## lit_lora.serve at 1 / 4 / 16 concurrent clients vs one-at-a-time generate -> bench/results/serve-*
+bench-serve: $(STAMP)  ## lit_lora.serve.server at 1 / 4 / 16 concurrent clients vs one-at-a-time generate -> bench/results/serve-*
 	$(BIN)/python -m bench.serve $(ARGS)
 
 bench-scaling: $(STAMP)  ## step time and memory vs sequence length, rank, batch -> bench/results/*.png

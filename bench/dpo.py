@@ -4,7 +4,7 @@ Three systems on the embedded SmolLM2-135M, each run in its own process (so that
 memory is its own), in interleaved rounds (lit, trl, sft, lit, trl, sft...) so that a shared machine's
 noise hits all alike:
 
-- ``lit``: ``python -m lit_lora.train objective=dpo data=demo_preference`` settings: the reference is the
+- ``lit``: ``lit-lora train objective=dpo data=demo_preference`` settings: the reference is the
   base with the adapter off, chosen and rejected in one forward, lit-lora's speed paths on.
 - ``trl``: TRL's ``DPOTrainer`` on the same PEFT model (the adapter of lit-lora's defaults), the same
   pairs (conversational rows, so TRL renders them with the same chat template), beta, learning rate,
@@ -81,9 +81,9 @@ def _trl(steps: int, pairs: int, scratch: Path) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from bench.systems import _peak_memory_mb, quiet_trainer_args
-    from lit_lora.builder import build_model
-    from lit_lora.config import ModelConfig, SpeedConfig, TrainConfig
-    from lit_lora.demo import make_pairs
+    from lit_lora.config.schema import ModelConfig, SpeedConfig, TrainConfig
+    from lit_lora.data.demo import make_pairs
+    from lit_lora.models.builder import build_model
 
     torch.manual_seed(0)
     cfg = TrainConfig(model=ModelConfig(name_or_path="embedded:smollm2-135m"), speed=SpeedConfig.off())

@@ -151,8 +151,8 @@ def one(system: str, args) -> dict:
         if system == "lit":
             import lightning as L
 
-            from lit_lora.config import OptimConfig
-            from lit_lora.module import LitLoRA
+            from lit_lora.config.schema import OptimConfig
+            from lit_lora.training.module import LitLoRA
 
             class Clock(L.Callback):
                 def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -1,6 +1,6 @@
 """``make gpu-check``: the first command a session lent a CUDA GPU runs, inside a hard time budget.
 
-It proves the GPU paths through the real CLI (``python -m lit_lora.train``), one subprocess per step,
+It proves the GPU paths through the real CLI (``lit-lora train``), one subprocess per step,
 in priority order, each with its own timeout; a step that does not fit in what is left of
 ``--budget-s`` is recorded as ``skipped: no time left`` instead of being started:
 
@@ -281,7 +281,7 @@ class Check:
         return STEPS[kind][1 if self.args.dry_run else 0]
 
     def train(self, step: Step, overrides: list[str], first: list[str] | None = None) -> tuple[dict, Path]:
-        """``python -m lit_lora.train`` for ``step`` in its own run folder under the run root."""
+        """``lit-lora train`` for ``step`` in its own run folder under the run root."""
         run_dir = self.run_root / step.name
         cmd = [
             sys.executable, "-m", "lit_lora.train", *(first or []), *self.common(), *overrides,
@@ -615,7 +615,7 @@ def prepare_carry(budget_s: int) -> int:
     if not (TOKENIZER / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
-        from lit_lora import embedded
+        from lit_lora.models import embedded
 
         source = embedded.resolve("embedded:smollm2-135m")
         AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(TOKENIZER))

@@ -75,8 +75,8 @@ def nf4_bits_per_param() -> dict:
     """
     from bitsandbytes.nn import Linear4bit
 
-    from lit_lora.builder import BaseConfig, build_model
-    from lit_lora.config import ModelConfig, QuantConfig
+    from lit_lora.config.schema import ModelConfig, QuantConfig
+    from lit_lora.models.builder import BaseConfig, build_model
 
     base = BaseConfig(ModelConfig(name_or_path="embedded:smollm2-135m"), QuantConfig(method="nf4"))
     model = build_model(base).model

@@ -1,5 +1,5 @@
-"""``make bench-serve``: ``lit_lora.serve`` under 1, 4 and 16 concurrent clients against a loop that answers
-one request at a time through ``lit_lora.generate``.
+"""``make bench-serve``: ``lit_lora.serve.server`` under 1, 4 and 16 concurrent clients against a loop that answers
+one request at a time through ``lit_lora.apps.generate``.
 
 Both sides answer the same held-out demo prompts with the same adapter, model settings (the command
 line's defaults: the embedded SmolLM2-135M, bf16 frozen weights) and ``max_tokens``, greedy. The server
@@ -35,7 +35,7 @@ MIXED = "16 mixed"  # 16 clients, every other request to the base
 
 
 def _prompts(n: int) -> list[str]:
-    from lit_lora.demo import make_rows
+    from lit_lora.data.demo import make_rows
 
     return [f"{r['instruction']}\n\n{r['input']}" for r in make_rows(n, seed=1234, held_out_names=True)]
 
@@ -175,7 +175,7 @@ def markdown(report: dict) -> str:
         )
     m = report["meta"]
     return (
-        f"# lit_lora.serve vs one request at a time ({m['date']}, {m['machine']})\n\n"
+        f"# lit_lora.serve.server vs one request at a time ({m['date']}, {m['machine']})\n\n"
         f"{m['requests']} held-out demo prompts per level, max_tokens {m['max_tokens']}, greedy, one adapter "
         f"(the demo task), embedded SmolLM2-135M with bf16 frozen weights, max_batch_size 16; median of "
         f'{m["rounds"]} interleaved rounds. "16 mixed": every other request asks the base, so batches '
@@ -193,9 +193,9 @@ def main() -> None:
     parser.add_argument("--name", default="serve-cpu")
     args = parser.parse_args()
 
-    from lit_lora.api import compose
-    from lit_lora.app_config import GenerateConfig, typed
-    from lit_lora.generate import Session
+    from lit_lora.apps.generate import Session
+    from lit_lora.config.apps import GenerateConfig, typed
+    from lit_lora.config.compose import compose
 
     prompts = _prompts(args.requests)
     with tempfile.TemporaryDirectory() as scratch:

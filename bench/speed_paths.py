@@ -3,7 +3,7 @@ against the defaults, in one process.
 
 ``make bench`` compares whole systems, one process per run, and its ratios move by ~10 % between
 invocations on a shared machine. A single path's effect is smaller than that noise, so this benchmark
-builds the default model once with ``speed=off`` (``lit_lora.builder.build_model``), copies it into one
+builds the default model once with ``speed=off`` (``lit_lora.models.builder.build_model``), copies it into one
 model per variant, puts that variant's speed paths on it with ``lit_lora.speedups.apply_speedups`` (the
 function ``build_model`` calls) and times them on the same batches of the demo rows, one step of each
 in turn (order alternating), in bf16 autocast with AdamW. Reported per variant: tokens/s and the
@@ -56,7 +56,7 @@ VARIANTS = {
 
 
 def _prepared(plain_model, cfg, variant):
-    from lit_lora.config import SpeedConfig
+    from lit_lora.config.schema import SpeedConfig
     from lit_lora.speedups import apply_speedups
 
     model = copy.deepcopy(plain_model)
@@ -75,9 +75,9 @@ def _prepared(plain_model, cfg, variant):
 
 
 def _step(model, optimizer, speed, batch) -> None:
-    from lit_lora.module import LitLoRA
-    from lit_lora.rendering import IGNORE_INDEX
+    from lit_lora.data.rendering import IGNORE_INDEX
     from lit_lora.speedups.chunked_loss import trained_token_loss
+    from lit_lora.training.module import LitLoRA
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         divisor = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
@@ -100,9 +100,9 @@ def main() -> None:
         "--dry-run", action="store_true", help="tiny random model, 2 timed steps, no results file"
     )
     args = parser.parse_args()
-    from lit_lora.builder import build_model
-    from lit_lora.config import SpeedConfig
-    from lit_lora.data import DataModule
+    from lit_lora.config.schema import SpeedConfig
+    from lit_lora.data.module import DataModule
+    from lit_lora.models.builder import build_model
     from lit_lora.speedups.allocator import tune_host_allocator
 
     steps = 2 if args.dry_run else args.steps

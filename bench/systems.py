@@ -38,7 +38,7 @@ STARTED = time.perf_counter()
 
 import torch  # noqa: E402
 
-from lit_lora.rendering import IGNORE_INDEX  # noqa: E402
+from lit_lora.data.rendering import IGNORE_INDEX  # noqa: E402
 
 LR = 2e-4
 
@@ -82,7 +82,7 @@ def _config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from lit_lora.config import register_configs, to_train_config
+    from lit_lora.config.schema import register_configs, to_train_config
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -102,7 +102,7 @@ def fixed_batches(n: int, batch_size: int, seq_len: int, vocab: int) -> list[dic
 
 def variable_examples(tokenizer, scratch: Path, n: int) -> list[dict]:
     """The demo task's first ``n`` training examples, rendered and masked by lit-lora."""
-    from lit_lora.data import DataModule
+    from lit_lora.data.module import DataModule
 
     cfg = _config([f"data.train_size={n}", "data.val_size=8", "data.test_size=4", "data.cache=false"])
     module = DataModule(cfg.data, tokenizer, scratch)
@@ -117,7 +117,7 @@ def mix_examples(tokenizer, scratch: Path, n: int) -> list[dict]:
     """The four application presets' training examples, shuffled together (seed 0), at most ``n``."""
     import random
 
-    from lit_lora.data import DataModule
+    from lit_lora.data.module import DataModule
 
     examples: list[dict] = []
     for preset in MIX_PRESETS:
@@ -160,9 +160,9 @@ def _adapter_bytes(model, scratch: Path) -> int:
 
 
 def _peft_model(overrides: list[str]):
-    """The config and the model ``lit_lora.train`` would build for it (``speed=off`` in ``overrides``:
+    """The config and the model ``lit_lora.training.run`` would build for it (``speed=off`` in ``overrides``:
     plain transformers + PEFT, what the ``hf`` and ``raw`` systems get)."""
-    from lit_lora.builder import build_model
+    from lit_lora.models.builder import build_model
 
     cfg = _config(overrides)
     torch.manual_seed(0)
@@ -172,8 +172,8 @@ def _peft_model(overrides: list[str]):
 def run_lit(args, scratch: Path) -> dict:
     import lightning as L
 
-    from lit_lora.data import DataModule
-    from lit_lora.module import LitLoRA
+    from lit_lora.data.module import DataModule
+    from lit_lora.training.module import LitLoRA
 
     overrides = [f"speed.chunked_loss={str(not args.no_chunked_loss).lower()}"]
     if args.data != "fixed":

@@ -1,7 +1,7 @@
 """Adapter-only checkpoints that resume exactly: Lightning's ModelCheckpoint plus the RNG streams.
 
-What is saved and how is the work of :class:`lit_lora.checkpoint_io.SafetensorsCheckpointIO` (folders
-of safetensors + JSON, atomic) and :meth:`lit_lora.module.LitLoRA.on_save_checkpoint` (the adapter
+What is saved and how is the work of :class:`lit_lora.training.checkpoint_io.SafetensorsCheckpointIO` (folders
+of safetensors + JSON, atomic) and :meth:`lit_lora.training.module.LitLoRA.on_save_checkpoint` (the adapter
 instead of the frozen base). Top-k by a monitored metric, ``last``, and saving every N steps or at
 validation are ModelCheckpoint's own options.
 

@@ -36,9 +36,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from lit_lora.config.schema import SAMPLES_DIR
+
 log = logging.getLogger(__name__)
 
-PROBE_FILE = Path(__file__).resolve().parents[1] / "lit_lora" / "samples" / "retention_probes.json"
+PROBE_FILE = SAMPLES_DIR / "retention_probes.json"
 METRICS = ("retention/kl", "retention/nll_ratio", "retention/agreement")
 
 
@@ -76,7 +78,7 @@ def probe_key(
 def model_identity(model_cfg, quant_cfg=None) -> str:
     """What names the base's weights: hub id and revision, or the local files (paths, sizes, mtimes), plus
     the dtype the frozen weights run in (the continuations are the base's as this run computes them)."""
-    from lit_lora import embedded
+    from lit_lora.models import embedded
 
     name = str(model_cfg.name_or_path)
     ident = [name, str(model_cfg.revision), str(model_cfg.dtype), str(model_cfg.random_init)]
@@ -233,7 +235,7 @@ class Retention(L.Callback):
 
     # -- probe set -----------------------------------------------------------------------------------
     def _cache_file(self, key: str) -> Path:
-        from lit_lora.embedded import cache_root
+        from lit_lora.models.embedded import cache_root
 
         return (
             Path(self.cache_dir).expanduser() / f"{key}.json"
@@ -243,7 +245,7 @@ class Retention(L.Callback):
 
     def build_probes(self, pl_module, trainer=None) -> None:
         """Prompt ids and the base's greedy continuations: from the cache, or generated with the adapter off."""
-        from lit_lora.rendering import prompt_ids
+        from lit_lora.data.rendering import prompt_ids
         from lit_lora.staging import write_text_atomic
 
         tokenizer, rendering = pl_module.tokenizer, pl_module.rendering
@@ -270,32 +272,23 @@ class Retention(L.Callback):
         body = {"prompt_ids": ids, "continuations": continuations, "max_new_tokens": self.max_new_tokens}
         write_text_atomic(cache, json.dumps(body))
 
-    @torch.no_grad()
     def _generate(self, pl_module, ids: list[list[int]], tokenizer) -> list[list[int]]:
         """Greedy continuations by the base (adapter off), in fixed order and batches: deterministic."""
-        from lit_lora.batching import left_padded
+        from lit_lora.inference.decoding import adapter_enabled, eval_mode, generate_tokens
 
-        model, device = pl_module.model, pl_module.device
+        model = pl_module.model
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         out: list[list[int]] = []
-        was_training = model.training
-        model.eval()
-        try:
-            with model.disable_adapter():
-                for start in range(0, len(ids), self.batch_size):
-                    batch, mask = left_padded(ids[start : start + self.batch_size], pad)
-                    width = batch.shape[1]
-                    generated = model.generate(
-                        input_ids=batch.to(device),
-                        attention_mask=mask.to(device),
-                        max_new_tokens=self.max_new_tokens,
-                        min_new_tokens=self.max_new_tokens,  # a fixed length: every probe weighs the same
-                        do_sample=False,
-                        pad_token_id=pad,
-                    )
-                    out.extend(generated[:, width:].tolist())
-        finally:
-            model.train(was_training)
+        with eval_mode(model), adapter_enabled(model, False):
+            for start in range(0, len(ids), self.batch_size):
+                out += generate_tokens(
+                    model,
+                    ids[start : start + self.batch_size],
+                    max_new_tokens=self.max_new_tokens,
+                    pad_id=pad,
+                    fixed_length=True,  # EOS never ends a probe early: every probe weighs the same
+                    device=pl_module.device,
+                )
         return out
 
     # -- measurement ---------------------------------------------------------------------------------
@@ -403,22 +396,21 @@ class Retention(L.Callback):
 
     @torch.no_grad()
     def measure(self, trainer, pl_module) -> dict[str, float]:
-        """The three metrics now (adapter on), against the base's kept answer (adapter off)."""
+        """The three metrics now (adapter on), against the base's kept answer (adapter off). The model's
+        train/eval flags are restored afterwards, also on an error."""
+        from lit_lora.inference.decoding import adapter_enabled, eval_mode
+
         model = pl_module.model
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             if self._base is None:  # once per run: the batches and the base's answer, timed apart
                 started = time.perf_counter()
                 inline = self.inline if self.inline is not None else shares_prefix(model)
                 self._batches_kept = self._batches(pl_module.device, inline)
-                with model.disable_adapter():
+                with adapter_enabled(model, False):
                     base = self._all_logits(trainer, pl_module)
                 self._base = BaseAnswer.from_logits(base, self._targets())
                 self.base_pass_s = time.perf_counter() - started
             tuned = self._all_logits(trainer, pl_module)
-        finally:
-            model.train(was_training)
         return drift(self._base, tuned, self._targets())
 
     def _all_logits(self, trainer, pl_module) -> torch.Tensor:

@@ -7,7 +7,7 @@ precision's matmul dtype. Its parts:
 - the parameter counts are the whole model's, counted in :meth:`Throughput.setup`, which Lightning
   calls before the strategy wraps the model (``Trainer._run``: ``_call_setup_hook`` comes before
   ``strategy.setup``), so FSDP/DeepSpeed shards are not what is counted; 4-bit bitsandbytes weights
-  count as their unpacked element number (:func:`lit_lora.builder.count_params`), not the packed
+  count as their unpacked element number (:func:`lit_lora.models.builder.count_params`), not the packed
   storage (2 values per uint8 element, 4 per bf16, 8 per fp32 element);
 - the peak is :func:`peak_flops`: this module's table of dense datasheet figures first (GPUs
   Lightning's table lacks or resolves to another GPU's entry), then Lightning's
@@ -27,8 +27,8 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch import nn
 
-from lit_lora.builder import count_params
-from lit_lora.rendering import IGNORE_INDEX
+from lit_lora.data.rendering import IGNORE_INDEX
+from lit_lora.models.builder import count_params
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def flops_per_token(total_params: int, trainable_params: int, lookup_params: int
     With N = ``total_params - lookup_params`` (the weights in matmuls; an embedding lookup costs no
     FLOPs): forward 2N; backward 2N for the activation gradients through every (frozen) weight, plus 2
     per trainable parameter for its weight gradient: 4N + 2N_trainable, where full fine-tuning costs 6N.
-    Counts are the whole model's, 4-bit weights unpacked (:func:`lit_lora.builder.count_params`).
+    Counts are the whole model's, 4-bit weights unpacked (:func:`lit_lora.models.builder.count_params`).
     """
     return 4 * (total_params - lookup_params) + 2 * trainable_params
 

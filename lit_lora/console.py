@@ -100,6 +100,28 @@ def install() -> bool:
     return True
 
 
+class _NotFrom(logging.Filter):
+    """Drops the records of one logger family (``name`` and its children)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.family = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == self.family or record.name.startswith(self.family + "."))
+
+
+def one_console_line_per_message() -> None:
+    """Lightning prints its records through a console handler of its own (``INFO: ...``) and also passes
+    them to the root logger, whose console handler Hydra configured: every Lightning line appeared twice.
+    The root's console handlers skip Lightning's records (Lightning's own handler prints them once); the
+    run's log file still gets them. Call after Hydra has configured logging; idempotent."""
+    for handler in logging.getLogger().handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not any(isinstance(f, _NotFrom) for f in handler.filters):
+            handler.addFilter(_NotFrom("lightning"))
+
+
 def quiet_library_progress_bars() -> None:
     """Outside a terminal, transformers' "Loading weights" and datasets' "Saving the dataset" bars only
     add carriage-return noise to a log; lit-lora's own progress lines (:mod:`lit_lora.progress`) stay."""

@@ -2,7 +2,7 @@
 
 Issue 17: a DDP run on CPU could abort at exit (``terminate called without an active exception``,
 status -6) because the gloo process group was destroyed only during interpreter finalization, with its
-threads still running (see :mod:`lit_lora.distributed`). The abort is a race, but its cause shows in
+threads still running (see :mod:`lit_lora.training.distributed`). The abort is a race, but its cause shows in
 every run: a process-group thread (gloo workers, gloo's socket loop, the TCPStore server) alive when the
 interpreter starts to exit. :func:`reporting_env` puts a ``sitecustomize`` on ``PYTHONPATH`` that prints
 those names; :func:`thread_reports` reads them back from the run's stderr.

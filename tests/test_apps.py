@@ -14,16 +14,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lit_lora.app_config import EvaluateConfig, GenerateConfig, MergeConfig
-from lit_lora.config import ModelConfig, QuantConfig
-from lit_lora.embedded import resolve
+from lit_lora.apps.evaluate import evaluate
+from lit_lora.apps.generate import Session
+from lit_lora.apps.merge import merge
+from lit_lora.config.apps import EvaluateConfig, GenerateConfig, MergeConfig
+from lit_lora.config.schema import ModelConfig, QuantConfig
 from lit_lora.errors import UserError
-from lit_lora.evaluate import evaluate
-from lit_lora.generate import Session
-from lit_lora.merge import dequantize_linear4bit, merge
-from lit_lora.train import train
-from tests.conftest import ROOT, TINY, compose_train
-from tests.test_checkpoint_format import assert_like_save_pretrained
+from lit_lora.models.embedded import resolve
+from lit_lora.models.merging import dequantize_linear4bit
+from lit_lora.training.run import train
+from tests.helpers import ROOT, TINY, assert_like_save_pretrained, compose_train
 
 EMBEDDED = ModelConfig(name_or_path="embedded:smollm2-135m")
 NF4 = QuantConfig(method="nf4", compute_dtype="float32")
@@ -170,7 +170,7 @@ def test_merge_of_a_4bit_trained_adapter_uses_the_dequantized_base(adapter, tmp_
 
 def test_foreign_adapter_is_evaluated_and_continued(tmp_path, capsys):
     tiny = compose_train([*TINY, f"output_dir={tmp_path / 'x'}"]).model
-    from lit_lora.builder import resolve_source
+    from lit_lora.models.builder import resolve_source
 
     tiny_model = ModelConfig(**{k: v for k, v in dict(tiny).items()})
     base_dir = resolve_source(tiny_model)[0]
@@ -202,7 +202,7 @@ def test_foreign_adapter_is_evaluated_and_continued(tmp_path, capsys):
 
 
 def _tiny_data():
-    from lit_lora.config import DataConfig
+    from lit_lora.config.schema import DataConfig
 
     return DataConfig(train_size=32, val_size=8, test_size=4, score_max_new_tokens=4, eval_batch_size=4)
 
@@ -248,9 +248,9 @@ def test_interactive_chat_reads_turns_until_an_empty_line(tmp_path):
 
 def test_the_python_api_of_generate_evaluate_and_merge(adapter, tmp_path):
     """``<command>.run(overrides)`` composes what ``python -m lit_lora.<command>`` composes (issue 20)."""
-    from lit_lora import evaluate as evaluate_command
-    from lit_lora import generate as generate_command
-    from lit_lora import merge as merge_command
+    from lit_lora.apps import evaluate as evaluate_command
+    from lit_lora.apps import generate as generate_command
+    from lit_lora.apps import merge as merge_command
 
     reply = generate_command.run([f"adapter={adapter}", "prompt=Hello there", "max_new_tokens=3"])
     session = Session(GenerateConfig(model=EMBEDDED, adapter=str(adapter), max_new_tokens=3))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lit_lora.batching import (
+from lit_lora.data.batching import (
     MODEL_KEYS,
     LengthGroupedSampler,
     collate,
@@ -17,11 +17,11 @@ from lit_lora.batching import (
     pack,
     padding_fraction,
 )
-from lit_lora.demo import make_rows
-from lit_lora.embedded import resolve
-from lit_lora.rendering import IGNORE_INDEX, Rendering, count_trained, encode_conversation
+from lit_lora.data.demo import make_rows
+from lit_lora.data.rendering import IGNORE_INDEX, Rendering, count_trained, encode_conversation
+from lit_lora.models.embedded import resolve
 from lit_lora.speedups.attention import segments_from_positions, use_lit_attention
-from tests.conftest import alpaca_messages
+from tests.helpers import alpaca_messages
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_short_16bit_sequences_take_the_plain_path_and_match_sdpa(examples, toke
 
 
 def test_right_padding_mask_is_left_out_only_where_it_changes_nothing():
-    from lit_lora.module import LitLoRA
+    from lit_lora.training.module import LitLoRA
 
     right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": right}
@@ -203,7 +203,7 @@ def test_right_padding_mask_is_left_out_only_where_it_changes_nothing():
 def test_right_padded_batch_without_its_mask_has_the_same_loss_and_gradients(examples, tokenizer, dtype):
     """fp32: SDPA with the padding mask vs causal-only SDPA; bf16: the plain path's boolean mask vs its
     cached causal bias. Real positions never see the padding after them, so nothing changes."""
-    from lit_lora.module import LitLoRA
+    from lit_lora.training.module import LitLoRA
 
     model = AutoModelForCausalLM.from_pretrained(resolve("embedded:smollm2-135m"), dtype=dtype).train()
     assert use_lit_attention(model, 512)

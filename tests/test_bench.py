@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

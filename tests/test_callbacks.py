@@ -11,11 +11,11 @@ import textwrap
 import uuid
 
 import pytest
+from lit_lora.callbacks.throughput import flops_per_token
 
-from callbacks.throughput import flops_per_token
-from lit_lora.embedded import cache_root
-from lit_lora.wandb_logging import choose_mode, flat_config
-from tests.conftest import ROOT, TINY
+from lit_lora.loggers.wandb_logger import choose_mode, flat_config
+from lit_lora.models.embedded import cache_root
+from tests.helpers import ROOT, TINY
 
 SHORT = [
     "trainer.max_steps=4",
@@ -152,7 +152,7 @@ def test_your_own_callback_needs_one_module_and_one_yaml(tmp_path):
             """
         )
     )
-    config.write_text(f"{name}:\n  _target_: callbacks.{name}.StepCounter\n  path: {marker}\n")
+    config.write_text(f"{name}:\n  _target_: lit_lora.callbacks.{name}.StepCounter\n  path: {marker}\n")
     try:
         done = subprocess.run(
             [

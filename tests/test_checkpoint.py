@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_lora.checkpoint_io import TMP_PREFIX, find_resumable, read_checkpoint, write_checkpoint
 from lit_lora.errors import UserError
-from lit_lora.train import train
-from tests.conftest import DPO, ROOT, TINY, compose_train
+from lit_lora.training.checkpoint_io import TMP_PREFIX, find_resumable, read_checkpoint, write_checkpoint
+from lit_lora.training.run import train
+from tests.helpers import DPO, ROOT, TINY, compose_train
 
 EVERY_2_STEPS = [
     "callbacks.adapter_checkpoint.every_n_train_steps=2",

@@ -6,34 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
-from lit_lora import embedded
+from lit_lora.models import embedded
+from tests.helpers import assert_like_save_pretrained, tensor_names
 
 EMBEDDED = "embedded:smollm2-135m"
-
-
-def tensor_names(folder: Path) -> dict[str, set[str]]:
-    """The tensor names of each safetensors file in ``folder``, by file name."""
-    names = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            names[file.name] = set(f.keys())
-    return names
-
-
-def assert_like_save_pretrained(folder: Path, scratch: Path) -> None:
-    """``folder`` holds the files and tensor names of transformers' ``save_pretrained`` of its model."""
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    model.save_pretrained(str(scratch))
-    assert tensor_names(folder) == tensor_names(scratch)
-    assert {p.name for p in scratch.iterdir()} <= {p.name for p in folder.iterdir()}
 
 
 @pytest.mark.slow

@@ -6,9 +6,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from lit_lora.config import to_train_config
+from lit_lora.config.schema import to_train_config
 from lit_lora.errors import UserError
-from tests.conftest import CONF, compose_train
+from tests.helpers import CONF, compose_train
 
 GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF)
 
@@ -158,7 +158,7 @@ def test_after_training_apps_compose_with_the_training_groups(app, overrides, ki
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from lit_lora.app_config import register_app_configs
+    from lit_lora.config.apps import register_app_configs
 
     register_app_configs()
     GlobalHydra.instance().clear()

@@ -1,4 +1,4 @@
-"""The YAML files under conf/ do not restate the schema's defaults (lit_lora/config.py: "Defaults live here
+"""The YAML files under conf/ do not restate the schema's defaults (lit_lora/config/schema.py: "Defaults live here
 and nowhere else; the YAML files only say what differs").
 
 A group (``conf/<group>/``) is checked against the dataclass its field has in a command's schema
@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from lit_lora.app_config import EvaluateConfig, GenerateConfig, MergeConfig
-from lit_lora.config import TrainConfig
+from lit_lora.config.apps import EvaluateConfig, GenerateConfig, MergeConfig
+from lit_lora.config.schema import TrainConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 COMMANDS = {

@@ -13,8 +13,8 @@ import pytest
 
 from lit_lora import train as train_command
 from lit_lora.errors import UserError
-from lit_lora.train import train
-from tests.conftest import ROOT, TINY, compose_train
+from lit_lora.training.run import train
+from tests.helpers import ROOT, TINY, compose_train
 
 # A short run with every callback of the default run; log_every_n_steps=2 so the lines come by step.
 SHORT = [o for o in TINY if not o.startswith("trainer.log_every_n_steps")] + [
@@ -44,7 +44,7 @@ WARNING_LINE = re.compile(r"\w+Warning\b|^\S+\.py:\d+: |\bWARNING\b")
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     """One CLI run of the short job, output not a terminal (a pipe), as under nohup / SLURM / CI."""
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     out = tmp_path_factory.mktemp("console") / "cli"
     done = run_cli(*SHORT, f"output_dir={out}", timeout=300)
@@ -142,7 +142,7 @@ def test_the_terminal_bar_counts_optimizer_steps_of_max_steps(tmp_path):
 
 
 def test_an_interrupted_runs_logs_are_kept_never_overwritten(tmp_path):
-    from lit_lora.train import _check_fresh, _keep_earlier_files
+    from lit_lora.training.run import _check_fresh, _keep_earlier_files
 
     (tmp_path / "metrics.csv").write_text("step,loss\n1,2.0\n")
     (tmp_path / "hparams.yaml").write_text("a: 1\n")

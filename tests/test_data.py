@@ -8,14 +8,14 @@ import random
 
 import pytest
 
-from lit_lora import demo
-from lit_lora.answers import exact_match
-from lit_lora.config import to_train_config
-from lit_lora.data import DataModule, encode_rows
+from lit_lora.config.schema import to_train_config
+from lit_lora.data import demo
+from lit_lora.data.module import DataModule, encode_rows
+from lit_lora.data.rendering import Rendering, count_trained
 from lit_lora.errors import UserError
-from lit_lora.rendering import Rendering, count_trained
-from lit_lora.train import train
-from tests.conftest import TINY, compose_train
+from lit_lora.inference.scoring import exact_match
+from lit_lora.training.run import train
+from tests.helpers import TINY, compose_train
 
 GOOD = {"instruction": "Translate to French.", "input": "", "output": "Bonjour."}
 
@@ -104,7 +104,7 @@ def test_a_row_the_template_or_tokenizer_refuses_is_one_bad_row(tmp_path, tokeni
     """Rendering and tokenizing are contained per row: a template's raise_exception() is
     ``template_error``, anything else the tokenizer raises (here a lone surrogate in a row that skipped
     validation) is ``encode_error``; ``fail`` names the row, ``skip`` keeps the others."""
-    from lit_lora.rows import BadRows, Row
+    from lit_lora.data.rows import BadRows, Row
 
     own = Rendering.resolve(tokenizer).chat_template
     picky = Rendering(
@@ -186,12 +186,12 @@ def test_second_run_reuses_the_tokenized_cache(tmp_path, tokenizer, monkeypatch)
     first.setup()
     assert first.stats["cache"] == "miss"
 
-    import lit_lora.data
+    import lit_lora.data.module
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("a cache hit must not tokenize")
 
-    monkeypatch.setattr(lit_lora.data, "encode_rows", no_tokenizing)
+    monkeypatch.setattr(lit_lora.data.module, "encode_rows", no_tokenizing)
     second = DataModule(cfg, tokenizer, tmp_path / "d2")
     second.setup()
     assert second.stats["cache"] == "hit" and second.examples == first.examples

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, ddp, run_cli
 from tests.exit_threads import exit_problems, reporting_env
+from tests.helpers import TINY, ddp, run_cli
 
 RUNS = int(os.environ.get("DDP_STRESS_RUNS", "1"))
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from lit_lora.errors import UserError
-from lit_lora.train import train
-from tests.conftest import compose_train
+from lit_lora.training.run import train
+from tests.helpers import compose_train
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks the refusals on a machine without CUDA"

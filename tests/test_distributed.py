@@ -15,13 +15,13 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from safetensors.torch import load_file
 
-from lit_lora.batching import EpochSampler, StepBatchSampler
-from lit_lora.builder import build_model
-from lit_lora.config import to_train_config
+from lit_lora.config.schema import to_train_config
+from lit_lora.data.batching import EpochSampler, StepBatchSampler
 from lit_lora.errors import UserError
-from lit_lora.strategies import build_strategy
-from lit_lora.train import train
-from tests.conftest import (
+from lit_lora.models.builder import build_model
+from lit_lora.training.run import train
+from lit_lora.training.strategies import build_strategy
+from tests.helpers import (
     CKPT_EVERY_2,
     DPO,
     EXACT,
@@ -112,7 +112,7 @@ def test_every_strategy_config_composes_and_maps_to_a_lightning_strategy(tmp_pat
 
 @pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_deepspeed_configs_compose_and_are_refused_with_the_reason(tmp_path, name):
-    from lit_lora.config import check_strategy_combinations
+    from lit_lora.config.device import check_strategy_combinations
 
     cfg = to_train_config(compose_train(["model=tiny", f"trainer={name}", f"output_dir={tmp_path}"]))
     with pytest.raises(UserError, match="resume would restart at step 0"):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lit_lora.builder import build_model
-from lit_lora.config import LoraConfig
+from lit_lora.config.schema import LoraConfig
+from lit_lora.models.builder import build_model
 from lit_lora.speedups.dropout import FastDropout, use_fast_dropout
-from tests.conftest import plain_config
+from tests.helpers import plain_config
 
 
 def test_keeps_one_minus_p_of_the_inputs_scaled_and_masks_the_gradient_alike():

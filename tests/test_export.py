@@ -19,18 +19,18 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lit_lora import export as export_command
-from lit_lora import gguf_files, llama_cpp_runtime
-from lit_lora.app_config import MergeConfig
-from lit_lora.config import ModelConfig, QuantConfig, to_train_config
-from lit_lora.demo import make_rows
-from lit_lora.embedded import gguf_path, resolve
+from lit_lora.config.apps import MergeConfig
+from lit_lora.config.schema import ModelConfig, QuantConfig, to_train_config
+from lit_lora.data.demo import make_rows
+from lit_lora.data.rendering import NAMED_TEMPLATES, Rendering, prompt_text
 from lit_lora.errors import UserError
-from lit_lora.merge import merged_model
-from lit_lora.modelfile import UntranslatableTemplate, modelfile_text, translate
-from lit_lora.rendering import NAMED_TEMPLATES, Rendering, prompt_text
-from lit_lora.train import train
-from tests.conftest import ROOT, TINY, compose_train
+from lit_lora.export import exporter as export_command
+from lit_lora.export import gguf_files, llama_cpp_runtime
+from lit_lora.export.modelfile import UntranslatableTemplate, modelfile_text, translate
+from lit_lora.models.embedded import gguf_path, resolve
+from lit_lora.models.merging import merged_model
+from lit_lora.training.run import train
+from tests.helpers import ROOT, TINY, compose_train
 
 SMALL = ["data.test_size=6", "data.score_max_new_tokens=6"]
 # The tiny model's config with the two keys GPT-2's config has no name for (the others map onto n_embd,
@@ -305,7 +305,7 @@ def test_llama_cpp_answers_from_the_export_and_from_the_shipped_base_with_the_lo
     tiny_run, models, tokenizer, tmp_path
 ):
     """llama.cpp runs the merged export (tiny model), and the shipped Q4_1 base + a LoRA GGUF of an
-    embedded-model adapter (random, small, non-zero B): both answer like lit_lora.generate."""
+    embedded-model adapter (random, small, non-zero B): both answer like lit_lora.apps.generate."""
     report = export_command.run(
         [*models, f"adapter={tiny_run / 'adapter'}", "outtype=f32", f"output_dir={tmp_path / 'a'}"]
     )

@@ -16,16 +16,16 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 from safetensors.torch import load_file
 
-from lit_lora.builder import build_model
-from lit_lora.config import to_train_config
-from lit_lora.strategies import (
+from lit_lora.config.schema import to_train_config
+from lit_lora.models.builder import build_model
+from lit_lora.models.placement import cuda_index_for
+from lit_lora.training.strategies import (
     check_uniform_units,
-    cuda_index_for,
     flat_param_dtypes,
     fsdp_wrap_policy,
     scoring_device,
 )
-from tests.conftest import DPO, EXACT, compose_train, run_cli
+from tests.helpers import DPO, EXACT, compose_train, run_cli
 
 FSDP_CPU = [
     "model=tiny",
@@ -96,7 +96,7 @@ def test_the_base_loads_on_the_gpu_this_rank_trains_on(accelerator, devices, ran
 
 
 def test_a_quantized_base_on_a_gpu_host_loads_where_the_rank_trains():
-    from lit_lora.builder import quantized_device_map
+    from lit_lora.models.builder import quantized_device_map
 
     assert quantized_device_map(2, cuda_available=True) == {"": 2}
     # trainer.accelerator=cpu on a GPU host: the CPU, said explicitly (transformers would pick cuda:0).

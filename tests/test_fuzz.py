@@ -33,12 +33,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lit_lora.config import DataConfig, to_train_config
-from lit_lora.data import DataModule
+from lit_lora.config.schema import DataConfig, to_train_config
+from lit_lora.data.module import DataModule
+from lit_lora.data.rendering import IGNORE_INDEX, count_trained
+from lit_lora.data.rows import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, MAX_ROW_BYTES, BadRows, read_json
 from lit_lora.errors import UserError
-from lit_lora.rendering import IGNORE_INDEX, count_trained
-from lit_lora.rows import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, MAX_ROW_BYTES, BadRows, read_json
-from tests.conftest import TINY, compose_train, run_cli
+from tests.helpers import TINY, compose_train, run_cli
 
 FUZZ_ROWS = int(os.environ.get("FUZZ_ROWS", "200"))
 FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "20240917"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import gpu_check
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def _run(*args: str, root: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -20,13 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from lit_lora.builder import load_tokenizer
-from lit_lora.config import ModelConfig, to_train_config
-from lit_lora.data import DataModule
+from lit_lora.config.schema import ModelConfig, to_train_config
+from lit_lora.data.module import DataModule
+from lit_lora.data.rendering import IGNORE_INDEX, count_trained
 from lit_lora.errors import UserError
-from lit_lora.rendering import IGNORE_INDEX, count_trained
-from lit_lora.train import check_plugin_keys
-from tests.conftest import CONF, ROOT, TINY, compose_train
+from lit_lora.models.builder import load_tokenizer
+from lit_lora.training.run import check_plugin_keys
+from tests.helpers import CONF, ROOT, TINY, compose_train
 
 TOKENIZER = load_tokenizer(ModelConfig(name_or_path="embedded:smollm2-135m"), "embedded:smollm2-135m", True)
 
@@ -184,7 +184,7 @@ def _typos_fail(leaves: list[str]) -> None:
 
 
 def test_a_typo_in_config_overrides_fails_when_the_architecture_config_loads(tmp_path):
-    from lit_lora.builder import build_model
+    from lit_lora.models.builder import build_model
 
     cfg = to_train_config(
         compose_train(["model=tiny", f"output_dir={tmp_path}", "+model.config_overrides.vocab_siz=3"])

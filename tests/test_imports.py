@@ -1,5 +1,7 @@
-"""No import cycle inside ``lit_lora/`` (issue 19), counting the imports inside functions too: an import
-moved into a function to dodge a cycle at load time still ties the modules together."""
+"""The import graph of ``lit_lora/``, counting the imports inside functions too (an import moved into a
+function to dodge a cycle at load time still ties the modules together): no cycle (issue 19), and the
+wings depend in one direction (issue 34): data, models and inference never import training, the
+commands or the plugin callbacks; the after-training commands never import one another."""
 
 from __future__ import annotations
 
@@ -7,52 +9,69 @@ import ast
 import subprocess
 import sys
 
-from tests.conftest import ROOT
-
-PACKAGE = ROOT / "lit_lora"
-
-
-def _module_name(path) -> str:
-    """``builder`` for lit_lora/builder.py, ``speedups.attention`` for lit_lora/speedups/attention.py,
-    ``speedups`` for its ``__init__.py``."""
-    parts = path.relative_to(PACKAGE).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _imported(node: ast.AST, modules: set[str]) -> set[str]:
-    """The lit_lora modules one import statement names (``from lit_lora.x import y`` names ``x.y`` when
-    that is a module, else ``x``)."""
-    if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lit_lora":
-        base = node.module.removeprefix("lit_lora").lstrip(".")
-        names = {f"{base}.{a.name}".lstrip(".") for a in node.names}
-        return {n if n in modules else base for n in names} - {""}
-    if isinstance(node, ast.Import):
-        return {a.name.removeprefix("lit_lora.") for a in node.names if a.name.startswith("lit_lora.")}
-    return set()
-
-
-def import_graph() -> dict[str, set[str]]:
-    """``{module: lit_lora modules it imports anywhere in its body}`` for every module of the package,
-    subpackages included."""
-    paths = {_module_name(path): path for path in PACKAGE.rglob("*.py") if path.parent.name != "__pycache__"}
-    modules = set(paths) - {""}
-    graph: dict[str, set[str]] = {}
-    for name in modules:
-        deps: set[str] = set()
-        for node in ast.walk(ast.parse(paths[name].read_text())):
-            deps |= _imported(node, modules)
-        graph[name] = (deps & modules) - {name}
-    return graph
+from tests.helpers import PACKAGE, ROOT, import_graph
 
 
 def test_lit_lora_does_not_import_the_plugin_package():
-    """``callbacks`` (top level) plugs into lit-lora; lit-lora itself must not need it."""
+    """The plugin callbacks (``callbacks/``, installed as ``lit_lora.callbacks``) plug into lit-lora;
+    lit-lora itself must not need them, under either name."""
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            assert not any(n == "callbacks" or n.startswith("callbacks.") for n in names), path
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            plugin = ("callbacks", "lit_lora.callbacks")
+            assert not any(n in plugin or n.startswith(tuple(f"{p}." for p in plugin)) for n in names), path
+
+
+# The wings that sit below the commands: they serve training, the apps, export and serve alike.
+LOWER_WINGS = ("data", "models", "inference")
+# What the lower wings never import: the run, the commands and the modules that start them.
+UPPER = (
+    "training",
+    "apps",
+    "export",
+    "serve",
+    "loggers",
+    "cli",
+    "train",
+    "merge",
+    "generate",
+    "evaluate",
+    "compare",
+)
+APPS = ("apps", "export", "serve")
+
+
+def wing(module: str) -> str:
+    return module.split(".")[0]
+
+
+def wrong_direction(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """The edges ``(module, imported)`` that break the wings' direction (module docstring)."""
+    wrong = []
+    for module, deps in graph.items():
+        for dep in deps:
+            lower_reaches_up = wing(module) in LOWER_WINGS and wing(dep) in UPPER
+            app_to_app = module.startswith("apps.") and dep.startswith("apps.")
+            across_apps = wing(module) in APPS and wing(dep) in APPS and wing(dep) != wing(module)
+            if lower_reaches_up or app_to_app or across_apps:
+                wrong.append((module, dep))
+    return sorted(wrong)
+
+
+def test_the_direction_finder_finds_a_wrong_edge():
+    graph = {"data.rows": {"training.run"}, "apps.merge": {"apps.evaluate"}, "export.exporter": {"apps.merge"},
+             "training.run": {"data.rows"}, "apps.evaluate": {"models.builder"}}  # fmt: skip
+    assert wrong_direction(graph) == [
+        ("apps.merge", "apps.evaluate"), ("data.rows", "training.run"), ("export.exporter", "apps.merge")
+    ]  # fmt: skip
+
+
+def test_the_wings_depend_in_one_direction():
+    graph = import_graph()
+    assert {"data.rows", "models.builder", "inference.scoring", "apps.merge", "training.run"} <= set(graph)
+    assert wrong_direction(graph) == []
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -94,8 +113,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycle_inside_lit_lora():
     graph = import_graph()
-    assert len(graph) > 30 and graph["train"] and graph["speedups"], "the graph covers the package"
-    assert "speedups.attention" in graph["module"], "subpackage modules are nodes of their own"
+    assert len(graph) > 30 and graph["training.run"] and graph["speedups"], "the graph covers the package"
+    assert "speedups.attention" in graph["training.module"], "subpackage modules are nodes of their own"
     assert cycles(graph) == [], {m: sorted(graph[m]) for c in cycles(graph) for m in c}
 
 

@@ -7,30 +7,12 @@ import copy
 import pytest
 import torch
 
-from lit_lora.builder import build_model
-from lit_lora.config import LoraConfig, ModelConfig, SpeedConfig, TrainConfig, TrainerConfig
+from lit_lora.config.schema import LoraConfig, ModelConfig, SpeedConfig, TrainConfig, TrainerConfig
+from lit_lora.models.builder import build_model
 from lit_lora.speedups import lora_linear
 from lit_lora.speedups.dropout import keep_mask, keep_ones, use_fast_dropout
 from lit_lora.speedups.lora_linear import _fused_forward, use_fused_lora_linear
-from tests.conftest import TINY, compose_train, plain_config
-
-
-def _tiny(tmp_path, **lora) -> torch.nn.Module:
-    """The tiny random Llama (fp32) with a LoRA whose B weights are non-zero (B = 0 would hide errors)."""
-    model_cfg = ModelConfig(**dict(compose_train([*TINY, f"output_dir={tmp_path}"]).model))
-    torch.manual_seed(0)
-    model = build_model(plain_config(model_cfg, lora=LoraConfig(**lora))).model
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    return model.train()
-
-
-def _loss_and_grads(model, ids, seed=7):
-    torch.manual_seed(seed)  # the same dropout masks for both paths
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+from tests.helpers import TINY, compose_train, loss_and_grads, tiny_lora_model
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -46,13 +28,13 @@ def test_keep_ones_keeps_the_elements_keep_mask_keeps(dtype):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fused_model_equals_peft_with_the_same_masks_in_fp32(tmp_path, dropout):
-    peft = _tiny(tmp_path, r=4, dropout=dropout)
+    peft = tiny_lora_model(r=4, dropout=dropout)
     use_fast_dropout(peft)
     fused = copy.deepcopy(peft)
     assert use_fused_lora_linear(fused) == 2 * 4  # q/k/v/o of 2 layers
     ids = torch.randint(3, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
-    ref_loss, ref = _loss_and_grads(peft, ids)
-    loss, got = _loss_and_grads(fused, ids)
+    ref_loss, ref = loss_and_grads(peft, ids)
+    loss, got = loss_and_grads(fused, ids)
     assert abs(loss - ref_loss) < 1e-5
     assert ref.keys() == got.keys() and len(ref) == 2 * 2 * 4  # A and B of 8 layers
     for name in ref:
@@ -62,7 +44,7 @@ def test_fused_model_equals_peft_with_the_same_masks_in_fp32(tmp_path, dropout):
 
 def test_bf16_autocast_error_is_no_larger_than_peft_s(tmp_path):
     """Against an fp32 reference, the fused layer under bf16 autocast errs no more than PEFT's layer."""
-    layer = _tiny(tmp_path, r=4, dropout=0.0).get_base_model().model.layers[1].self_attn.q_proj
+    layer = tiny_lora_model(r=4, dropout=0.0).get_base_model().model.layers[1].self_attn.q_proj
     x0 = torch.randn(3, 17, layer.in_features, generator=torch.Generator().manual_seed(1))
     grad = torch.randn(3, 17, layer.out_features, generator=torch.Generator().manual_seed(2))
 
@@ -83,7 +65,7 @@ def test_bf16_autocast_error_is_no_larger_than_peft_s(tmp_path):
 
 
 def test_only_plain_cpu_training_calls_take_the_fused_path(tmp_path, monkeypatch):
-    model = _tiny(tmp_path, r=4, dropout=0.1)
+    model = tiny_lora_model(r=4, dropout=0.1)
     use_fused_lora_linear(model)
     calls = []
     apply = lora_linear._LoraLinear.apply

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_lora.batching import MODEL_KEYS, collate, pack
-from lit_lora.builder import build_model
-from lit_lora.config import LoraConfig, to_train_config
-from lit_lora.demo import make_rows
-from lit_lora.rendering import IGNORE_INDEX, Rendering, encode_conversation
+from lit_lora.config.schema import LoraConfig, to_train_config
+from lit_lora.data.batching import MODEL_KEYS, collate, pack
+from lit_lora.data.demo import make_rows
+from lit_lora.data.rendering import IGNORE_INDEX, Rendering, encode_conversation
+from lit_lora.models.builder import build_model
 from lit_lora.speedups.attention import segments_from_positions, use_lit_attention
 from lit_lora.speedups.chunked_loss import supports_chunked_loss, trained_token_loss
 from lit_lora.speedups.frozen_linears import cast_frozen_linears
-from tests.conftest import alpaca_messages, compose_train, plain_config
+from tests.helpers import alpaca_messages, compose_train, plain_config
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from lit_lora.builder import BaseConfig, build_model, resolve_targets, stored_dtype
-from lit_lora.config import SpeedConfig, check_device, to_train_config
-from lit_lora.demo import make_rows
+from lit_lora.config.device import check_device
+from lit_lora.config.schema import SpeedConfig, to_train_config
+from lit_lora.data.demo import make_rows
 from lit_lora.errors import UserError
-from tests.conftest import TINY, compose_train, demo_batch
+from lit_lora.models.builder import BaseConfig, build_model, resolve_targets, stored_dtype
+from tests.helpers import TINY, compose_train, demo_batch
 
 
 def _build(tmp_path, *overrides):

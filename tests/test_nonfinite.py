@@ -1,4 +1,4 @@
-"""Non-finite values under a loss scaler, across ranks, and gradient clipping under FSDP (lit_lora.module).
+"""Non-finite values under a loss scaler, across ranks, and gradient clipping under FSDP (lit_lora.training.module).
 
 Every run is a real ``lightning.Trainer`` fit of the tiny random Llama wrapped in :class:`LitLoRA`:
 
@@ -35,14 +35,14 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from lit_lora.builder import build_model
-from lit_lora.config import SpeedConfig, to_train_config
-from lit_lora.distributed import end_process_group
+from lit_lora.config.schema import SpeedConfig, to_train_config
+from lit_lora.data.rendering import IGNORE_INDEX
 from lit_lora.errors import UserError
-from lit_lora.module import LitLoRA
-from lit_lora.rendering import IGNORE_INDEX
-from lit_lora.strategies import decoder_layer_classes
-from tests.conftest import ROOT, compose_train
+from lit_lora.models.builder import build_model
+from lit_lora.training.distributed import end_process_group
+from lit_lora.training.module import LitLoRA
+from lit_lora.training.strategies import decoder_layer_classes
+from tests.helpers import ROOT, compose_train
 
 # Untied embeddings: torch's FSDP with use_orig_params fails on the tiny model's tied embedding and
 # output weights when the world size is 1 (NO_SHARD; an AssertionError in _use_unsharded_views at the
@@ -168,7 +168,7 @@ def test_fp16_loss_scale_collapse_stops_the_run(tmp_path, monkeypatch):
     """Gradients that stay infinite although the scale is down to 1.0 are not a scaling overflow: stop.
 
     The infinite gradient is the project's own fault injection (``inf_grad@N``), read once per process."""
-    from lit_lora import faults
+    from lit_lora.training import faults
 
     monkeypatch.setenv(faults.ENV, "inf_grad@1")
     faults._faults.cache_clear()

@@ -9,7 +9,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from lit_lora.speedups.rmsnorm import use_fused_rmsnorm
-from tests.test_lora_linear import _loss_and_grads, _tiny
+from tests.helpers import loss_and_grads, tiny_lora_model
 
 
 def _norm(dtype=torch.float32) -> LlamaRMSNorm:
@@ -21,12 +21,12 @@ def _norm(dtype=torch.float32) -> LlamaRMSNorm:
 
 
 def test_fused_model_equals_transformers_in_fp32(tmp_path):
-    ref_model = _tiny(tmp_path, r=4, dropout=0.0)
+    ref_model = tiny_lora_model(r=4, dropout=0.0)
     fused = copy.deepcopy(ref_model)
     assert use_fused_rmsnorm(fused) == 2 * 2 + 1  # two per layer, the final norm
     ids = torch.randint(3, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
-    ref_loss, ref = _loss_and_grads(ref_model, ids)
-    loss, got = _loss_and_grads(fused, ids)
+    ref_loss, ref = loss_and_grads(ref_model, ids)
+    loss, got = loss_and_grads(fused, ids)
     assert abs(loss - ref_loss) < 1e-6
     assert ref.keys() == got.keys() and len(ref) == 2 * 2 * 4
     for name in ref:

@@ -19,33 +19,39 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lit_lora.app_config import GenerateConfig
-from lit_lora.batching import collate_pairs
-from lit_lora.builder import build_model
-from lit_lora.compare import compare
-from lit_lora.config import DataConfig, LoraConfig, ModelConfig, ObjectiveConfig, OptimConfig, to_train_config
-from lit_lora.data import DataModule, encode_rows
+from lit_lora.apps.compare import compare
+from lit_lora.config.apps import GenerateConfig
+from lit_lora.config.schema import (
+    DataConfig,
+    LoraConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    to_train_config,
+)
+from lit_lora.data.batching import collate_pairs
+from lit_lora.data.module import DataModule, encode_rows
+from lit_lora.data.rendering import IGNORE_INDEX, Rendering, prompt_ids
+from lit_lora.data.rows import BadRows, Row, to_row
 from lit_lora.errors import UserError
-from lit_lora.module import LitLoRA
-from lit_lora.objectives import orpo, pair_scores
-from lit_lora.reference import REFERENCE_ADAPTER, load_reference, reference_model
-from lit_lora.rendering import IGNORE_INDEX, Rendering, prompt_ids
-from lit_lora.rows import BadRows, Row, to_row
+from lit_lora.models.adapters import REFERENCE_ADAPTER, load_reference
+from lit_lora.models.builder import build_model
 from lit_lora.speedups.chunked_loss import sequence_logps
-from lit_lora.train import train
-from tests.conftest import (
+from lit_lora.training.module import LitLoRA
+from lit_lora.training.objectives import orpo, pair_scores
+from lit_lora.training.reference import reference_model
+from lit_lora.training.run import train
+from tests.helpers import (
     CKPT_EVERY_2,
-    CONF,
     DPO,
     TINY,
     assert_same_steps,
     compose_train,
     plain_config,
     run_cli,
+    tiny_model_config,
     train_with_accumulation,
 )
 
@@ -178,15 +184,11 @@ def test_preference_data_from_a_saved_dataset_folder(tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------------------------- model fixtures
-def _tiny_model_config() -> ModelConfig:
-    return ModelConfig(**yaml.safe_load((CONF / "model" / "tiny.yaml").read_text()))
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny Llama with a LoRA adapter whose B weights are non-zero (seeded), and a batch of pairs."""
     torch.manual_seed(0)  # LoRA A's initialisation: the same adapter in every run of the suite
-    built = build_model(plain_config(model=_tiny_model_config(), lora=LoraConfig(r=4, dropout=0.0)))
+    built = build_model(plain_config(model=tiny_model_config(), lora=LoraConfig(r=4, dropout=0.0)))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in built.model.named_parameters():
@@ -446,9 +448,9 @@ def test_sft_then_dpo_chain_with_the_sft_adapter_as_init_and_reference(tmp_path)
 
 def _merge_generate_and_evaluate_a_dpo_adapter(run: Path, summary: dict) -> None:
     """The commands after training take a DPO adapter as they take an SFT one (issue 21, point 7)."""
-    from lit_lora import evaluate as evaluate_command
-    from lit_lora import generate as generate_command
-    from lit_lora import merge as merge_command
+    from lit_lora.apps import evaluate as evaluate_command
+    from lit_lora.apps import generate as generate_command
+    from lit_lora.apps import merge as merge_command
 
     adapter = run / "adapter"
     data = [
@@ -505,7 +507,7 @@ def test_precomputed_reference_replaces_the_reference_forward_and_is_read_back_o
         raise AssertionError("a training or validation step ran the reference model")
 
     # From here on any step that runs the reference fails; the precomputing pass uses its own import.
-    monkeypatch.setattr("lit_lora.module.reference_model", no_reference)
+    monkeypatch.setattr("lit_lora.training.module.reference_model", no_reference)
     run = tmp_path / "pre"
     pre = train(compose_train([*exact, "objective.precompute_ref=true", f"output_dir={run}"])).summary
     assert pre["precomputed_reference"]["status"] == "computed"
@@ -536,7 +538,7 @@ def test_precomputed_reference_replaces_the_reference_forward_and_is_read_back_o
 
 
 def test_the_reference_key_changes_with_the_pairs_and_with_what_the_reference_computes_with():
-    from lit_lora.reference import reference_key
+    from lit_lora.training.reference import reference_key
 
     pair = {
         "input_ids": [1, 2, 3],
@@ -555,7 +557,8 @@ def test_the_reference_key_changes_with_the_pairs_and_with_what_the_reference_co
 
 
 def test_precompute_ref_is_refused_where_it_cannot_run(tmp_path):
-    from lit_lora.config import check_device, to_train_config
+    from lit_lora.config.device import check_device
+    from lit_lora.config.schema import to_train_config
 
     with pytest.raises(UserError, match="objective=simpo has none"):
         to_train_config(compose_train([*TINY_DPO, "objective=simpo", "objective.precompute_ref=true"]))
@@ -607,7 +610,7 @@ def test_dpo_on_non_preference_data_stops_before_loading_the_model(tmp_path):
     ],
 )
 def test_impossible_objective_values_fail_at_config_time_naming_the_key(overrides, message, tmp_path):
-    from lit_lora.config import to_train_config
+    from lit_lora.config.schema import to_train_config
 
     cfg = compose_train([*TINY_DPO, *overrides, f"output_dir={tmp_path}"])
     with pytest.raises(UserError, match=message):

@@ -1,6 +1,6 @@
 """Faults injected on purpose: kills, a full disk, signals, NaN and inf, out of memory, hostile files.
 
-Faults come from ``LIT_LORA_FAULTS`` (see :mod:`lit_lora.faults`); every run is the real CLI in a real
+Faults come from ``LIT_LORA_FAULTS`` (see :mod:`lit_lora.training.faults`); every run is the real CLI in a real
 process. ``CHAOS_KILLS`` sets the number of kills of the chaos test (CI: 3, two inside checkpoint writes; ``make chaos``: 20).
 """
 
@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_lora.checkpoint_io import TMP_PREFIX, checkpoint_step, find_resumable
-from tests.conftest import ROOT, TINY
+from lit_lora.training.checkpoint_io import TMP_PREFIX, checkpoint_step, find_resumable
+from tests.helpers import ROOT, TINY
 
 EVERY_2_STEPS = [
     "callbacks.adapter_checkpoint.every_n_train_steps=2",
@@ -365,8 +365,8 @@ def test_output_paths_cannot_leave_the_output_root(tmp_path, monkeypatch, value)
 
     from lit_lora.errors import UserError
     from lit_lora.paths import OUTPUT_ROOT_ENV
-    from lit_lora.train import train
-    from tests.conftest import compose_train
+    from lit_lora.training.run import train
+    from tests.helpers import compose_train
 
     work = tmp_path / "work"
     work.mkdir()
@@ -383,8 +383,8 @@ def test_plugin_folders_and_hydra_dirs_cannot_leave_the_output_root(tmp_path, mo
     output_dir on the command line are refused before Hydra creates the folder; output_root= widens it."""
     from lit_lora.errors import UserError
     from lit_lora.paths import OUTPUT_ROOT_ENV
-    from lit_lora.train import train
-    from tests.conftest import compose_train
+    from lit_lora.training.run import train
+    from tests.helpers import compose_train
 
     inside, outside = tmp_path / "root", tmp_path / "elsewhere"
     monkeypatch.setenv(OUTPUT_ROOT_ENV, str(inside))
@@ -413,8 +413,8 @@ def test_values_from_secret_environment_variables_are_redacted_in_what_a_run_wri
     """config.yaml and logged hyperparameters take ``redacted_config``: ${oc.env:<SECRET>} values become ***."""
     from omegaconf import OmegaConf
 
-    from lit_lora.wandb_logging import REDACTED, flat_config, redacted_config
-    from tests.conftest import compose_train
+    from lit_lora.loggers.wandb_logger import REDACTED, flat_config, redacted_config
+    from tests.helpers import compose_train
 
     canary = "canary-41c2-env-secret"
     monkeypatch.setenv("MY_SERVICE_API_KEY", canary)

@@ -6,8 +6,7 @@ import itertools
 
 import pytest
 
-from lit_lora.errors import UserError
-from lit_lora.rendering import (
+from lit_lora.data.rendering import (
     IGNORE_INDEX,
     NAMED_TEMPLATES,
     Rendering,
@@ -16,6 +15,7 @@ from lit_lora.rendering import (
     encode_text,
     prompt_ids,
 )
+from lit_lora.errors import UserError
 
 SMOL_SYSTEM = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"

@@ -16,18 +16,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lit_lora.callbacks.adapter_checkpoint import AdapterCheckpoint, parse_criterion
+from lit_lora.callbacks.retention import Retention, load_probes, model_identity, probe_key, shares_prefix
 from omegaconf import OmegaConf
 
-from callbacks.adapter_checkpoint import AdapterCheckpoint, parse_criterion
-from callbacks.retention import Retention, load_probes, model_identity, probe_key, shares_prefix
-from lit_lora.builder import build_model
-from lit_lora.config import ModelConfig, OptimConfig
+from lit_lora.config.schema import ModelConfig, OptimConfig
+from lit_lora.data.rendering import Rendering
 from lit_lora.errors import UserError
-from lit_lora.module import LitLoRA
-from lit_lora.rendering import Rendering
+from lit_lora.models.builder import build_model
 from lit_lora.speedups import attention
 from lit_lora.speedups.attention import use_lit_attention
-from tests.conftest import compose_train, plain_config
+from lit_lora.training.module import LitLoRA
+from tests.helpers import compose_train, plain_config
 
 TINY_MODEL = OmegaConf.to_container(compose_train(["model=tiny"]).model, resolve=True)
 

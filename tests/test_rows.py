@@ -8,9 +8,8 @@ import time
 import datasets
 import pytest
 
-from lit_lora.config import FieldsConfig
-from lit_lora.errors import UserError
-from lit_lora.rows import (
+from lit_lora.config.schema import FieldsConfig
+from lit_lora.data.rows import (
     MAX_JSON_DEPTH,
     MAX_NUMBER_CHARS,
     MAX_ROW_BYTES,
@@ -23,6 +22,7 @@ from lit_lora.rows import (
     read_saved,
     to_row,
 )
+from lit_lora.errors import UserError
 
 FIELDS = vars(FieldsConfig())
 GOOD = {"instruction": "Say hi.", "input": "", "output": "hi"}

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from lit_lora.builder import build_model
-from lit_lora.config import SpeedConfig, to_train_config
+from lit_lora.config.schema import SpeedConfig, to_train_config
 from lit_lora.errors import UserError
-from lit_lora.train import train
-from tests.conftest import TINY, compose_train
+from lit_lora.models.builder import build_model
+from lit_lora.training.run import train
+from tests.helpers import TINY, compose_train
 
 
 def _patched_forwards(model: nn.Module) -> list[str]:

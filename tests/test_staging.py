@@ -10,7 +10,7 @@ import pytest
 
 from lit_lora import staging
 from lit_lora.staging import scratch_folder, staged_folder, write_text_atomic
-from tests.test_imports import import_graph
+from tests.helpers import import_graph
 
 
 def _names(folder) -> list[str]:

@@ -1,4 +1,4 @@
-"""Hydra multirun sweeps: failures reported without stopping the sweep, W&B groups, and lit_lora.compare."""
+"""Hydra multirun sweeps: failures reported without stopping the sweep, W&B groups, and lit_lora.apps.compare."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lit_lora.checkpoint_io import checkpoint_step, find_resumable
-from lit_lora.embedded import cache_root
-from lit_lora.sweep import FAILED_FILE, sweep_jobs
-from tests.conftest import DPO, ROOT
+from lit_lora.models.embedded import cache_root
+from lit_lora.training.checkpoint_io import checkpoint_step, find_resumable
+from lit_lora.training.sweep import FAILED_FILE, sweep_jobs
+from tests.helpers import DPO, ROOT
 
 FAST = [
     "model=tiny",
@@ -226,7 +226,7 @@ def test_slurm_preset_composes_with_partition_gpus_and_time():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from lit_lora.config import register_configs
+    from lit_lora.config.schema import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()

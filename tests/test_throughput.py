@@ -11,12 +11,12 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lit_lora.callbacks.throughput import Throughput, flops_per_token, lookup_params, matmul_dtype, peak_flops
 from torch import nn
 
-from callbacks.throughput import Throughput, flops_per_token, lookup_params, matmul_dtype, peak_flops
-from lit_lora.builder import build_model
-from lit_lora.config import SpeedConfig, to_train_config
-from tests.conftest import TINY, compose_train
+from lit_lora.config.schema import SpeedConfig, to_train_config
+from lit_lora.models.builder import build_model
+from tests.helpers import TINY, compose_train
 
 BF16, FP16, FP32, TF32 = torch.bfloat16, torch.float16, torch.float32, "tfloat32"
 
@@ -186,11 +186,11 @@ def test_unknown_device_gives_none_and_one_warning_naming_it(caplog):
     for name in ("NVIDIA H20", "NVIDIA GB200", "NVIDIA GeForce RTX", "Some Accelerator 9000"):
         assert peak_flops(name, BF16) is None
     callback = Throughput()
-    with caplog.at_level(logging.WARNING, logger="callbacks.throughput"):
+    with caplog.at_level(logging.WARNING, logger="lit_lora.callbacks.throughput"):
         assert callback.peak_for("NVIDIA H20", BF16) is None
         assert callback.peak_for("NVIDIA H20", BF16) is None
         assert callback.peak_for("NVIDIA H200", BF16) == 989.4e12
-    warned = [r.getMessage() for r in caplog.records if r.name == "callbacks.throughput"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "lit_lora.callbacks.throughput"]
     assert len(warned) == 1 and "'NVIDIA H20'" in warned[0] and "perf/mfu is not reported" in warned[0]
     caplog.clear()
     assert Throughput().peak_for("NVIDIA H20", BF16, warn=False) is None  # ranks other than zero

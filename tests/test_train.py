@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lit_lora.demo import make_rows
+from lit_lora.data.demo import make_rows
 from lit_lora.errors import UserError
-from lit_lora.train import train
-from tests.conftest import ROOT, TINY, compose_train, demo_batch
+from lit_lora.training.run import train
+from tests.helpers import ROOT, TINY, compose_train, demo_batch
 
 
 def test_tiny_run_writes_the_run_folder(tmp_path):

@@ -35,12 +35,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from callbacks.throughput import Throughput
-from lit_lora.batching import MODEL_KEYS, collate, pack, padding_fraction
-from lit_lora.builder import build_model
-from lit_lora.config import register_configs, to_train_config
-from lit_lora.data import DataModule
-from lit_lora.module import LitLoRA
-from lit_lora.rendering import IGNORE_INDEX
+from lit_lora.config.schema import register_configs, to_train_config
+from lit_lora.data.batching import MODEL_KEYS, collate, pack, padding_fraction
+from lit_lora.data.module import DataModule
+from lit_lora.data.rendering import IGNORE_INDEX
+from lit_lora.models.builder import build_model
+from lit_lora.training.module import LitLoRA
 
 PRESETS = ("translation_vi_en", "summarization", "sentiment", "qa")
 HERE = Path(__file__).resolve().parent
@@ -74,8 +74,8 @@ def corpus(max_seq_len: int, scratch: Path) -> tuple[list[dict], object]:
 
 def longtail_corpus(tokenizer, n: int = 160) -> list[dict]:
     """Alpaca-style demo rows with long-tailed input lengths, rendered and masked by the project's code."""
-    from lit_lora.demo import make_rows
-    from lit_lora.rendering import Rendering, encode_conversation
+    from lit_lora.data.demo import make_rows
+    from lit_lora.data.rendering import Rendering, encode_conversation
 
     rng = random.Random(0)
     rendering = Rendering.resolve(tokenizer)
@@ -98,7 +98,7 @@ def one_run(examples: list[dict], tokenizer, packing: bool, args) -> dict:
         ["output_dir=/tmp/unused"] + (["speed.eager_attention_max_len=null"] if mask_baseline else [])
     )
     L.seed_everything(0, verbose=False)
-    built = build_model(cfg)  # the model lit_lora.train builds, speed paths included
+    built = build_model(cfg)  # the model lit_lora.training.run builds, speed paths included
     items = pack(examples, args.max_seq_len) if packing else examples
     loader = DataLoader(
         items,
@@ -121,7 +121,7 @@ def one_run(examples: list[dict], tokenizer, packing: bool, args) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         started = time.perf_counter()
-        module = LitLoRA(  # as lit_lora.train
+        module = LitLoRA(  # as lit_lora.training.run
             built.model,
             cfg.optim,
             chunked_loss=cfg.speed.chunked_loss,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lit_lora.config import SpeedConfig
+from lit_lora.config.schema import SpeedConfig
 
 
 @dataclass(frozen=True)

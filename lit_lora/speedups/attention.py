@@ -39,7 +39,7 @@ def segments_from_positions(position_ids: torch.Tensor) -> tuple[tuple[int, ...]
     """Start offsets of the segments of each row of a packed batch: where the position id is 0.
 
     ``position_ids`` is (B, T); a row's first position is always a start. Padding at the end of a
-    packed row restarts at 0 too (see :func:`lit_lora.batching.collate`), so it is a segment of its own.
+    packed row restarts at 0 too (see :func:`lit_lora.data.batching.collate`), so it is a segment of its own.
     """
     starts = position_ids == 0
     starts[:, 0] = True

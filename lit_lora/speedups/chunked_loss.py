@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lit_lora.rendering import IGNORE_INDEX
+from lit_lora.data.rendering import IGNORE_INDEX
 
 # Positions per chunk: 128 x 49,152 fp32 logits = 24 MiB at a time, under glibc's largest mmap threshold
 # (lit_lora.speedups.allocator), so chunk buffers are reused from the heap instead of page-faulted in anew; 128 was

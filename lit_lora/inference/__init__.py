@@ -1,0 +1,1 @@
+"""Inference: the one decoding core (``decoding``) and scoring of answers (``scoring``)."""

@@ -1,0 +1,2 @@
+"""Models: the one model builder (``builder``), adapter folders (``adapters``) and the embedded default
+model (``embedded``)."""
