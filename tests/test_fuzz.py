@@ -35,8 +35,9 @@ from hypothesis import strategies as st
 
 from lit_lora.config.schema import DataConfig, to_train_config
 from lit_lora.data.module import DataModule
+from lit_lora.data.readers import read_json
 from lit_lora.data.rendering import IGNORE_INDEX, count_trained
-from lit_lora.data.rows import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, MAX_ROW_BYTES, BadRows, read_json
+from lit_lora.data.rows import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, MAX_ROW_BYTES, BadRows
 from lit_lora.errors import UserError
 from tests.helpers import TINY, compose_train, run_cli
 

@@ -9,19 +9,9 @@ import datasets
 import pytest
 
 from lit_lora.config.schema import FieldsConfig
-from lit_lora.data.rows import (
-    MAX_JSON_DEPTH,
-    MAX_NUMBER_CHARS,
-    MAX_ROW_BYTES,
-    BadRows,
-    expand_files,
-    read_csv,
-    read_file,
-    read_hub,
-    read_json,
-    read_saved,
-    to_row,
-)
+from lit_lora.data.readers import read_csv, read_file, read_hub, read_json, read_saved
+from lit_lora.data.rows import MAX_JSON_DEPTH, MAX_NUMBER_CHARS, MAX_ROW_BYTES, BadRows, to_row
+from lit_lora.data.sources import expand_files
 from lit_lora.errors import UserError
 
 FIELDS = vars(FieldsConfig())

@@ -4,16 +4,8 @@ The output is a plain Hugging Face model folder (``save_pretrained``: safetensor
 transformers' own tensor names, config, tokenizer whose chat template is the one used in training,
 and ``rendering.json``) that loads with ``AutoModelForCausalLM.from_pretrained`` and nothing else.
 
-The merged model is the base as stored plus the adapter: the base loads at the precision its
-checkpoint stores it in (never below the output ``dtype``), whatever ``model.dtype`` training used,
-``W + scale * B @ A`` is formed in float64 with PEFT's safe merge (which refuses NaN results) and
-rounded once to ``dtype`` (float32, bfloat16, float16). Its logits therefore equal those of the
-stored base with the adapter attached by plain PEFT.
-
-An adapter trained on a 4-bit base (``quant=nf4`` / ``fp4`` / ``int8``, as in training) lands on the
-weights it was trained against: the layers training held quantized are quantized exactly as training
-did (from ``quant.compute_dtype``) and dequantized by bitsandbytes, never re-quantized after the
-merge; every other weight (embeddings, norms, the output head) is the base as stored.
+What the merged weights are (the base as stored, training's quantization undone exactly, the sum
+formed in float64 and rounded once to ``dtype``) is :mod:`lit_lora.models.merging`'s contract.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The data module: sources -> validated rows -> splits -> token ids with loss masks -> batches.
 
-Reading and row validation live in :mod:`lit_lora.data.rows`, rendering and masking in
+Finding sources lives in :mod:`lit_lora.data.sources`, reading them in :mod:`lit_lora.data.readers`,
+row validation in :mod:`lit_lora.data.rows`, rendering and masking in
 :mod:`lit_lora.data.rendering`, padding / packing / sampling in :mod:`lit_lora.data.batching`; this module
 plans the splits, enforces the length rules and caches the result.
 
@@ -43,6 +44,7 @@ from lit_lora.data.batching import (
     pack,
     padding_fraction,
 )
+from lit_lora.data.readers import read_file, read_hub, read_saved
 from lit_lora.data.rendering import (
     IGNORE_INDEX,
     Rendering,
@@ -52,20 +54,8 @@ from lit_lora.data.rendering import (
     encode_conversation,
     encode_text,
 )
-from lit_lora.data.rows import (
-    HUB_PREFIX,
-    BadRows,
-    Row,
-    describe,
-    expand_files,
-    is_saved_dataset,
-    read_file,
-    read_hub,
-    read_saved,
-    source_list,
-    split_files,
-    to_row,
-)
+from lit_lora.data.rows import HUB_PREFIX, BadRows, Row, describe, to_row
+from lit_lora.data.sources import expand_files, is_saved_dataset, source_list, split_files
 from lit_lora.errors import UserError
 from lit_lora.models.embedded import cache_root
 from lit_lora.staging import staged_folder

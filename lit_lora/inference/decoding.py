@@ -367,29 +367,18 @@ def generate_tokens(
     if not prompts:
         return []
     device = device if device is not None else model_device(model)
+    decoding = dict(
+        max_new_tokens=max_new_tokens,
+        pad_id=pad_id,
+        eos_id=eos_id,
+        fixed_length=fixed_length,
+        on_token=on_token,
+        device=device,
+    )
     with eval_mode(model), adapter_enabled(model, adapter):
         if all(s.greedy for s in samplings):
-            return _generate_greedy(
-                model,
-                prompts,
-                max_new_tokens=max_new_tokens,
-                pad_id=pad_id,
-                eos_id=eos_id,
-                fixed_length=fixed_length,
-                on_token=on_token,
-                device=device,
-            )
-        return decode_loop(
-            model,
-            prompts,
-            [Sampler(s) for s in samplings],
-            max_new_tokens=max_new_tokens,
-            pad_id=pad_id,
-            eos_id=eos_id,
-            fixed_length=fixed_length,
-            on_token=on_token,
-            device=device,
-        )
+            return _generate_greedy(model, prompts, **decoding)
+        return decode_loop(model, prompts, [Sampler(s) for s in samplings], **decoding)
 
 
 # ------------------------------------------------------------------------------------------ text
