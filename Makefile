@@ -59,13 +59,13 @@ bench-packing: $(STAMP)  ## packing vs padding, trained tokens/s -> experiments/
 	$(BIN)/python experiments/packing/bench.py --corpus longtail --out experiments/packing/results-longtail-segments.json $(ARGS)
 
 chaos: $(STAMP)  ## 20 SIGKILLs at random moments (some inside checkpoint writes), resume=auto each time
-	CHAOS_KILLS=20 $(BIN)/python -m pytest -q -s tests/test_reliability.py -k chaos $(ARGS)
+	CHAOS_KILLS=20 $(BIN)/python -m pytest -q -s tests/training/test_reliability.py -k chaos $(ARGS)
 
 fuzz: $(STAMP)  ## 10,000 hostile rows per file and row format through the row-to-token pipeline (CI runs a few hundred)
-	FUZZ_ROWS=10000 $(BIN)/python -m pytest -q tests/test_fuzz.py $(ARGS)
+	FUZZ_ROWS=10000 $(BIN)/python -m pytest -q tests/data/test_fuzz.py $(ARGS)
 
 ddp-stress: $(STAMP)  ## 20 back-to-back 2-process gloo DDP runs: exit 0, no abort, no process-group thread left at exit (CI checks one)
-	DDP_STRESS_RUNS=20 $(BIN)/python -m pytest -q -s tests/test_ddp_shutdown.py $(ARGS)
+	DDP_STRESS_RUNS=20 $(BIN)/python -m pytest -q -s tests/training/test_ddp_shutdown.py $(ARGS)
 
 gpu-check: $(STAMP)  ## every GPU path through the CLI within a time budget -> bench/results/gpu-<device>.json (CUDA; ARGS=--dry-run on CPU)
 	$(BIN)/python -m bench.gpu_check $(ARGS)

@@ -8,7 +8,7 @@ Two things transformers' SDPA path does slowly on a CPU, both measured (``make b
   packed row length. A varlen kernel (flash-attention) would skip the off-diagonal blocks, but it is
   CUDA-only. When the forward call carries ``packed_segments`` (one tuple of segment start offsets per
   row, see :func:`segments_from_positions`), attention runs on each segment separately; the result
-  equals the block-diagonal masked attention (pinned by ``tests/test_batching.py``).
+  equals the block-diagonal masked attention (pinned by ``tests/data/test_batching.py``).
 - **Short sequences in 16-bit.** PyTorch's CPU flash kernel pays a fixed cost per block that dominates
   below a few hundred positions: for 4 x 96 positions in bf16 (SmolLM2 heads) its forward + backward
   took 6.8 ms against 2.4 ms for matmul-softmax-matmul. On a CPU, in bf16/fp16, a sequence or packed

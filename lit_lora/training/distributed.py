@@ -17,7 +17,7 @@ with ``pthread_exit``, and when that forced unwind reaches a ``noexcept`` C++ fr
 releasing a tensor that holds a Python object, for instance), libstdc++ calls ``std::terminate`` with no
 exception in flight, which prints exactly that message; pytorch/pytorch#179291 describes it for gloo
 groups left to finalization. Whether a thread is inside such a window at that moment depends on
-scheduling, hence a rare failure. What the fix guarantees, and ``tests/test_ddp_shutdown.py`` checks on
+scheduling, hence a rare failure. What the fix guarantees, and ``tests/training/test_ddp_shutdown.py`` checks on
 every rank of every run, is that no process-group thread is alive when the interpreter starts to exit.
 
 The fix is an ordered teardown while the interpreter is fully alive: :func:`end_process_group` after

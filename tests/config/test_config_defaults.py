@@ -33,8 +33,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lit_lora.config.apps import EvaluateConfig, GenerateConfig, MergeConfig
 from lit_lora.config.schema import TrainConfig
+from tests.helpers import ROOT
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = ROOT / "conf"
 COMMANDS = {
     "train": TrainConfig,
     "merge": MergeConfig,

@@ -133,7 +133,7 @@ def test_the_processors_are_transformers_temperature_then_top_p():
 
 def test_generate_and_the_serve_engine_sample_the_same_answer():
     """A lone serve request and ``generate`` with the same temperature, top_p and seed: the same tokens
-    and text (the same model object here, so the same logits; tests/test_serve.py checks it end to end)."""
+    and text (the same model object here, so the same logits; tests/serve/test_serve.py checks it end to end)."""
     from lit_lora.apps.generate import Session
     from lit_lora.config.apps import GenerateConfig
     from lit_lora.serve.engine import Engine, Finished, Job

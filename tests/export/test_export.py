@@ -3,7 +3,7 @@ gguf's reader), the parity gate, the Modelfile, and bad input.
 
 The tiny random-init models share the embedded SmolLM2 tokenizer, so every file here carries the real
 49,152-token vocabulary. llama.cpp itself runs only where llama-cpp-python is installed (``make
-llamacpp``; ``tests/test_export.py -m llamacpp``)."""
+llamacpp``; ``tests/export/test_export.py -m llamacpp``)."""
 
 from __future__ import annotations
 

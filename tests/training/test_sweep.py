@@ -132,7 +132,7 @@ def test_compare_reads_the_sweep_offline(sweep_with_a_failure, tmp_path):
 
 def test_offline_wandb_dpo_sweep_runs_share_the_sweep_group_and_log_the_rewards(tmp_path):
     """A DPO sweep (issue 21: W&B groups with every objective; SFT's W&B run is read back in
-    tests/test_callbacks.py)."""
+    tests/callbacks/test_callbacks.py)."""
     sweep = tmp_path / "wb-sweep"
     env = {k: "" for k in os.environ if k.startswith("WANDB_")} | {"WANDB_API_KEY": "", "HOME": str(tmp_path)}
     env["LIT_LORA_CACHE"] = str(cache_root())  # not a new, empty cache under the new HOME

@@ -89,7 +89,7 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
 
 def test_sigkill_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_run_for_dpo(tmp_path):
     """One SIGKILL at a checkpoint of a DPO run. SFT runs are killed three times, at random moments, by
-    the chaos test (tests/test_reliability.py), which checks the same equality."""
+    the chaos test (tests/training/test_reliability.py), which checks the same equality."""
     common = [
         *TINY,
         *DPO,

@@ -6,7 +6,7 @@ Every run is a real ``lightning.Trainer`` fit of the tiny random Llama wrapped i
   its initial scale is set so high that the first steps overflow for sure;
 - two real gloo processes (DDP, and FSDP) where only one rank meets a NaN or an infinity: both ranks
   must take the same decision. This module is also the rank script of those runs
-  (``python -m tests.test_nonfinite``, see :func:`_rank_main`);
+  (``python -m tests.training.test_nonfinite``, see :func:`_rank_main`);
 - FSDP norm clipping, in one process (gloo, world size 1) and in the two-process FSDP run.
 
 Lightning refuses ``FSDPStrategy`` without CUDA (``_AcceleratorConnector._check_strategy_and_fallback``
@@ -324,7 +324,7 @@ def _two_ranks(
         args = [str(tmp_path), strategy, on_nonfinite, str(nan_batch_rank)]
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "tests.test_nonfinite", *args],
+                [sys.executable, "-m", "tests.training.test_nonfinite", *args],
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.PIPE,
