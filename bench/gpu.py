@@ -193,7 +193,7 @@ def one(system: str, args) -> dict:
     if torch.cuda.is_available() and not args.dry_run:
         peak = torch.cuda.max_memory_allocated() / GIB
     else:
-        from lit_lora.environment import process_memory_mb
+        from lit_lora.process import process_memory_mb
 
         peak = process_memory_mb()["peak_rss_mb"] / 1024
     return {**clock.result(), "system": system, "peak_memory_gib": round(peak, 3), "device": device}

@@ -132,7 +132,7 @@ def mix_examples(tokenizer, scratch: Path, n: int) -> list[dict]:
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    from lit_lora.environment import process_memory_mb
+    from lit_lora.process import process_memory_mb
 
     return process_memory_mb()["peak_rss_mb"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lit_lora.environment import MB, process_memory_mb
+from lit_lora.process import MB, process_memory_mb
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,8 @@ import ast
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import PACKAGE, ROOT, import_graph
 
 
@@ -118,14 +120,16 @@ def test_no_import_cycle_inside_lit_lora():
     assert cycles(graph) == [], {m: sorted(graph[m]) for c in cycles(graph) for m in c}
 
 
-def test_environment_helpers_import_nothing_of_lit_lora():
-    """``lit_lora.environment`` is the leaf every module may use (rank, hub reachability)."""
-    assert import_graph()["environment"] == set() and import_graph()["console"] == set()
+@pytest.mark.parametrize("leaf", ["process", "network"])
+def test_the_process_and_network_facts_import_nothing_of_lit_lora(leaf):
+    """``lit_lora.process`` (rank, memory) and ``lit_lora.network`` (hub reachability) are leaves every
+    module may use."""
+    assert import_graph()[leaf] == set() and import_graph()["console"] == set()
     done = subprocess.run(
-        [sys.executable, "-c", "import sys, lit_lora.environment; "
+        [sys.executable, "-c", f"import sys, lit_lora.{leaf}; "
          "print(sorted(m for m in sys.modules if m.startswith('lit_lora.')))"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     # The package itself imports lit_lora.console first (warning filters before any library imports).
-    assert done.stdout.strip() == "['lit_lora.console', 'lit_lora.environment']"
+    assert done.stdout.strip() == f"['lit_lora.console', 'lit_lora.{leaf}']"

@@ -423,7 +423,7 @@ def read_saved(folder: Path, bad: BadRows) -> dict[str, list[tuple[str, dict]]]:
 
 def read_hub(spec: str, split: str, subset: str | None, bad: BadRows) -> list[tuple[str, dict]]:
     """Rows of a hub dataset; fails in seconds, with the way out, when the hub cannot be reached."""
-    from lit_lora.environment import hub_reachable
+    from lit_lora.network import hub_reachable
 
     name = spec[len(HUB_PREFIX) :]
     if not hub_reachable():

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lit_lora.environment import tcp_reachable
+from lit_lora.network import tcp_reachable
 
 # Whole words only: "hf_token" and "api_key" are secrets, "tokens_per_s" is not.
 SECRET = re.compile(

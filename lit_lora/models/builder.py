@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from lit_lora.config.schema import LoraConfig, ModelConfig, QuantConfig, TrainConfig
-from lit_lora.environment import hub_host, hub_reachable, local_rank
 from lit_lora.errors import UserError
 from lit_lora.models import embedded
 from lit_lora.models.adapters import attach_adapter, check_adapter_folder, load_reference
 from lit_lora.models.placement import cuda_index_for, is_fsdp, sharded_storage_dtype
+from lit_lora.network import hub_host, hub_reachable
+from lit_lora.process import local_rank
 from lit_lora.speedups import Speedups, apply_speedups
 from lit_lora.staging import staged_folder
 

@@ -125,8 +125,8 @@ def check_plugin_keys(cfg: DictConfig) -> None:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident memory since this job started (see :func:`lit_lora.environment.reset_peak_rss`)."""
-    from lit_lora.environment import process_memory_mb
+    """Peak resident memory since this job started (see :func:`lit_lora.process.reset_peak_rss`)."""
+    from lit_lora.process import process_memory_mb
 
     return process_memory_mb()["peak_rss_mb"]
 
@@ -234,7 +234,7 @@ def train(cfg: DictConfig) -> TrainResult:
     import lightning as L
 
     from lit_lora.console import quiet_library_progress_bars
-    from lit_lora.environment import reset_peak_rss
+    from lit_lora.process import reset_peak_rss
     from lit_lora.progress import interactive
     from lit_lora.training.checkpoint_io import checkpoint_step
     from lit_lora.training.graceful import GracefulStop
