@@ -55,25 +55,40 @@ def test_a_user_config_folder_that_does_not_exist_is_refused(flag, tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "outputs").exists()
 
 
-def test_every_command_refuses_an_output_path_outside_the_root_before_hydra(tmp_path):
-    """The same confinement keys, listed once in the command table, for both forms of a command."""
+def _refusal(args: list[str], capsys) -> tuple[int, str]:
+    """``lit-lora <args>`` run in this process (the same :func:`lit_lora.cli.main`): its exit status and
+    stderr, for refusals that end before Hydra starts."""
+    from lit_lora.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_every_command_refuses_an_output_path_outside_the_root_before_hydra(tmp_path, monkeypatch, capsys):
+    """The same confinement keys, listed once in the command table, for every command (in this process;
+    the console script is checked once below)."""
     root, outside = tmp_path / "root", tmp_path / "elsewhere"
     root.mkdir()
-    for name, command in COMMANDS.items():
-        for key in command.path_keys:
-            done = lit_lora(name, f"{key}={outside}", cwd=root, env={"LIT_LORA_OUTPUT_ROOT": str(root)})
-            assert done.returncode == 2, (name, key, done.stderr)
-            assert f"{key}={outside} is outside the output root" in done.stderr
-    assert not outside.exists()
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("LIT_LORA_OUTPUT_ROOT", str(root))
+    keys = [(name, key) for name, command in COMMANDS.items() for key in command.path_keys]
+    assert {name for name, _ in keys} == {"train", "evaluate", "merge", "export"}
+    for name, key in keys:
+        code, err = _refusal([name, f"{key}={outside}"], capsys)
+        assert code == 2 and f"{key}={outside} is outside the output root" in err, (name, key, err)
+    done = lit_lora("train", f"hydra.run.dir={outside}", cwd=root, env={"LIT_LORA_OUTPUT_ROOT": str(root)})
+    assert done.returncode == 2 and "is outside the output root" in done.stderr
+    assert not outside.exists() and list(root.iterdir()) == []
 
 
-def test_a_moved_key_is_named_by_every_hydra_command(tmp_path):
+def test_a_moved_key_is_named_by_every_hydra_command(capsys):
     from lit_lora.config.moved_keys import MOVED_KEYS
 
-    old, _new = next(iter(MOVED_KEYS.items()))
-    for name in ("train", "evaluate"):
-        done = lit_lora(name, f"{old}=1", cwd=tmp_path)
-        assert done.returncode == 2 and old in done.stderr, (name, done.stderr)
+    old, new = next(iter(MOVED_KEYS.items()))
+    for name in ("train", "evaluate", "serve"):
+        code, err = _refusal([name, f"{old}=1"], capsys)
+        assert code == 2 and f"{old} is now {new}" in err, (name, err)
 
 
 @pytest.mark.slow

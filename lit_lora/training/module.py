@@ -15,16 +15,12 @@ in the next collective. On one device that reduction returns its input, at no co
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-from collections.abc import Iterator
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
-from peft import get_peft_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torchmetrics.text import Perplexity
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -33,47 +29,16 @@ from lit_lora.config.schema import ObjectiveConfig, OptimConfig
 from lit_lora.data.batching import MODEL_KEYS, REF_LOGPS, is_right_padded
 from lit_lora.data.rendering import IGNORE_INDEX, Rendering
 from lit_lora.errors import UserError
-from lit_lora.models.builder import count_params
 from lit_lora.speedups.attention import segments_from_positions
 from lit_lora.speedups.chunked_loss import sequence_logps, supports_chunked_loss, trained_token_loss
 from lit_lora.training import faults
+from lit_lora.training.adapter_state import AdapterState
 from lit_lora.training.objectives import PairScores, pair_scores
 from lit_lora.training.reference import reference_model
-
-# Prefixes FSDP and its activation checkpointing insert into parameter names.
-_FSDP_PREFIX = "_fsdp_wrapped_module."
-_CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
-
-
-def _all_trainable(params: Iterator[torch.nn.Parameter]) -> bool:
-    """True if there is at least one parameter and every one requires grad (an adapter-only unit)."""
-    flags = [p.requires_grad for p in params]
-    return bool(flags) and all(flags)
-
-
-def _peft_names(model: torch.nn.Module) -> dict[str, str]:
-    """``{state_dict name: PEFT saved name}`` for every trainable parameter of an unwrapped PEFT model.
-
-    PEFT's own selection (``get_peft_model_state_dict``) returns the parameters themselves under their
-    saved names; matching them by identity gives the renaming without restating PEFT's rules."""
-    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
-    saved = {id(tensor): key for key, tensor in get_peft_model_state_dict(model, state_dict=params).items()}
-    names = {name: saved.get(id(param)) for name, param in params.items()}
-    unnamed = [name for name, key in names.items() if key is None]
-    if unnamed:
-        raise RuntimeError(f"trainable parameters PEFT does not save: {unnamed[:3]}")
-    return names
-
 
 # Under a loss scaler, a step whose gradients overflow although the scale it used was at most this is
 # not an overflow of scaled gradients: the run itself has diverged (see on_before_optimizer_step).
 MIN_LOSS_SCALE = 1.0
-
-
-def _json_default(value):
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    return str(value)
 
 
 class LitLoRA(L.LightningModule):
@@ -122,139 +87,43 @@ class LitLoRA(L.LightningModule):
         self._batch_idx = 0
         # Counted here, on the model as built: once FSDP (use_orig_params) or DeepSpeed ZeRO-3 has
         # wrapped it, a parameter's numel on a rank is the size of that rank's shard.
-        self._trainable_params = count_params(model)[0]
-        self._peft_names = _peft_names(model)
-        params = dict(model.named_parameters())
-        self._peft_shapes = {peft: tuple(params[name].shape) for name, peft in self._peft_names.items()}
+        self.adapter = AdapterState(model)
 
     # ------------------------------------------------------------------ checkpoints: the adapter only
+    # The adapter's state lives in lit_lora.training.adapter_state; these are the names callbacks,
+    # strategies and Lightning's hooks use.
     def trainable_count(self) -> int:
-        """The number of trainable (adapter) parameters, whole (not a rank's shard), on every rank.
+        """The number of trainable (adapter) parameters, whole (not a rank's shard), on every rank."""
+        return self.adapter.trainable_params
 
-        Counted once, in ``__init__``, before any strategy shards the model; the trainable set does not
-        change afterwards (``lit_lora.models.builder.check_only_adapter_trainable``), and loading a checkpoint
-        only copies values into the existing parameters."""
-        return self._trainable_params
-
-    @contextlib.contextmanager
-    def full_params(self, writeback: bool = False) -> Iterator[None]:
-        """Inside, every adapter parameter is whole on every rank; with any strategy but FSDP it does
-        nothing. ``writeback`` keeps changes made inside.
-
-        Under FSDP (a collective: enter it on every rank) only the units that hold the adapter are
-        gathered: each LoRA A and B is a unit of its own (PEFT's wrap policy, lit_lora.training.strategies), so a
-        save never gathers the frozen base. If some trainable parameter lives in a unit with frozen ones
-        (another wrap policy, a trainable bias), the whole model is gathered instead, as before.
-        """
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if not (isinstance(strategy, FSDPStrategy) and isinstance(strategy.model, FSDP)):
-            yield
-            return
-        if getattr(strategy.model, "_is_root", None) is None:
-            # FSDP not yet initialised (no forward, no optimizer-state load): summoning a child unit
-            # first would make it a root and break the real root's initialisation. The whole model,
-            # once, initialises it properly.
-            with FSDP.summon_full_params(strategy.model, writeback=writeback):
-                yield
-            return
-        units = [
-            unit
-            for unit in FSDP.fsdp_modules(strategy.model)
-            if unit is not strategy.model and _all_trainable(unit.module.parameters())
-        ]
-        covered = {id(p) for unit in units for p in unit.module.parameters()}
-        whole = any(p.requires_grad and id(p) not in covered for p in self.model.parameters())
-        with contextlib.ExitStack() as stack:
-            if whole:
-                stack.enter_context(FSDP.summon_full_params(strategy.model, writeback=writeback))
-            else:
-                for unit in units:
-                    stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=writeback))
-            yield
+    def full_params(self, writeback: bool = False):
+        """Every adapter parameter whole on every rank inside (:meth:`AdapterState.full_params`)."""
+        return self.adapter.full_params(
+            self._trainer.strategy if self._trainer is not None else None, writeback
+        )
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's parameters (the tensors themselves) under their ``model.state_dict()`` names.
-
-        Read from the parameters rather than from ``state_dict()``, which would visit the frozen base too
-        (under FSDP, gathering it). Whole tensors inside :meth:`full_params` under FSDP. PEFT's
-        ``get_peft_model_state_dict`` / ``save_pretrained(state_dict=...)`` take it as is."""
-        return {
-            name.replace(_FSDP_PREFIX, "").replace(_CHECKPOINT_PREFIX, ""): param
-            for name, param in self.model.named_parameters()
-            if param.requires_grad
-        }
-
-    def _peft_weights(self) -> dict[str, torch.Tensor]:
-        """The adapter under PEFT's saved names (no adapter name): the parameters themselves.
-
-        The names come from PEFT on the model as built (:func:`_peft_names`): PEFT finds adapter entries
-        through the model's module names, which FSDP's wrappers change, so asked after wrapping it
-        finds none (an FSDP run exported an empty adapter before this)."""
-        return {self._peft_names[name]: param for name, param in self.adapter_state_dict().items()}
+        """The adapter's parameters under their ``model.state_dict()`` names (:class:`AdapterState`)."""
+        return self.adapter.state_dict()
 
     def adapter_weights(self) -> dict[str, torch.Tensor]:
         """Detached CPU copies of the adapter under PEFT's names (inside :meth:`full_params` under FSDP)."""
-        return {k: v.detach().cpu().clone().contiguous() for k, v in self._peft_weights().items()}
+        return self.adapter.weights()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Replace Lightning's full ``state_dict`` with the adapter (PEFT names and config).
-
-        Raises :class:`UserError` if an adapter weight is NaN or infinite: such a checkpoint would only
-        resume a broken run.
-        """
+        """Replace Lightning's full ``state_dict`` with the adapter (:meth:`AdapterState.save_into`)."""
         with self.full_params():
-            weights = self.adapter_weights()
-        broken = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
-        if broken:
-            raise UserError(
-                f"step {self.trainer.global_step}: adapter weights are not finite ({broken[0]} and "
-                f"{len(broken) - 1} more); no checkpoint saved. Lower optim.lr or set trainer.gradient_clip_val"
-            )
-        config = self.model.peft_config[self.model.active_adapter]
-        checkpoint["adapter"] = {
-            "weights": {name: tensor.contiguous() for name, tensor in weights.items()},
-            "config": json.loads(json.dumps(config.to_dict(), default=_json_default)),
-        }
-        checkpoint["state_dict"] = {}  # the frozen base is never stored
-        checkpoint["trainable_params"] = self.trainable_count()
+            self.adapter.save_into(checkpoint, self.trainer.global_step)
 
     def check_adapter_fits(self, checkpoint: dict) -> None:
-        """Raise :class:`UserError` unless the checkpoint's adapter has exactly this model's adapter keys
-        and shapes (the shapes as built, so that nothing is gathered: FSDP's strategy calls this before
-        it loads the optimizer moments)."""
-        adapter = checkpoint.get("adapter")
-        if adapter is None:
-            raise UserError(
-                "the checkpoint holds no adapter weights; resume from a lit-lora checkpoint folder"
-            )
-        expected, given = set(self._peft_shapes), set(adapter["weights"])
-        if given != expected:
-            missing, unexpected = sorted(expected - given), sorted(given - expected)
-            raise UserError(
-                f"the checkpoint's adapter does not fit this model: {len(missing)} missing keys "
-                f"{missing[:2]}, {len(unexpected)} unexpected keys {unexpected[:2]} "
-                "(same model and lora settings as the run that saved it?)"
-            )
-        for name, tensor in adapter["weights"].items():
-            if tuple(tensor.shape) != self._peft_shapes[name]:
-                raise UserError(
-                    f"the checkpoint's adapter does not fit this model: {name} is {tuple(tensor.shape)} "
-                    f"there, {self._peft_shapes[name]} here (same lora.r and target modules as the run "
-                    "that saved it?)"
-                )
-        count = self.trainable_count()
-        if checkpoint.get("trainable_params", count) != count:
-            raise UserError(
-                f"trainable parameters changed on resume: {checkpoint.get('trainable_params')} saved, {count} now"
-            )
+        """Raise :class:`UserError` unless the checkpoint's adapter fits this model (:class:`AdapterState`)."""
+        self.adapter.check_fits(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Load the adapter of a checkpoint (:meth:`check_adapter_fits` first) into the parameters."""
-        self.check_adapter_fits(checkpoint)
-        with self.full_params(writeback=True), torch.no_grad():  # the base is never visited
-            own = self._peft_weights()
-            for name, tensor in checkpoint["adapter"]["weights"].items():
-                own[name].copy_(tensor.to(device=own[name].device, dtype=own[name].dtype))
+        """Load the adapter of a checkpoint (checked first) into the parameters."""
+        self.adapter.check_fits(checkpoint)
+        with self.full_params(writeback=True):  # the base is never visited
+            self.adapter.load_from(checkpoint)
 
     @staticmethod
     def _model_inputs(
