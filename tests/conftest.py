@@ -61,8 +61,13 @@ def ddp_run(tmp_path_factory) -> Run:
 
     out = tmp_path_factory.mktemp("ddp")
     env = reporting_env(tmp_path_factory.mktemp("site"))
+    # Through the console command: rank zero is `lit-lora train`, which must start rank one as
+    # `python -m lit_lora.train` (lit_lora.cli._relaunch_as); the other DDP tests start `python -m`.
     done = run_cli(
-        *ddp(*EXACT, *CKPT_EVERY_2, f"output_dir={out}", "data.batch_size=4"), timeout=300, env=env
+        *ddp(*EXACT, *CKPT_EVERY_2, f"output_dir={out}", "data.batch_size=4"),
+        timeout=300,
+        env=env,
+        console=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return Run(out, done)

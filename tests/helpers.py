@@ -84,14 +84,23 @@ def compose_train(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
+# The console command of the environment the tests run in.
+LIT_LORA = Path(sys.executable).parent / "lit-lora"
+
+
 def run_cli(
-    *args: str, timeout: float = 120, cwd: Path | None = None, env: dict[str, str] | None = None
+    *args: str,
+    timeout: float = 120,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    console: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m lit_lora.train`` in a subprocess (environment: ``env``, default this process's);
-    returns the completed process (text output)."""
+    """Run ``python -m lit_lora.train`` (``console``: ``lit-lora train``) in a subprocess (environment:
+    ``env``, default this process's); returns the completed process (text output)."""
     env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+    command = [str(LIT_LORA), "train"] if console else [sys.executable, "-m", "lit_lora.train"]
     return subprocess.run(
-        [sys.executable, "-m", "lit_lora.train", *args],
+        [*command, *args],
         cwd=cwd or ROOT,
         env=env,
         capture_output=True,

@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from lit_lora.config.commands import COMMANDS
-from tests.helpers import EXACT, ROOT, TINY, ddp
+from tests.helpers import ROOT
 
 LIT_LORA = Path(sys.executable).parent / "lit-lora"
 
@@ -91,54 +90,10 @@ def test_a_moved_key_is_named_by_every_hydra_command(capsys):
         assert code == 2 and f"{old} is now {new}" in err, (name, err)
 
 
-@pytest.mark.slow
-def test_a_user_config_folder_and_callback_module_from_the_working_directory(tmp_path):
-    """The Hydra way to add one's own configs: ``--config-dir`` joins the search path, and a ``_target_``
-    names a module in the working directory, as with ``python -m``."""
-    (tmp_path / "my_conf" / "callbacks").mkdir(parents=True)
-    marker = tmp_path / "seen.json"
-    (tmp_path / "my_callbacks.py").write_text(
-        textwrap.dedent(
-            """
-            import json
-            import lightning as L
-
-            class Steps(L.Callback):
-                def __init__(self, path: str):
-                    self.path, self.steps = path, 0
-
-                def on_train_batch_end(self, *args):
-                    self.steps += 1
-
-                def on_train_end(self, trainer, pl_module):
-                    with open(self.path, "w") as f:
-                        json.dump({"steps": self.steps}, f)
-            """
-        )
-    )
-    (tmp_path / "my_conf" / "callbacks" / "steps.yaml").write_text(
-        f"steps:\n  _target_: my_callbacks.Steps\n  path: {marker}\n"
-    )
-    env = {**os.environ, "PYTHONPATH": ""}
-    done = subprocess.run(
-        [str(LIT_LORA), "train", "--config-dir", "my_conf", *TINY, "+callbacks=steps", "score=false",
-         f"output_dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(marker.read_text()) == {"steps": 4}
-
-
-@pytest.mark.slow
-def test_the_console_command_starts_the_other_ranks_of_a_ddp_run(tmp_path):
+def test_the_console_command_starts_the_other_ranks_of_a_ddp_run(ddp_run):
     """Lightning starts rank one by rebuilding this process's command line; under the console script
-    (no ``__main__.__spec__``) it must still name the command (:func:`lit_lora.cli._relaunch_as`)."""
-    out = tmp_path / "run"
-    done = lit_lora(
-        "train", *ddp(*EXACT), "trainer.max_steps=2", f"output_dir={out}", "data.batch_size=4",
-        cwd=tmp_path, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["global_step"] == 2
-    assert "2 devices" in done.stdout
+    (no ``__main__.__spec__``) it must still name the command (:func:`lit_lora.cli._relaunch_as`). The
+    shared 2-rank run (``ddp_run`` in conftest.py) is started as ``lit-lora train``."""
+    summary = json.loads((ddp_run.out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 4
+    assert "x 2 devices" in ddp_run.done.stdout

@@ -8,6 +8,7 @@ lit-lora can be imported).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +20,23 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
+
+STEPS_CALLBACK = """
+import json
+import lightning as L
+
+
+class Steps(L.Callback):
+    def __init__(self, path: str):
+        self.path, self.steps = path, 0
+
+    def on_train_batch_end(self, *args):
+        self.steps += 1
+
+    def on_train_end(self, trainer, pl_module):
+        with open(self.path, "w") as f:
+            json.dump({"steps": self.steps}, f)
+"""
 
 # What a wheel is built from (tests, benchmarks and experiments stay in the repository).
 SOURCES = ("pyproject.toml", "README.md", "lit_lora", "callbacks", "conf")
@@ -128,10 +146,19 @@ def test_the_installed_command_runs_from_any_folder(installed, tmp_path):
     helped = _run(lit_lora, "--help", cwd=work, env=env)
     assert helped.returncode == 0 and "train" in helped.stdout and "serve" in helped.stdout, helped.stderr
 
-    trained = _run(
-        lit_lora, "train", "model=tiny", "trainer.max_steps=2", "score=false", cwd=work, env=env, timeout=600
+    # A user's own config folder and callback module, the Hydra way (--config-dir) and from the working
+    # directory, as the README shows.
+    (work / "my_conf" / "callbacks").mkdir(parents=True)
+    (work / "my_conf" / "callbacks" / "steps.yaml").write_text(
+        f"steps:\n  _target_: my_callbacks.Steps\n  path: {work / 'steps.json'}\n"
     )
+    (work / "my_callbacks.py").write_text(STEPS_CALLBACK)
+    trained = _run(
+        lit_lora, "train", "--config-dir", "my_conf", "+callbacks=steps", "model=tiny", "trainer.max_steps=2",
+        "score=false", cwd=work, env=env, timeout=600,
+    )  # fmt: skip
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
+    assert json.loads((work / "steps.json").read_text()) == {"steps": 2}
     (summary,) = (work / "runs").glob("*/*/summary.json")
     adapter = summary.parent / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
