@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lit_lora.errors import UserError, exit_with
+from lit_lora.errors import UserError
 
 OUTPUT_ROOT_ENV = "LIT_LORA_OUTPUT_ROOT"
 
@@ -54,13 +54,3 @@ def confine_override_paths(argv: list[str], keys: tuple[str, ...]) -> None:
         value = value.strip("'\"")  # Lightning's DDP launcher passes hydra.run.dir="<folder>"
         if key.lstrip("+") in keys and value and "${" not in value:
             confined(key.lstrip("+"), value, root)
-
-
-def check_argv_paths(argv: list[str], keys: tuple[str, ...]) -> None:
-    """Exit (status 2, one line) when :func:`confine_override_paths` refuses ``argv``. Entry points call
-    this before Hydra starts, because Hydra creates its run folder (``hydra.run.dir`` and what it
-    interpolates) before the job, and so before any config check, runs."""
-    try:
-        confine_override_paths(argv, keys)
-    except UserError as err:
-        exit_with(err)

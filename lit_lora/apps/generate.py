@@ -1,4 +1,4 @@
-"""Try a model: ``python -m lit_lora.generate adapter=<folder> prompt="..."`` (no prompt: interactive chat).
+"""Try a model: ``lit-lora generate adapter=<folder> prompt="..."`` (no prompt: interactive chat).
 
 The prompt is built with exactly the rendering saved with the adapter (or a merged folder's
 ``rendering.json``), tokens are streamed as they are produced, and generation stops at EOS.
@@ -119,7 +119,7 @@ def chat(cfg: GenerateConfig) -> Reply | None:
 
 
 def run(overrides: Sequence[str] = ()) -> Reply:
-    """``python -m lit_lora.generate prompt=... <overrides>`` as a function (:mod:`lit_lora.config.compose`): the
+    """``lit-lora generate prompt=... <overrides>`` as a function (:mod:`lit_lora.config.compose`): the
     reply to ``prompt``, not streamed. Raises :class:`~lit_lora.errors.UserError` for user mistakes."""
     cfg = typed(compose("generate", overrides), GenerateConfig)
     if cfg.prompt is None:

@@ -1,4 +1,4 @@
-"""Export for llama.cpp and Ollama: ``python -m lit_lora.export adapter=<run>/adapter [format=gguf]
+"""Export for llama.cpp and Ollama: ``lit-lora export adapter=<run>/adapter [format=gguf]
 [outtype=f16] [model=... quant=...]``.
 
 ``format=gguf`` merges the adapter as :mod:`lit_lora.apps.merge` does (into the dequantized base when the run
@@ -473,7 +473,7 @@ def _print_report(report: dict, out: Path) -> None:
 
 
 def run(overrides: Sequence[str] = ()) -> dict:
-    """``python -m lit_lora.export <overrides>`` as a function (:mod:`lit_lora.config.compose`); returns
+    """``lit-lora export <overrides>`` as a function (:mod:`lit_lora.config.compose`); returns
     ``export.json``'s content. Raises :class:`~lit_lora.errors.UserError` (a failed gate:
     :class:`GateFailed`)."""
     return export(typed(compose("export", overrides), ExportConfig))

@@ -1,5 +1,5 @@
 """Serve the base model and any number of adapters through the OpenAI API:
-``python -m lit_lora.serve 'adapters={json:runs/a/adapter,sentiment:runs/b/adapter}'`` (quoted: the
+``lit-lora serve 'adapters={json:runs/a/adapter,sentiment:runs/b/adapter}'`` (quoted: the
 shell would expand ``{a,b}``).
 
 One base model is loaded once (``model=`` / ``quant=`` as in training, QLoRA bases included); each adapter
