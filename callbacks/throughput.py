@@ -260,11 +260,18 @@ class Throughput(L.Callback):
     def on_train_batch_end(
         self, trainer, pl_module, outputs, batch: dict[str, torch.Tensor], batch_idx: int
     ) -> None:
-        tokens = int(batch["token_mask"].sum())
-        trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        # GRPO's batches hold prompts; the module counts what it trained on (prompt + completion tokens,
+        # completion tokens, prompts: perf/samples_per_s = prompts/s, rollouts and updates together).
+        if "token_counts" in batch:
+            tokens, trained, samples = batch["token_counts"]
+        else:
+            tokens = int(batch["token_mask"].sum())
+            trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         # A packed row holds several examples: count the examples (position resets), not the rows; a
         # preference batch holds both sides of each pair: count the pairs (perf/samples_per_s = pairs/s).
-        if "pairs" in batch:
+        if "token_counts" in batch:
+            pass
+        elif "pairs" in batch:
             samples = int(batch["pairs"])
         elif "position_ids" in batch:
             samples = int((batch["position_ids"] == 0).logical_and(batch["token_mask"].bool()).sum())

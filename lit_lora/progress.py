@@ -81,7 +81,10 @@ class ProgressLines(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         mask = batch.get("token_mask") if isinstance(batch, dict) else None
-        self._tokens += int(mask.sum()) if mask is not None else 0
+        if mask is not None:
+            self._tokens += int(mask.sum())
+        elif isinstance(batch, dict) and "token_counts" in batch:  # GRPO: prompt + completion tokens
+            self._tokens += int(batch["token_counts"][0])
         step, now = trainer.global_step, time.monotonic()
         due = step - self._last_step >= self.every_n_steps or now - self._last_time >= self.interval_s
         if step == self._last_step or not (due or step == trainer.max_steps):
@@ -96,6 +99,9 @@ class ProgressLines(L.Callback):
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
             parts.append(f"loss {float(loss):.4f}")
+        reward = trainer.callback_metrics.get("train/reward")  # GRPO
+        if reward is not None:
+            parts.append(f"reward {float(reward):.3f}")
         if elapsed > 0:
             parts.append(f"{self._tokens / elapsed:.0f} tokens/s")
         parts.append(f"elapsed {_clock(elapsed)}")

@@ -24,8 +24,12 @@ PRECISIONS = ("32", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 DTYPES = ("float32", "bfloat16", "float16")
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
-OBJECTIVES = ("sft", "dpo", "simpo", "orpo")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "grpo")
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
+GRPO_IMPORTANCE_LEVELS = ("token", "sequence")
 
 
 def _one_of(group: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -285,6 +289,10 @@ class ObjectiveConfig:
       the run folder, :class:`lit_lora.training.reference.PrecomputedReference`), so that no step runs it.
     - ``simpo``: reference-free, length-normalised log-probs; ``beta``, margin ``gamma``.
     - ``orpo``: reference-free; NLL of the chosen answer + ``lambda_`` x the log odds-ratio term.
+    - ``grpo``: online RL with verifiable rewards on ``data.format=prompt`` rows (the ``rewards``
+      functions score completions sampled from the training weights); the knobs below keep the names
+      and meanings of TRL's ``GRPOConfig`` (:mod:`lit_lora.training.grpo`). ``beta`` is the weight of
+      the KL to the reference (0 in ``conf/objective/grpo.yaml``: no reference forward at all).
     """
 
     name: str = "sft"
@@ -296,20 +304,41 @@ class ObjectiveConfig:
     ref_adapter: str | None = None  # dpo only: base + this adapter is the reference
     precompute_ref: bool = False  # dpo only: reference log-probs once before training, none per step
     rpo_alpha: float = 0.0  # dpo only: + rpo_alpha x the chosen answer's NLL per token (RPO)
+    # grpo only (TRL's GRPOConfig names): G completions per prompt; data.batch_size counts completions.
+    num_generations: int = 8
+    loss_type: str = "dapo"  # grpo (per-sequence mean) | bnpo | dr_grpo | dapo (token-level)
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    use_bias_correction_kl: bool = True  # the KL term times the importance ratio (TRL's default)
+    epsilon: float = 0.2  # lower clip bound: ratio >= 1 - epsilon
+    epsilon_high: float | None = None  # upper clip bound 1 + epsilon_high (DAPO's clip-higher); null: epsilon
+    num_iterations: int = 1  # mu: optimizer steps per batch of rollouts (the rollout-time policy is "old")
+    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO): what divides reward - group mean
+    mask_truncated_completions: bool = False  # completions cut at max_completion_length teach nothing
+    max_completion_length: int = 256  # new tokens per completion (prompt + this <= data.max_seq_len)
+    temperature: float = 1.0  # sampling temperature of the rollouts (log-probs use the same)
+    top_p: float = 1.0
+    log_completions_every: int = 10  # steps between samples written to completions.jsonl (0: never)
 
     @property
     def preference(self) -> bool:
         """True for the objectives that train on preference pairs."""
-        return self.name != "sft"
+        return self.name in PREFERENCE_OBJECTIVES
+
+    @property
+    def online(self) -> bool:
+        """True for the objectives that train on completions sampled during training (grpo)."""
+        return self.name == "grpo"
 
     @property
     def uses_reference(self) -> bool:
-        return self.name == "dpo"
+        return self.name == "dpo" or (self.name == "grpo" and self.beta > 0)
 
     def __post_init__(self) -> None:
         _one_of("objective", "name", self.name, OBJECTIVES)
         _one_of("objective", "loss", self.loss, DPO_LOSSES)
-        if self.beta <= 0:
+        if self.name == "grpo":
+            self._check_grpo()
+        elif self.beta <= 0:
             raise UserError(f"objective.beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError(f"objective.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
@@ -336,6 +365,43 @@ class ObjectiveConfig:
             raise UserError(
                 f"objective.precompute_ref computes the reference of objective=dpo; objective={self.name} "
                 "has none (set objective.precompute_ref=false)"
+            )
+
+    def _check_grpo(self) -> None:
+        _one_of("objective", "loss_type", self.loss_type, GRPO_LOSSES)
+        _one_of("objective", "scale_rewards", self.scale_rewards, GRPO_SCALE_REWARDS)
+        _one_of(
+            "objective", "importance_sampling_level", self.importance_sampling_level, GRPO_IMPORTANCE_LEVELS
+        )
+        if self.num_generations < 2:
+            raise UserError(
+                f"objective.num_generations must be >= 2 (a group's completions are compared with each "
+                f"other), got {self.num_generations}"
+            )
+        if self.beta < 0:
+            raise UserError(f"objective.beta must be >= 0 (0: no KL term), got {self.beta}")
+        for key in ("epsilon", "epsilon_high"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise UserError(f"objective.{key} must be > 0, got {value}")
+        if self.epsilon >= 1:
+            raise UserError(f"objective.epsilon must be in (0, 1), got {self.epsilon}")
+        if self.num_iterations < 1:
+            raise UserError(f"objective.num_iterations must be >= 1, got {self.num_iterations}")
+        if self.max_completion_length < 1:
+            raise UserError(f"objective.max_completion_length must be >= 1, got {self.max_completion_length}")
+        if not self.temperature > 0:
+            raise UserError(
+                f"objective.temperature must be > 0 (GRPO samples its completions), got {self.temperature}"
+            )
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"objective.top_p must be in (0, 1], got {self.top_p}")
+        if self.log_completions_every < 0:
+            raise UserError(f"objective.log_completions_every must be >= 0, got {self.log_completions_every}")
+        if self.ref_adapter is not None or self.precompute_ref:
+            raise UserError(
+                "objective=grpo takes its reference (objective.beta > 0) from the base with the adapter off; "
+                "objective.ref_adapter and objective.precompute_ref are for objective=dpo"
             )
 
 
@@ -405,6 +471,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     callbacks: dict[str, Any] = field(default_factory=dict)
+    # objective=grpo: the reward functions, name -> {_target_: <callable>, weight: 1.0, ...bound kwargs}
+    # (or a list of such entries); each has TRL's signature f(prompts, completions, completion_ids, **columns).
+    rewards: Any = None
     logger: dict[str, Any] = field(default_factory=dict)
     output_dir: str = MISSING
     # Every path a run writes must lie under this folder (null: $LIT_LORA_OUTPUT_ROOT, else the working
@@ -474,7 +543,16 @@ def check_cross_fields(cfg: TrainConfig) -> None:
 
 
 def check_objective_data(objective: ObjectiveConfig, data: DataConfig) -> None:
-    """Preference objectives train on preference rows, and only they do; pairs are not packed."""
+    """Preference objectives train on preference rows, and only they do; pairs are not packed. GRPO
+    trains on prompt rows, and only it does."""
+    if objective.online:
+        _check_grpo_data(objective, data)
+        return
+    if data.format == "prompt":
+        raise UserError(
+            f"data.format=prompt holds prompts without answers: it needs objective=grpo (the rewards score "
+            f"sampled completions), got objective={objective.name}"
+        )
     if objective.preference and data.format != "preference":
         raise UserError(
             f"objective={objective.name} trains on preference pairs: set data.format=preference "
@@ -495,6 +573,30 @@ def check_objective_data(objective: ObjectiveConfig, data: DataConfig) -> None:
             f"data.packing=true is not supported with objective={objective.name}: a chosen and a "
             "rejected answer must be compared as whole sequences; set data.packing=false"
         )
+
+
+def _check_grpo_data(objective: ObjectiveConfig, data: DataConfig) -> None:
+    if data.format != "prompt":
+        raise UserError(
+            "objective=grpo trains on prompts and samples the answers itself: set data.format=prompt (rows "
+            f"with a prompt and the columns the rewards read), got data.format={data.format}"
+        )
+    if data.batch_size % objective.num_generations:
+        raise UserError(
+            f"data.batch_size={data.batch_size} counts completions and must be a multiple of "
+            f"objective.num_generations={objective.num_generations} (whole groups per micro-batch)"
+        )
+    if objective.max_completion_length >= data.max_seq_len:
+        raise UserError(
+            f"objective.max_completion_length={objective.max_completion_length} leaves no room for the prompt "
+            f"in data.max_seq_len={data.max_seq_len}; raise data.max_seq_len or lower max_completion_length"
+        )
+    if data.packing:
+        raise UserError(
+            "data.packing=true does not apply to objective=grpo (prompts are decoded, not packed)"
+        )
+    if data.train_on_inputs:
+        raise UserError("data.train_on_inputs=true does not apply to objective=grpo; set it to false")
 
 
 def _check_known_keys(node: DictConfig, schema: type, prefix: str) -> None:
@@ -539,4 +641,16 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         "the config does not use train_schema; keep '- train_schema' first in conf/train.yaml",
     )
     check_cross_fields(obj)
+    if obj.objective.online:
+        from lit_lora.rewards.loading import load_rewards  # imports every reward _target_ (fails here)
+
+        if not load_rewards(obj.rewards):
+            raise UserError(
+                "objective=grpo needs at least one reward function: rewards.<name>._target_=<module.function> "
+                "(see conf/data/demo_prompt.yaml)"
+            )
+    elif obj.rewards:
+        raise UserError(
+            f"rewards score sampled completions of objective=grpo; objective={obj.objective.name} has none"
+        )
     return obj

@@ -244,6 +244,76 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
             yield from step
 
 
+class RolloutBatchSampler(StepBatchSampler):
+    """GRPO's micro-batches of prompts (``data.format=prompt``): :class:`StepBatchSampler`'s cut along
+    optimizer steps (``micro`` prompts per micro-batch, ``accum`` micro-batches, ``world`` ranks), each
+    step's micro-batches given ``repeat`` times in a row (``objective.num_iterations``: the same rollouts
+    train that many optimizer steps). A "round" is one step's micro-batches x ``repeat``.
+
+    Every index is tagged ``(micro, iteration, round)``: the micro-batch's position in its step, which
+    repetition this is, and this rank's prompt indices of the whole step, in micro-batch order. The
+    rollouts of a round are decoded at its first micro-batch, all of them (the advantages' batch
+    statistics and DAPO's token count span the whole step, as TRL's generation batch does).
+
+    Resume counts micro-batches: ``start_at(epoch, examples, batches)`` skips the rounds before
+    ``examples`` and then ``batches`` micro-batches of the next round (a checkpoint between two
+    iterations of a round; the rollouts themselves come back from the checkpoint)."""
+
+    def __init__(self, order: EpochSampler, micro: int, accum: int, rank: int, world: int, repeat: int):
+        super().__init__(order, [1] * len(order), micro, accum, rank, world)
+        self.repeat = repeat
+        self._skip_batches = 0
+
+    @property
+    def batches_per_round(self) -> int:
+        return self.accum * self.repeat
+
+    def start_at(self, epoch: int, examples: int, batches: int = 0) -> None:
+        super().start_at(epoch, examples)
+        self._skip_batches = batches
+
+    def rounds(self, epoch: int) -> list[list[list[tuple[int, tuple]]]]:
+        """Every round of ``epoch``: its tagged micro-batches, repetitions included."""
+        out = []
+        for step in self.steps(epoch):
+            indices = tuple(i for micro in step for i, _ in micro)
+            out.append(
+                [
+                    [(i, (j, iteration, indices)) for i, _ in micro]
+                    for iteration in range(self.repeat)
+                    for j, micro in enumerate(step)
+                ]
+            )
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.rounds(self.epoch))
+
+    def __iter__(self) -> Iterator[list[tuple[int, tuple]]]:
+        rounds = self.rounds(self.epoch)
+        skip, self._skip = self._skip, None
+        within, self._skip_batches = self._skip_batches, 0
+        if skip is not None and skip[0] == self.epoch:
+            rounds = rounds[skip[1] // self.step_size :]
+            if rounds and within:
+                rounds[0] = rounds[0][within:]
+        for batches in rounds:
+            yield from batches
+
+
+def collate_prompts(examples: list[dict]) -> dict:
+    """A micro-batch of prompts from :class:`RolloutBatchSampler`: ``micro`` and ``iteration`` (ints) and
+    ``round`` (int64, this rank's prompt indices of the whole optimizer step); the prompts' tokens and
+    rows are read from the data module by index."""
+    micro, iteration, indices = examples[0]["step_tokens"]
+    return {
+        "prompt_index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
+        "round": torch.tensor(indices, dtype=torch.long),
+        "micro": micro,
+        "iteration": iteration,
+    }
+
+
 class TaggedExamples(torch.utils.data.Dataset):
     """``examples`` indexed by :class:`StepBatchSampler`'s ``(index, step_tokens)`` pairs."""
 
@@ -282,14 +352,21 @@ class ResumableLoader(DataLoader):
     def state_dict(self) -> dict[str, int]:
         sampler = self.batch_sampler
         batches = int(self.position())
-        steps = batches // sampler.accum
-        return {"epoch": sampler.epoch, "batches": batches, "examples": steps * sampler.step_size}
+        per_step = getattr(sampler, "batches_per_round", sampler.accum)
+        steps = batches // per_step
+        state = {"epoch": sampler.epoch, "batches": batches, "examples": steps * sampler.step_size}
+        if isinstance(sampler, RolloutBatchSampler):
+            state["round_batches"] = batches % per_step  # between two iterations of a round
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         sampler = self.batch_sampler
         sampler.set_epoch(state["epoch"])
         examples = state.get("examples", state["batches"] * sampler.micro)
-        sampler.start_at(state["epoch"], examples)
+        if isinstance(sampler, RolloutBatchSampler):
+            sampler.start_at(state["epoch"], examples, state.get("round_batches", 0))
+        else:
+            sampler.start_at(state["epoch"], examples)
 
 
 class LengthGroupedSampler(Sampler[int]):

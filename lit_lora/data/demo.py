@@ -243,16 +243,36 @@ def make_pairs(n: int, seed: int, held_out_names: bool) -> list[dict[str, str]]:
     return pairs
 
 
+# The RL demo's prompt names the keys, so that the base can sometimes answer right (GRPO learns only from
+# groups whose rewards differ); what it still has to learn is the exact form: the key names and order, the
+# age as a number, one line of JSON and nothing after it.
+PROMPT_INSTRUCTION = (
+    'Extract the person record from the sentence as one line of JSON with the keys "name", "age" '
+    '(a number), "job" and "city", and nothing else.'
+)
+
+
+def make_prompts(n: int, seed: int, held_out_names: bool) -> list[dict[str, str]]:
+    """``n`` prompt rows of the demo task for GRPO (``data.format=prompt``): ``prompt`` (the instruction,
+    which names the keys, and the sentence) and ``answer`` (the expected JSON record, read by the
+    rewards). The sentences are :func:`make_rows`'."""
+    return [
+        {"prompt": f"{PROMPT_INSTRUCTION}\n\n{row['input']}", "answer": row["output"]}
+        for row in make_rows(n, seed, held_out_names)
+    ]
+
+
 def write_splits(
-    folder: Path, train_size: int, val_size: int, test_size: int, seed: int, pairs: bool = False
+    folder: Path, train_size: int, val_size: int, test_size: int, seed: int, kind: str = "sft"
 ) -> dict[str, Path]:
     """Write ``train.jsonl``, ``val.jsonl`` and ``test.jsonl`` into ``folder``; return their paths.
 
     The three splits use different derived seeds; ``test`` also uses first names unseen in training.
-    ``pairs``: the preference demo's rows (:func:`make_pairs`) instead of the SFT demo's.
+    ``kind``: ``sft`` (the SFT demo's rows), ``preference`` (:func:`make_pairs`) or ``prompt``
+    (:func:`make_prompts`, the RL demo).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    make = make_pairs if pairs else make_rows
+    make = {"sft": make_rows, "preference": make_pairs, "prompt": make_prompts}[kind]
     splits = {
         "train": make(train_size, seed, held_out_names=False),
         "val": make(val_size, seed + 1, held_out_names=False),

@@ -38,9 +38,11 @@ from lit_lora.data import demo
 from lit_lora.data.batching import (
     EpochSampler,
     ResumableLoader,
+    RolloutBatchSampler,
     StepBatchSampler,
     collate,
     collate_pairs,
+    collate_prompts,
     pack,
     padding_fraction,
 )
@@ -53,6 +55,7 @@ from lit_lora.data.rendering import (
     encode_answer,
     encode_conversation,
     encode_text,
+    prompt_ids,
 )
 from lit_lora.data.rows import HUB_PREFIX, BadRows, Row, describe, to_row
 from lit_lora.data.sources import expand_files, is_saved_dataset, source_list, split_files
@@ -61,7 +64,8 @@ from lit_lora.models.embedded import cache_root
 from lit_lora.staging import staged_folder
 
 SPLITS = ("train", "val", "test")
-DEMO_SOURCES = ("demo", "demo_preference")  # the built-in tasks (lit_lora/data/demo.py)
+# The built-in tasks (lit_lora/data/demo.py) and the kind of rows each writes.
+DEMO_SOURCES = {"demo": "sft", "demo_preference": "preference", "demo_prompt": "prompt"}
 CACHE_VERSION = 2  # bump when encoding or validation changes, so old caches are not reused
 __all__ = ["IGNORE_INDEX", "DataModule", "Rendering", "collate"]
 
@@ -73,8 +77,8 @@ Origin = tuple[str, str]  # ("file", path) | ("saved", folder) | ("hub", "hf:<id
 def plan_sources(cfg: DataConfig, data_dir: Path) -> dict[str, list[Origin]]:
     """Where each split's rows come from; splits not listed are drawn from train by fraction."""
     if cfg.source in DEMO_SOURCES:
-        pairs = cfg.source == "demo_preference"
-        paths = demo.write_splits(data_dir, cfg.train_size, cfg.val_size, cfg.test_size, cfg.seed, pairs)
+        kind = DEMO_SOURCES[cfg.source]
+        paths = demo.write_splits(data_dir, cfg.train_size, cfg.val_size, cfg.test_size, cfg.seed, kind)
         return {split: [("file", str(path))] for split, path in paths.items()}
     plan: dict[str, list[Origin]] = {}
     for split, spec in (("train", cfg.source), ("val", cfg.val_source), ("test", cfg.test_source)):
@@ -105,7 +109,13 @@ def _fingerprint_file(path: Path, digest) -> None:
             digest.update(block)
 
 
-def cache_key(plan: dict[str, list[Origin]], tokenizer, rendering: Rendering, cfg: DataConfig) -> str:
+def cache_key(
+    plan: dict[str, list[Origin]],
+    tokenizer,
+    rendering: Rendering,
+    cfg: DataConfig,
+    max_prompt_len: int | None = None,
+) -> str:
     """Hash of everything a tokenized split depends on (see the module docstring)."""
     digest = hashlib.sha256(f"lit-lora-data-v{CACHE_VERSION}".encode())
     for split in sorted(plan):
@@ -124,7 +134,7 @@ def cache_key(plan: dict[str, list[Origin]], tokenizer, rendering: Rendering, cf
         k: getattr(cfg, k)
         for k in ("max_seq_len", "too_long_factor", "on_bad_row", "val_fraction", "test_fraction", "seed")
     }
-    options.update(hub=(cfg.hub_split, cfg.hub_subset))
+    options.update(hub=(cfg.hub_split, cfg.hub_subset), format=cfg.format, max_prompt_len=max_prompt_len)
     digest.update(json.dumps(options, sort_keys=True).encode())
     return digest.hexdigest()[:24]
 
@@ -181,7 +191,13 @@ def _draw_splits(rows: dict[str, list[Row]], cfg: DataConfig) -> dict[str, list[
 
 # ----------------------------------------------------------------------------------------- encoding
 def encode_rows(
-    rows: list[Row], tokenizer, rendering: Rendering, cfg: DataConfig, bad: BadRows, desc: str
+    rows: list[Row],
+    tokenizer,
+    rendering: Rendering,
+    cfg: DataConfig,
+    bad: BadRows,
+    desc: str,
+    max_prompt_len: int | None = None,
 ) -> tuple[list[dict[str, list[int]]], list[Row], dict[str, int]]:
     """Examples and the rows they came from, with ``truncated`` / ``dropped`` counts.
 
@@ -190,12 +206,30 @@ def encode_rows(
     too (``template_mismatch``, ``template_error``, and ``encode_error`` for any other failure), so one
     row never ends the run with a traceback; rows are validated first (:mod:`lit_lora.data.rows`), which
     names the causes it knows, such as text the tokenizer cannot encode.
+
+    A prompt row (``data.format=prompt``) becomes ``{"input_ids": <the rendered prompt, assistant header
+    included>, "index": <its position among the kept rows>}``; one over ``max_prompt_len`` tokens
+    (``data.max_seq_len - objective.max_completion_length``) is the bad row ``prompt_too_long``: a prompt
+    is never truncated (its end is the question).
     """
     examples, kept = [], []
     counts = {"truncated": 0, "dropped_no_trained_token": 0}
     limit = cfg.max_seq_len
     for row in tqdm(rows, desc=desc, unit="row", disable=len(rows) < 500, mininterval=1.0):
         try:
+            if row.columns is not None:  # a prompt (GRPO): the model writes the answer
+                ids = prompt_ids(tokenizer, rendering, row.messages)
+                if max_prompt_len is not None and len(ids) > max_prompt_len:
+                    bad.add(
+                        row.loc,
+                        "prompt_too_long",
+                        f"the prompt has {len(ids)} tokens, over data.max_seq_len - "
+                        f"objective.max_completion_length = {max_prompt_len}",
+                    )
+                    continue
+                examples.append({"input_ids": ids, "index": len(kept)})
+                kept.append(row)
+                continue
             if row.rejected is not None:  # a preference pair: both sides, answers labelled
                 sides = [encode_answer(tokenizer, rendering, m) for m in (row.messages, row.rejected)]
             elif row.text is not None:
@@ -259,7 +293,8 @@ def _save_cache(folder: Path, examples: dict, rows: dict, stats: dict) -> None:
                 datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / split))
             with (tmp / f"{split}.rows.jsonl").open("w", encoding="utf-8") as f:
                 for row in rows[split]:
-                    f.write(json.dumps(row.to_json(), ensure_ascii=False) + "\n")
+                    # default=str: a column value JSON cannot hold (a date from parquet) is kept as text.
+                    f.write(json.dumps(row.to_json(), ensure_ascii=False, default=str) + "\n")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
 
 
@@ -286,8 +321,24 @@ class DataModule(L.LightningDataModule):
     (counts of rows, examples, bad rows by reason, truncated and dropped rows, padding fraction).
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer, data_dir: Path, rendering: Rendering | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer,
+        data_dir: Path,
+        rendering: Rendering | None = None,
+        *,
+        max_prompt_len: int | None = None,
+        num_generations: int = 1,
+        num_iterations: int = 1,
+    ):
+        """``max_prompt_len``, ``num_generations`` and ``num_iterations`` apply to prompt rows (GRPO): the
+        longest prompt kept, completions per prompt (``data.batch_size`` counts completions, so a
+        micro-batch holds ``batch_size / num_generations`` prompts) and optimizer steps per round."""
         super().__init__()
+        self.max_prompt_len = max_prompt_len
+        self.num_generations = num_generations
+        self.num_iterations = num_iterations
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.data_dir = Path(data_dir)
@@ -311,7 +362,7 @@ class DataModule(L.LightningDataModule):
         folder = None
         if self.cfg.cache:  # the key hashes the whole vocabulary: worth it only when a cache is used
             root = Path(self.cfg.cache_dir).expanduser() if self.cfg.cache_dir else cache_root() / "data"
-            folder = root / cache_key(plan, self.tokenizer, self.rendering, self.cfg)
+            folder = root / cache_key(plan, self.tokenizer, self.rendering, self.cfg, self.max_prompt_len)
         cached = (
             _load_cache(folder)
             if folder is not None and not any(k == "hub" for o in plan.values() for k, _ in o)
@@ -361,7 +412,13 @@ class DataModule(L.LightningDataModule):
         counts = {"truncated": 0, "dropped_no_trained_token": 0}
         for split in SPLITS:
             examples, kept, c = encode_rows(
-                rows[split], self.tokenizer, self.rendering, self.cfg, bad, desc=f"tokenizing {split}"
+                rows[split],
+                self.tokenizer,
+                self.rendering,
+                self.cfg,
+                bad,
+                desc=f"tokenizing {split}",
+                max_prompt_len=self.max_prompt_len,
             )
             self.examples[split], self.rows[split] = examples, kept
             for key in counts:
@@ -386,7 +443,14 @@ class DataModule(L.LightningDataModule):
         """True for preference data: an example is a pair (``rejected_input_ids`` / ``rejected_labels``)."""
         return self.cfg.format == "preference"
 
+    @property
+    def prompts(self) -> bool:
+        """True for prompt rows (GRPO): an example is a prompt the model answers during training."""
+        return self.cfg.format == "prompt"
+
     def _collate(self):
+        if self.prompts:
+            return collate_prompts
         return functools.partial(collate_pairs if self.pairs else collate, pad_id=self.tokenizer.pad_token_id)
 
     def _batches_consumed(self) -> int:
@@ -402,12 +466,16 @@ class DataModule(L.LightningDataModule):
         that every rank knows the trained-token count of each whole optimizer step.
         """
         lengths = [len(e["input_ids"]) for e in self.train_set]
-        order = EpochSampler(lengths, self.cfg.batch_size, self.cfg.seed, self.cfg.group_by_length)
-        # A preference loss is a mean over pairs, so a step is weighted by its pairs, not its tokens.
-        trained = [1 if self.pairs else count_trained(e["labels"]) for e in self.train_set]
         trainer = self.trainer
         accum = trainer.accumulate_grad_batches if trainer is not None else 1
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if self.prompts:
+            micro = self.cfg.batch_size // self.num_generations  # batch_size counts completions
+            order = EpochSampler(lengths, micro, self.cfg.seed, self.cfg.group_by_length)
+            return RolloutBatchSampler(order, micro, accum, rank, world, self.num_iterations)
+        order = EpochSampler(lengths, self.cfg.batch_size, self.cfg.seed, self.cfg.group_by_length)
+        # A preference loss is a mean over pairs, so a step is weighted by its pairs, not its tokens.
+        trained = [1 if self.pairs else count_trained(e["labels"]) for e in self.train_set]
         return StepBatchSampler(order, trained, self.cfg.batch_size, accum, rank, world)
 
     def train_dataloader(self) -> ResumableLoader:
@@ -426,6 +494,14 @@ class DataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        if self.prompts:  # GRPO validates by decoding the val prompts (LitLoRA.validation_step)
+            return DataLoader(
+                [{**e, "step_tokens": (0, 0, ())} for e in self.examples["val"]],
+                batch_size=self.cfg.eval_batch_size,
+                shuffle=False,
+                collate_fn=collate_prompts,
+                generator=torch.Generator(),
+            )
         # Validation is never packed: its loss stays comparable between packed and unpacked runs.
         return DataLoader(
             self.examples["val"],
@@ -445,5 +521,5 @@ class DataModule(L.LightningDataModule):
         """Mean trained tokens of one batch item (as :meth:`tokens_per_example`)."""
         ex = self.train_set
         return sum(
-            count_trained(e["labels"]) + count_trained(e.get("rejected_labels", [])) for e in ex
+            count_trained(e.get("labels", [])) + count_trained(e.get("rejected_labels", [])) for e in ex
         ) / len(ex)

@@ -36,7 +36,7 @@ from typing import Any
 
 from lit_lora.errors import UserError
 
-FORMATS = ("alpaca", "chat", "sharegpt", "prompt_completion", "text", "preference")
+FORMATS = ("alpaca", "chat", "sharegpt", "prompt_completion", "text", "preference", "prompt")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 SHAREGPT_ROLES = {
     "system": "system",
@@ -74,15 +74,23 @@ class Row:
     """One validated row: ``loc`` is where it came from (``file:line`` or ``file:row N``).
 
     A preference row holds two conversations with the same prompt: ``messages`` ends with the chosen
-    answer, ``rejected`` with the rejected one."""
+    answer, ``rejected`` with the rejected one. A prompt row (``data.format=prompt``, GRPO) holds the
+    prompt's turns in ``messages`` (ending with a user turn), the prompt as the row gave it in ``prompt``
+    (a string or a list of messages: what the reward functions see) and every other column of the row in
+    ``columns`` (what the reward functions read: an answer, a schema, test cases...)."""
 
     loc: str
     messages: list[dict[str, str]] | None = None
     text: str | None = None
     rejected: list[dict[str, str]] | None = None
+    prompt: Any = None
+    columns: dict[str, Any] | None = None
 
     def to_json(self) -> dict:
-        return {"loc": self.loc, "messages": self.messages, "text": self.text, "rejected": self.rejected}
+        out = {"loc": self.loc, "messages": self.messages, "text": self.text, "rejected": self.rejected}
+        if self.columns is not None:
+            out.update(prompt=self.prompt, columns=self.columns)
+        return out
 
 
 def one_line(text: str) -> str:
@@ -277,6 +285,24 @@ def _pair(obj: dict, loc: str, fields: dict[str, str], bad: BadRows) -> Row:
     return Row(loc, messages=[*prompt, *chosen], rejected=[*prompt, *rejected])
 
 
+def _prompt_row(obj: dict, loc: str, fields: dict[str, str], bad: BadRows) -> Row:
+    """A prompt row: ``prompt`` is a string (one user turn, after the optional ``system`` field's turn) or
+    a list of messages ending with a user turn; every other column rides along for the rewards."""
+    value = _field(obj, fields["prompt"], loc, bad, kind=(str, list))
+    if isinstance(value, str):
+        system = _field(obj, fields["system"], loc, bad, required=False)
+        messages = [{"role": "system", "content": system}] if system and system.strip() else []
+        messages.append({"role": "user", "content": value})
+    else:
+        messages = _turns(value, f"{loc} ({fields['prompt']})", fields, False, bad)
+        if messages[-1]["role"] != "user":
+            _reject(
+                bad, loc, "bad_conversation", "the prompt must end with a user turn (the model answers it)"
+            )
+    columns = {key: v for key, v in obj.items() if key != fields["prompt"]}
+    return Row(loc, messages=messages, prompt=value, columns=columns)
+
+
 def to_row(obj: dict, loc: str, fmt: str, fields: dict[str, str], bad: BadRows) -> Row | None:
     """The :class:`Row` of a raw object in format ``fmt``, or None (counted in ``bad``) if it is invalid.
 
@@ -299,6 +325,8 @@ def _to_row(obj: dict, loc: str, fmt: str, fields: dict[str, str], bad: BadRows)
         return Row(loc, text=_field(obj, fields["text"], loc, bad))
     if fmt == "preference":
         return _pair(obj, loc, fields, bad)
+    if fmt == "prompt":
+        return _prompt_row(obj, loc, fields, bad)
     if fmt in ("chat", "sharegpt"):
         sharegpt = fmt == "sharegpt" or (fields["messages"] not in obj and fields["conversations"] in obj)
         return Row(loc, messages=_conversation(obj, loc, fields, sharegpt, bad))

@@ -228,6 +228,7 @@ def decode_loop(
     fixed_length: bool = False,
     on_token: OnToken | None = None,
     device=None,
+    repeats: int = 1,
 ) -> list[list[int]]:
     """New tokens for each of ``prompts`` (lists of token ids), row ``i`` chosen by ``samplers[i]``, with
     a key/value cache: one prefill forward (:func:`prefill_inputs`), then one forward per token
@@ -236,9 +237,13 @@ def decode_loop(
     own) or ``max_new_tokens``, and leaves the batch. ``fixed_length``: EOS is never chosen, every row
     gets exactly ``max_new_tokens`` tokens. ``on_token(row, token)`` is called for each new token.
 
+    ``repeats`` > 1: each prompt is answered ``repeats`` times (rows ``i * repeats ... i * repeats +
+    repeats - 1``, one sampler each, ``len(prompts) * repeats`` in all), its prefill computed once and
+    its key/value cache copied to its rows (GRPO's group of completions of one prompt).
+
     Runs the model as it is (train/eval flags, adapter): :func:`generate_tokens` sets those."""
-    if max_new_tokens < 1 or len(samplers) != len(prompts):
-        raise ValueError("decode_loop needs max_new_tokens >= 1 and one sampler per prompt")
+    if max_new_tokens < 1 or repeats < 1 or len(samplers) != len(prompts) * repeats:
+        raise ValueError("decode_loop needs max_new_tokens >= 1 and one sampler per prompt and repeat")
     if not prompts:
         return []
     device = device if device is not None else model_device(model)
@@ -246,12 +251,16 @@ def decode_loop(
     banned = torch.tensor(sorted(eos), dtype=torch.long) if fixed_length and eos else None
     inputs = prefill_inputs(prompts, pad_id, device)
     out = model(**inputs)
-    mask, cache = inputs["attention_mask"], out.cache
+    mask, cache, last_logits = inputs["attention_mask"], out.cache, out.logits[:, -1, :]
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+        mask, last_logits = mask.repeat_interleave(repeats, 0), last_logits.repeat_interleave(repeats, 0)
     positions = mask.sum(-1)  # each row's next position: its count of real tokens
-    rows = list(range(len(prompts)))  # the prompts still decoding, in batch order
-    answers: list[list[int]] = [[] for _ in prompts]
+    rows = list(range(len(samplers)))  # the rows still decoding, in batch order
+    answers: list[list[int]] = [[] for _ in samplers]
     while True:
-        logits = out.logits[:, -1, :]
+        logits = last_logits if last_logits is not None else out.logits[:, -1, :]
+        last_logits = None
         if banned is not None:
             logits = logits.index_fill(-1, banned.to(logits.device), float("-inf"))
         last = choose_next(logits, [samplers[row] for row in rows])

@@ -54,7 +54,9 @@ class _FrozenLinearLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, scale: float = 1.0
+    ):
         device = hidden.device.type
         # The matmuls run in the autocast dtype when autocast is on (as lm_head would), else as stored.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
@@ -66,20 +68,25 @@ class _FrozenLinearLogProbs(torch.autograd.Function):
             t = targets[start : start + chunk]
             # One fused log-softmax rather than logsumexp (max, exp, sum, log as separate passes) and a
             # second exp: 10.5 vs 20.2 ms for 123 x 49,152 fp32 logits on a CPU.
-            log_probs = torch.log_softmax((h @ w.T).float(), dim=-1)
+            logits = (h @ w.T).float()
+            if scale != 1.0:  # logits / temperature (GRPO scores tokens as they were sampled)
+                logits = logits * scale
+            log_probs = torch.log_softmax(logits, dim=-1)
             out[start : start + chunk] = log_probs.gather(1, t[:, None])[:, 0]
             if grad is not None:
                 probs = log_probs.exp_()  # in place: the chunk's only big buffer
                 probs[torch.arange(len(t), device=t.device), t] -= 1
                 # (softmax - one_hot) @ W: the gradient of -logp; backward flips the sign.
                 grad[start : start + chunk] = (probs.to(dtype) @ w).to(grad.dtype)
+                if scale != 1.0:
+                    grad[start : start + chunk] *= scale
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * -grad_out.to(grad.dtype)[:, None], None, None, None
+        return grad * -grad_out.to(grad.dtype)[:, None], None, None, None, None
 
 
 def _parts(model):
@@ -145,13 +152,41 @@ def trained_token_loss(
     return -logps.sum() / divisor
 
 
-def _trained_logps(model, inputs: dict, labels: torch.Tensor, chunk: int, **kwargs):
+def _trained_logps(model, inputs: dict, labels: torch.Tensor, chunk: int, temperature: float = 1.0, **kwargs):
     """Log-prob of every trained position's label (in row-major order) and the (B, T-1) trained mask."""
     _, decoder, head = _parts(model)
     hidden = decoder(**inputs, **kwargs, use_cache=False).last_hidden_state
     shifted = labels[:, 1:]
     keep = shifted != IGNORE_INDEX
-    return _FrozenLinearLogProbs.apply(hidden[:, :-1][keep], head.weight, shifted[keep], chunk), keep
+    logps = _FrozenLinearLogProbs.apply(
+        hidden[:, :-1][keep], head.weight, shifted[keep], chunk, 1 / temperature
+    )
+    return logps, keep
+
+
+def token_logps(
+    model,
+    inputs: dict,
+    labels: torch.Tensor,
+    chunked: bool,
+    temperature: float = 1.0,
+    chunk: int = CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-probs, trained mask)``, both ``(B, T-1)``: at position ``t`` the log-prob of ``labels[:, t+1]``
+    under ``softmax(logits / temperature)`` where that label is trained, 0 elsewhere.
+
+    The per-token form of :func:`sequence_logps` (GRPO's losses weigh each token); ``chunked`` as there:
+    only the trained positions get logits, a chunk at a time, never a (B, T, vocab) tensor."""
+    shifted = labels[:, 1:]
+    if chunked:
+        logps, keep = _trained_logps(model, inputs, labels, chunk, temperature)
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        keep = shifted != IGNORE_INDEX
+        scores = logits[keep].float() / temperature
+        logps = torch.log_softmax(scores, dim=-1).gather(1, shifted[keep][:, None])[:, 0]
+    out = torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device)
+    return out.masked_scatter(keep, logps), keep
 
 
 def sequence_logps(

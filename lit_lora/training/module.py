@@ -59,10 +59,14 @@ class LitLoRA(L.LightningModule):
         max_nonfinite_skips: int = 3,
         right_padding_mask: bool = False,
         objective: ObjectiveConfig | None = None,
+        grpo=None,
     ):
+        """``grpo``: a :class:`lit_lora.training.grpo_step.GRPOStep` for ``objective=grpo`` (rollouts,
+        rewards and its loss), None otherwise."""
         super().__init__()
         self.model = model
         self.objective = objective or ObjectiveConfig()
+        self.grpo = grpo
         # Sums over the pairs of the running optimizer step (train) or of the validation set (val).
         self._pair_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "val": {}}
         self.chunked_loss = chunked_loss and supports_chunked_loss(model)
@@ -114,6 +118,8 @@ class LitLoRA(L.LightningModule):
         """Replace Lightning's full ``state_dict`` with the adapter (:meth:`AdapterState.save_into`)."""
         with self.full_params():
             self.adapter.save_into(checkpoint, self.trainer.global_step)
+        if self.grpo is not None:  # the running round's rollouts (a checkpoint between its iterations)
+            checkpoint["grpo_round"] = self.grpo.state_dict()
 
     def check_adapter_fits(self, checkpoint: dict) -> None:
         """Raise :class:`UserError` unless the checkpoint's adapter fits this model (:class:`AdapterState`)."""
@@ -124,6 +130,8 @@ class LitLoRA(L.LightningModule):
         self.adapter.check_fits(checkpoint)
         with self.full_params(writeback=True):  # the base is never visited
             self.adapter.load_from(checkpoint)
+        if self.grpo is not None:
+            self.grpo.load_state_dict(checkpoint.get("grpo_round"))
 
     @staticmethod
     def _model_inputs(
@@ -174,7 +182,9 @@ class LitLoRA(L.LightningModule):
         :meth:`on_before_optimizer_step`.
         """
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
-        if "step_tokens" in batch:  # with preference pairs: the pairs of the step (lit_lora.data.module)
+        if self.grpo is not None:
+            divisor = None
+        elif "step_tokens" in batch:  # with preference pairs: the pairs of the step (lit_lora.data.module)
             divisor = batch["step_tokens"].float() / scale
         elif "pairs" in batch:
             divisor = batch["pairs"].float()
@@ -184,7 +194,9 @@ class LitLoRA(L.LightningModule):
         self._batch_idx = batch_idx
         if faults.at("oom", step):
             raise torch.OutOfMemoryError("CUDA out of memory (injected by LIT_LORA_FAULTS)")
-        if self.objective.preference:
+        if self.grpo is not None:
+            loss = self._grpo_loss(batch)
+        elif self.objective.preference:
             scores = self._pair_scores(batch)
             self._add_pair_sums("train", scores)
             loss = scores.loss.sum() / divisor
@@ -210,9 +222,35 @@ class LitLoRA(L.LightningModule):
         # This micro-batch's share of the optimizer step's mean loss; summed in on_before_optimizer_step.
         share = loss.detach() / scale
         self._step_loss = share if self._step_loss is None else self._step_loss + share
-        size = batch["input_ids"].shape[0]
-        self.log("train/pad_frac", 1 - batch["token_mask"].float().mean(), batch_size=size)
+        if "token_mask" in batch:
+            size = batch["input_ids"].shape[0]
+            self.log("train/pad_frac", 1 - batch["token_mask"].float().mean(), batch_size=size)
         return loss
+
+    # ------------------------------------------------------------------------------------------ grpo
+    def _round_prompts(self, indices: list[int]) -> tuple[list[list[int]], list]:
+        """The prompts' token ids and rows of training-split indices (from the data module)."""
+        data = self.trainer.datamodule
+        return [data.train_set[i]["input_ids"] for i in indices], [data.rows["train"][i] for i in indices]
+
+    def _grpo_loss(self, batch: dict) -> torch.Tensor:
+        """GRPO's micro-batch loss; the round's rollouts are made at its first micro-batch
+        (:class:`lit_lora.training.grpo_step.GRPOStep`)."""
+        prompts, rows = self._round_prompts(batch["round"].tolist())
+        first = int(batch["micro"]) == 0 and int(batch["iteration"]) == 0
+        if first or self.grpo.round is None:
+            self.grpo.start_round(self, batch, prompts, rows)
+        return self.grpo.loss(self, batch, prompts)
+
+    def log_completions_table(self, lines: list[dict]) -> None:
+        """A sample of completions as a table in the loggers that take tables (W&B)."""
+        if not lines or self._trainer is None:
+            return
+        columns = ["step", "prompt", "completion", "reward", "advantage"]
+        data = [[str(line[c]) if c == "prompt" else line[c] for c in columns] for line in lines]
+        for logger in self.trainer.loggers:
+            if hasattr(logger, "log_table"):
+                logger.log_table(key="completions", columns=columns, data=data, step=self.global_step)
 
     def _loss(self, batch: dict[str, torch.Tensor], divisor: torch.Tensor) -> torch.Tensor:
         """Summed token loss / ``divisor``: chunked over trained positions (lit_lora.speedups.chunked_loss) or transformers'.
@@ -354,6 +392,10 @@ class LitLoRA(L.LightningModule):
         self.log("train/loss", total, prog_bar=True, rank_zero_only=True)
         if self.objective.preference:
             self.log_dict(self._pair_metrics("train"), rank_zero_only=True)
+        if self.grpo is not None:
+            metrics = self.grpo.step_metrics(self)
+            self.log("train/reward", metrics.pop("train/reward"), prog_bar=True, rank_zero_only=True)
+            self.log_dict(metrics, rank_zero_only=True)
 
     def _scaler_overflow(self, step: int, scaler) -> None:
         """A step whose gradients are not finite under a loss scaler: the scaler skips it (see
@@ -412,6 +454,12 @@ class LitLoRA(L.LightningModule):
         root.clip_grad_norm_(value)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if self.grpo is not None:
+            data = self.trainer.datamodule
+            indices = batch["prompt_index"].tolist()
+            prompts = [data.examples["val"][i]["input_ids"] for i in indices]
+            self.grpo.validate(self, prompts, [data.rows["val"][i] for i in indices])
+            return
         if self.objective.preference:
             self._add_pair_sums("val", self._pair_scores(batch))
             return
@@ -420,6 +468,22 @@ class LitLoRA(L.LightningModule):
         self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
 
     def on_validation_epoch_end(self) -> None:
+        if self.grpo is not None:
+            metrics = self.grpo.validation_metrics(self)  # all ranks
+            if not metrics:
+                return
+            reward = metrics.pop("val/reward")
+            self.log("val/reward", reward, prog_bar=True, rank_zero_only=True)
+            self.log_dict(metrics, rank_zero_only=True)
+            # GRPO has no validation loss; val/loss is the negative validation reward, so that what
+            # selects by val/loss (the best checkpoint, min; sweepers minimise best_val_loss) picks the
+            # highest reward.
+            self.log("val/loss", -reward, rank_zero_only=True)
+            if not self.trainer.sanity_checking and math.isfinite(reward):
+                self.best_val_loss = (
+                    -reward if self.best_val_loss is None else min(self.best_val_loss, -reward)
+                )
+            return
         if self.objective.preference:
             metrics = self._pair_metrics("val")  # already summed over every rank
             if not metrics:

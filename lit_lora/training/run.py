@@ -321,7 +321,14 @@ def _setup_model_and_data(job: Job) -> None:
 
     tc = job.tc
     job.built = build_model(tc)
-    job.data = DataModule(tc.data, job.built.tokenizer, job.out / "data")
+    grpo = {}
+    if tc.objective.online:  # prompts only: the rest of each row is the completion's room
+        grpo = {
+            "max_prompt_len": tc.data.max_seq_len - tc.objective.max_completion_length,
+            "num_generations": tc.objective.num_generations,
+            "num_iterations": tc.objective.num_iterations,
+        }
+    job.data = DataModule(tc.data, job.built.tokenizer, job.out / "data", **grpo)
     job.data.setup()
     if job.built.speedups.lit_attention and tc.data.packing:
         _say("packing: attention runs per packed example (segment attention, lit_lora.speedups.attention)")
@@ -335,6 +342,27 @@ def _setup_model_and_data(job: Job) -> None:
         on_nonfinite=tc.on_nonfinite,
         max_nonfinite_skips=tc.max_nonfinite_skips,
         objective=tc.objective,
+        grpo=_grpo_step(job) if tc.objective.online else None,
+    )
+
+
+def _grpo_step(job: Job):
+    """GRPO's rollouts, rewards and loss for the module (:mod:`lit_lora.training.grpo_step`)."""
+    from lit_lora.rewards.loading import load_rewards
+    from lit_lora.speedups.chunked_loss import supports_chunked_loss
+    from lit_lora.training.grpo_step import GRPOStep
+
+    tc = job.tc
+    chunked = (
+        tc.speed.chunked_loss and supports_chunked_loss(job.built.model) and tc.trainer.strategy != "fsdp"
+    )
+    return GRPOStep(
+        tc.objective,
+        load_rewards(tc.rewards),
+        tokenizer=job.built.tokenizer,
+        seed=tc.seed,
+        chunked=chunked,
+        run_dir=job.out,
     )
 
 
@@ -430,11 +458,20 @@ def _setup_trainer(job: Job) -> None:
         raise UserError(f"trainer: {str(err).splitlines()[0]}") from err
     world = trainer.world_size
     effective_batch = tc.data.batch_size * tc.trainer.accumulate_grad_batches * world
-    _say(
-        f"effective batch {effective_batch} = {tc.data.batch_size} x "
-        f"{tc.trainer.accumulate_grad_batches} accum x {world} devices; ~{effective_batch * data.tokens_per_example():.0f} tokens "
-        f"({effective_batch * data.trained_tokens_per_example():.0f} trained) per optimizer step"
-    )
+    if tc.objective.online:
+        g = tc.objective.num_generations
+        _say(
+            f"effective batch {effective_batch} completions = {effective_batch // g} prompts x {g} generations "
+            f"({tc.data.batch_size} x {tc.trainer.accumulate_grad_batches} accum x {world} devices); up to "
+            f"{tc.objective.max_completion_length} new tokens each, {tc.objective.num_iterations} optimizer "
+            "step(s) per round of rollouts"
+        )
+    else:
+        _say(
+            f"effective batch {effective_batch} = {tc.data.batch_size} x "
+            f"{tc.trainer.accumulate_grad_batches} accum x {world} devices; ~{effective_batch * data.tokens_per_example():.0f} tokens "
+            f"({effective_batch * data.trained_tokens_per_example():.0f} trained) per optimizer step"
+        )
     if job.resume_from is not None:
         _say(f"resuming from {job.resume_from} (step {checkpoint_step(job.resume_from)})")
     job.trainer = trainer
@@ -505,6 +542,9 @@ def _summary(job: Job) -> dict:
     summary["val_loss"] = metrics.get("val/loss")
     summary["val_ppl"] = metrics.get("val/ppl")
     summary["best_val_loss"] = module.best_val_loss
+    if tc.objective.online:  # the last step's and the last validation's reward (GRPO)
+        summary["final_reward"] = metrics.get("train/reward")
+        summary["val_reward"] = metrics.get("val/reward")
     summary["objective"] = dataclasses.asdict(tc.objective)
     if tc.objective.preference:  # the last validation's preference figures (lit_lora.training.module)
         summary["preference"] = {
@@ -532,6 +572,9 @@ def _score_held_out(job: Job, summary: dict) -> None:
             f"score it with lit-lora evaluate adapters=[{job.out / 'adapter'}]"
         )
     if score_on is None or not trainer.is_global_zero or not data.rows["test"] or tc.data.format == "text":
+        return
+    if data.prompts:
+        _score_rewards(job, summary, score_on)
         return
     scoring_started = time.perf_counter()
     built.model.to(score_on)
@@ -561,6 +604,38 @@ def _score_held_out(job: Job, summary: dict) -> None:
                 summary["preference_base"] = preference_accuracy(*pairs, use_adapter=False)
             summary["preference_tuned"] = preference_accuracy(*pairs, use_adapter=True)
     summary["score_wall_s"] = round(time.perf_counter() - scoring_started, 2)
+
+
+def _score_rewards(job: Job, summary: dict, score_on) -> None:
+    """GRPO's held-out score: greedy answers to the test prompts scored by the run's rewards, base and tuned."""
+    import torch
+
+    from lit_lora.rewards.held_out import reward_scores
+
+    started = time.perf_counter()
+    built, tc, data, grpo = job.built, job.tc, job.data, job.module.grpo
+    built.model.to(score_on)
+    summary["score_device"] = str(score_on)
+    prompts = [e["input_ids"] for e in data.examples["test"]]
+    args = (
+        built.model,
+        built.tokenizer,
+        prompts,
+        data.rows["test"],
+        grpo.rewards,
+        tc.objective.max_completion_length,
+    )
+    autocast = built.speedups.autocast_dtype
+    with torch.autocast(score_on.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        if tc.score_base:
+            summary["reward_base"] = reward_scores(
+                *args, tc.data.eval_batch_size, use_adapter=False, desc="held-out rewards (base)"
+            )
+        summary["reward_tuned"] = reward_scores(
+            *args, tc.data.eval_batch_size, use_adapter=True, desc="held-out rewards (tuned)"
+        )
+    summary["rollout_time_s"] = {k: round(v, 2) for k, v in grpo.seconds.items()}
+    summary["score_wall_s"] = round(time.perf_counter() - started, 2)
 
 
 def _finish(job: Job, summary: dict) -> None:
@@ -609,7 +684,9 @@ def _print_report(summary: dict, out: Path) -> None:
         f"steps {summary['global_step']}, wall time {summary['wall_time_s']:.0f} s, "
         f"tokens/s {summary.get('tokens_per_s', 'n/a')}, peak RSS {summary['peak_rss_mb']:.0f} MB"
     )
-    if summary.get("val_ppl") is not None:
+    if summary.get("val_reward") is not None:
+        _say(f"validation reward {summary['val_reward']:.4f} (greedy answers to the validation prompts)")
+    elif summary.get("val_ppl") is not None:
         _say(f"validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.3f})")
     elif summary.get("val_loss") is not None:
         _say(f"validation loss {summary['val_loss']:.4f}")
@@ -619,6 +696,8 @@ def _print_report(summary: dict, out: Path) -> None:
             f"validation reward accuracy {100 * pref['rewards_accuracy']:.1f}%, reward margin "
             f"{pref['rewards_margin']:.4f} ({summary['objective']['name']})"
         )
+    if "reward_tuned" in summary:
+        _say_rewards(summary)
     if "score_tuned" in summary:
         _say_before_after(summary, "held-out exact match", "rows", "score", "exact_match")
         if "preference_tuned" in summary:
@@ -635,6 +714,19 @@ def _print_report(summary: dict, out: Path) -> None:
         for example in summary["score_tuned"]["examples"][:1]:
             _say(f"  example answer: {json.dumps(example['answer'])}")
             _say(f"  expected:       {json.dumps(example['reference'])}")
+
+
+def _say_rewards(summary: dict) -> None:
+    """GRPO's held-out lines: the weighted reward, then each function's mean (a share for 0/1 rewards)."""
+    tuned, base = summary["reward_tuned"], summary.get("reward_base")
+    line = f"held-out reward ({tuned['rows']} prompts, greedy): "
+    if base is not None:
+        line += f"base {base['total']:.3f} -> "
+    _say(line + f"tuned {tuned['total']:.3f}")
+    for name, value in tuned["per_function"].items():
+        before = base["per_function"].get(name) if base is not None else None
+        shown = "n/a" if value is None else f"{value:.3f}"
+        _say(f"  {name}: " + (f"base {before:.3f} -> " if before is not None else "") + f"tuned {shown}")
 
 
 def _say_before_after(summary: dict, title: str, unit: str, prefix: str, key: str) -> None:

@@ -45,7 +45,11 @@ def test_every_config_file_composes(path, tmp_path):
     # Preference data and preference objectives only compose together (config.check_objective_data).
     if path.parent.name == "data" and path.stem == "demo_preference":
         overrides.append("objective=dpo")
-    if path.parent.name == "objective" and path.stem != "sft":
+    if path.parent.name == "data" and path.stem == "demo_prompt":  # prompts: objective=grpo (and its rewards)
+        overrides.append("objective=grpo")
+    if path.parent.name == "objective" and path.stem == "grpo":
+        overrides.append("data=demo_prompt")
+    elif path.parent.name == "objective" and path.stem != "sft":
         overrides.append("data=demo_preference")
     cfg = compose_train(overrides)
     typed = to_train_config(cfg)
