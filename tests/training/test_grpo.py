@@ -30,7 +30,6 @@ from tests.helpers import (
     EXACT,
     ROOT,
     TINY,
-    Run,
     assert_same_steps,
     compose_train,
     ddp,
