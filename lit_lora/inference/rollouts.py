@@ -9,7 +9,7 @@ its key/value cache shared by its ``G`` rows; each row draws from its own genera
 ``(seed, step, prompt, g)``, so a resumed run draws the same completions as an uninterrupted one and a
 row's tokens do not depend on which other rows share the batch (beyond float round-off of padding).
 
-Another engine (vLLM on CUDA) implements :meth:`RolloutEngine.generate` the same way and needs no change
+Another engine (vLLM on CUDA) implements :meth:`RolloutEngine.rollout` the same way and needs no change
 in the objective.
 """
 
@@ -35,7 +35,7 @@ class Completion:
 class RolloutEngine(Protocol):
     """What GRPO needs from a decoder."""
 
-    def generate(
+    def rollout(
         self, model, prompts: Sequence[Sequence[int]], num_generations: int, seeds: Sequence[int]
     ) -> list[Completion]:
         """``num_generations`` completions of each prompt (``len(prompts) * num_generations``, a prompt's
@@ -77,7 +77,7 @@ class LocalRollouts:
         self.eos_id = eos_id
         self.batch_size = batch_size
 
-    def generate(
+    def rollout(
         self, model, prompts: Sequence[Sequence[int]], num_generations: int, seeds: Sequence[int]
     ) -> list[Completion]:
         if len(seeds) != len(prompts):

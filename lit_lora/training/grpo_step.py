@@ -102,7 +102,7 @@ class GRPOStep:
         step = module.global_step
         started = time.perf_counter()
         seeds = [group_seed(self.seed, step, i) for i in indices]
-        done: list[Completion] = self.engine.generate(module.model, prompts, g, seeds)
+        done: list[Completion] = self.engine.rollout(module.model, prompts, g, seeds)
         self.seconds["rollout"] += time.perf_counter() - started
         tokens = [c.tokens if c.tokens else [self.tokenizer.eos_token_id] for c in done]
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
