@@ -108,7 +108,14 @@ DRY_COMMON = [
     "data.score_max_new_tokens=4",
 ]
 # Each step's (device, dry-run) optimizer steps.
-STEPS = {"qlora": (20, 4), "qlora_resume": (30, 6), "other": (20, 2), "fsdp": (10, 2), "snapshot": (4, 2)}
+STEPS = {
+    "qlora": (20, 4),
+    "qlora_resume": (30, 6),
+    "other": (20, 2),
+    "fsdp": (10, 2),
+    "snapshot": (4, 2),
+    "grpo": (4, 2),
+}
 GRACE_S = 5  # after SIGTERM at a timeout, before SIGKILL
 RESERVE_S = 3  # kept back from the budget for writing the report
 
@@ -239,6 +246,8 @@ def figures(summary: dict | None) -> dict:
             "score_device",
             "score_wall_s",
             "scaler_skipped_steps",
+            "final_reward",
+            "rollout_time_s",
         )
         if key in summary
     }
@@ -340,6 +349,29 @@ class Check:
         )  # fmt: skip
         if scored_on is None:
             step.result["note"] = "summary.json does not record the scoring device (score_device)"
+
+    def grpo_nf4(self, step: Step) -> None:
+        """GRPO with a 4-bit base: rollouts decoded on the training weights on the device, a loss, steps."""
+        n = self.steps_of("grpo")
+        done, run = self.train(
+            step,
+            [
+                "objective=grpo", "data=demo_prompt", "quant=nf4", f"trainer.max_steps={n}",
+                "trainer.limit_val_batches=0", "objective.max_completion_length=16", "data.test_size=8",
+            ],
+        )  # fmt: skip
+        fig = figures(read_summary(run))
+        lines = (
+            (run / "completions.jsonl").read_text().splitlines()
+            if (run / "completions.jsonl").is_file()
+            else []
+        )
+        self.judge_training(
+            step, done, run, n, fig,
+            reward_logged=_finite(fig.get("final_reward")),
+            completions_written=len(lines) > 0,
+            rollout_timed=bool((fig.get("rollout_time_s") or {}).get("rollout")),
+        )  # fmt: skip
 
     def qlora_resume(self, step: Step) -> None:
         n, before = self.steps_of("qlora_resume"), self.steps_of("qlora")
@@ -506,6 +538,7 @@ def plan(devices: int) -> list[Step]:
              True, 25, 100),
         Step("fsdp_nf4", f"trainer=fsdp quant=nf4 model.gradient_checkpointing=true on {devices} GPU(s)",
              True, 30, 120, min_gpus=2),
+        Step("grpo_nf4", "objective=grpo quant=nf4: rollouts on the training weights, 4 steps", False, 30, 120),
         Step("fp16_true_refused", "trainer.precision=16-true refused at config time", False, 12, 60),
         Step("memory_snapshot", "callbacks.memory.snapshot_at_step: a CUDA memory snapshot", True, 25, 90),
         Step("bench_gpu", "python -m bench.gpu --rounds 1 --steps 4 (Mistral-7B shape, NF4)", True, 90, 300),

@@ -37,7 +37,7 @@ def test_dry_run_trains_resumes_and_refuses_16_true_on_the_cpu_under_the_output_
     report = json.loads(out.read_text())
     passed, steps = report["passed"], report["steps"]
     assert report["dry_run"] is True and report["all_passed"] is True
-    for name in ("qlora", "qlora_resume", "fp16_true_refused"):
+    for name in ("qlora", "qlora_resume", "grpo_nf4", "fp16_true_refused"):
         assert passed[name] is True, json.dumps(steps[name], indent=1)[-4000:]
     for name in ("fp16_mixed_article", "fsdp_nf4", "memory_snapshot", "bench_gpu"):
         assert passed[name] is None and steps[name]["status"] == "skipped: needs CUDA"
@@ -51,6 +51,10 @@ def test_dry_run_trains_resumes_and_refuses_16_true_on_the_cpu_under_the_output_
     assert figures["score_rows"] == 4 and "score_tuned_exact_match" in figures
     assert figures["score_wall_s"] >= 0
     assert resume["checks"]["resumed_from_step_4"] and resume["figures"]["global_step"] == 6
+
+    grpo = steps["grpo_nf4"]
+    assert "objective=grpo" in grpo["command"] and "quant=nf4" in grpo["command"]
+    assert grpo["checks"]["completions_written"] and grpo["figures"]["global_step"] == 2
 
     refusal = steps["fp16_true_refused"]
     assert refusal["rc"] not in (0, 124) and refusal["message"].startswith("lit-lora: error: ")

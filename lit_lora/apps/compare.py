@@ -11,7 +11,8 @@ The table is printed and written as ``compare.md`` and ``compare.csv``; the plot
 ``loss_curves.png`` (training and validation loss overlaid), ``memory.png``, ``throughput.png`` and
 ``score.png`` are written next to them (default: into the sweep folder, or the current folder), for
 preference runs (``objective=dpo`` ...) ``preference.png``: validation preference accuracy and
-reward margin by step, and for runs that measured retention (``callbacks/retention.py``)
+reward margin by step, for GRPO runs ``reward.png``: the training and validation reward by step (the
+held-out reward, base and tuned, is in the table), and for runs that measured retention (``callbacks/retention.py``)
 ``score_vs_drift.png``: task score against ``retention/kl``, one point per run.
 Reads ``summary.json``, ``failed.json``, ``metrics*.csv`` and ``.hydra/overrides.yaml``; never W&B.
 """
@@ -45,6 +46,8 @@ COLUMNS = (
     ("score_base", "base exact match %"),
     ("preference_accuracy", "val preference accuracy %"),
     ("reward_margin", "val reward margin"),
+    ("held_out_reward", "held-out reward"),
+    ("held_out_reward_base", "base held-out reward"),
     ("retention_kl", "retention KL"),
     ("retention_agreement", "base agreement %"),
     ("wall_time_s", "wall time s"),
@@ -55,6 +58,8 @@ CURVES = (
     "val/loss",
     "val/rewards_accuracy",
     "val/rewards_margin",
+    "train/reward",
+    "val/reward",
     "retention/kl",
     "retention/agreement",
 )
@@ -141,6 +146,7 @@ def row_of(run: Run, overrides: list[str]) -> dict:
     best = s.get("best_val_loss", s.get("val_loss"))
     preference = s.get("preference") or {}
     accuracy, margin = preference.get("rewards_accuracy"), preference.get("rewards_margin")
+    reward, reward_base = s.get("reward_tuned") or {}, s.get("reward_base") or {}
     return {
         "run": run.path.name,
         "overrides": " ".join(overrides),
@@ -151,11 +157,14 @@ def row_of(run: Run, overrides: list[str]) -> dict:
         "tokens_per_s": s.get("tokens_per_s"),
         "best_val_loss": None if best is None else round(best, 4),
         # A preference loss is not a log-perplexity.
-        "best_val_ppl": None if best is None or preference else round(math.exp(best), 3),
+        # A preference loss is not a log-perplexity, nor GRPO's (the negative validation reward).
+        "best_val_ppl": None if best is None or preference or reward else round(math.exp(best), 3),
         "score": None if "score_tuned" not in s else round(s["score_tuned"]["exact_match"], 1),
         "score_base": None if "score_base" not in s else round(s["score_base"]["exact_match"], 1),
         "preference_accuracy": None if accuracy is None else round(100 * accuracy, 1),
         "reward_margin": None if margin is None else round(margin, 4),
+        "held_out_reward": None if reward.get("total") is None else round(reward["total"], 4),
+        "held_out_reward_base": None if reward_base.get("total") is None else round(reward_base["total"], 4),
         "retention_kl": None if s.get("retention/kl") is None else round(s["retention/kl"], 4),
         "retention_agreement": None
         if s.get("retention/agreement") is None
@@ -202,7 +211,9 @@ def plots(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
         if val:
             ax.plot(*zip(*val, strict=True), color=color, linestyle="--", marker="o", label=f"{label} (val)")
     ax.set(xlabel="step", ylabel="loss", title="Training (solid) and validation (dashed) loss")
-    ax.set_yscale("log")
+    losses = [v for run in runs for key in ("train/loss", "val/loss") for _, v in run.curves.get(key, [])]
+    if losses and min(losses) > 0:  # GRPO's losses go below 0 (and its val/loss is a negative reward)
+        ax.set_yscale("log")
     ax.legend(fontsize=7)
     written.append(out / "loss_curves.png")
     fig.savefig(written[-1], dpi=120, bbox_inches="tight")
@@ -223,6 +234,8 @@ def plots(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
     if any(run.curves.get("val/rewards_accuracy") for run in runs):
         written.append(_preference_plot(plt, runs, labels, out / "preference.png"))
+    if any(run.curves.get("train/reward") for run in runs):
+        written.append(_reward_plot(plt, runs, labels, out / "reward.png"))
     if any(r["retention_kl"] is not None for r in rows):
         written.append(_drift_plot(plt, rows, labels, out / "score_vs_drift.png"))
     return written
@@ -245,6 +258,29 @@ def _drift_plot(plt, rows: list[dict], labels: list[str], path: Path) -> Path:
         )
     ax.set(xlabel="retention/kl: mean KL(base || tuned) on general prompts", ylabel=ylabel)
     ax.set_title("Task score vs drift from the base")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _reward_plot(plt, runs: list[Run], labels: list[str], path: Path) -> Path:
+    """GRPO: the mean reward of the rollouts (training) and of greedy validation answers, by step."""
+    fig, (train, val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
+        for ax, key in ((train, "train/reward"), (val, "val/reward")):
+            points = run.curves.get(key, [])
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(
+                    steps,
+                    values,
+                    color=f"C{i % 10}",
+                    marker="o" if key == "val/reward" else None,
+                    label=label,
+                )
+    train.set(xlabel="step", ylabel="reward", title="Training reward (mean over the rollouts)")
+    val.set(xlabel="step", ylabel="reward", title="Validation reward (greedy answers)")
+    train.legend(fontsize=7)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
