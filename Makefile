@@ -14,7 +14,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast bench bench-dpo bench-serve bench-scaling bench-paths bench-packing bench-gpu gpu-check llamacpp chaos fuzz ddp-stress lint format clean-venv
+.PHONY: help install train test test-fast bench bench-dpo bench-grpo bench-serve bench-scaling bench-paths bench-packing bench-gpu gpu-check llamacpp chaos fuzz ddp-stress lint format clean-venv
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench: $(STAMP)  ## lit-lora vs HF Trainer vs raw loop (interleaved) + scaling t
 
 bench-dpo: $(STAMP)  ## lit-lora DPO vs TRL DPOTrainer (pairs/s, memory) and vs lit-lora SFT (memory) -> bench/results/dpo-*
 	$(BIN)/python -m bench.dpo $(ARGS)
+
+bench-grpo: $(STAMP)  ## lit-lora GRPO vs TRL GRPOTrainer + PEFT (prompts/s, memory, rollout/log-probs/update split) -> bench/results/grpo-*
+	$(BIN)/python -m bench.grpo $(ARGS)
 
 bench-serve: $(STAMP)  ## lit_lora.serve.server at 1 / 4 / 16 concurrent clients vs one-at-a-time generate -> bench/results/serve-*
 	$(BIN)/python -m bench.serve $(ARGS)

@@ -227,6 +227,7 @@ def _trl(s: dict, scratch: Path) -> dict:
         for r in make_prompts(s["prompts"], DATA_SEED, held_out_names=False)
     ]
     clock = Clock()
+    last_reward = [None]
 
     class Marks(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -234,6 +235,9 @@ def _trl(s: dict, scratch: Path) -> dict:
 
         def on_step_end(self, args, state, control, **kwargs):
             clock.mark()
+            rewards = trainer._metrics["train"].get("reward")  # cleared when TRL logs (at the end)
+            if rewards:
+                last_reward[0] = rewards[-1]
 
     args = GRPOConfig(
         **quiet_trainer_args(scratch / "trl", s["batch_completions"], LR),
@@ -273,8 +277,7 @@ def _trl(s: dict, scratch: Path) -> dict:
     trainer.train()
     g = s["num_generations"]
     result = clock.steady(s["warmup"], s["batch_completions"] // g, s["batch_completions"])
-    rewards = trainer._metrics["train"].get("reward") or [None]
-    result["reward_last_step"] = rewards[-1]
+    result["reward_last_step"] = last_reward[0]
     result["peak_memory_mb"] = _peak_rss_mb()
     return result
 

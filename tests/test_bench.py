@@ -67,3 +67,17 @@ def test_bench_paths_dry_run_times_every_variant_against_speed_off_and_the_defau
     assert names[:2] == ["speed=off", "lit-lora defaults"] and "speed.fused_rmsnorm=false" in names
     assert len(names) == 9  # every path off in turn; torch.compile is left out of the dry run
     assert all(r["tokens_per_s"] > 0 and r["speed_vs_off"] > 0 and r["speed_vs_defaults"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_grpo_dry_run_trains_lit_lora_and_trl_one_tiny_step_each():
+    done = _run("-m", "bench.grpo", "--dry-run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout[done.stdout.index("{\n") :])
+    assert report["dry_run"] and report["settings"]["steps"] == 1
+    for system in ("lit", "trl"):
+        row = report["table"][system]
+        assert row["prompts_per_s"] > 0 and row["peak_memory_mb"] > 0
+        assert row["split_s"]["rollout_s"] > 0 and row["split_s"]["logps_s"] > 0
+        assert row["completion_tokens_per_step"] > 0
+    assert report["ratios"]["prompts_per_s"] > 0 and report["ratios"]["peak_memory"] > 0

@@ -27,7 +27,7 @@ def test_lit_lora_does_not_import_the_plugin_package():
 
 
 # The wings that sit below the commands: they serve training, the apps, export and serve alike.
-LOWER_WINGS = ("data", "models", "inference")
+LOWER_WINGS = ("data", "models", "inference", "rewards")
 # What the lower wings never import: the run, the commands and the modules that start them.
 UPPER = (
     "training",

@@ -7,7 +7,10 @@ For the base model (``base=true``) and each adapter, on one split of any dataset
   exact match (JSON-aware, as in training's held-out score), SQuAD-style token F1 and ROUGE-L;
 - on preference data (``data.format=preference``), where the chosen answer is the reference of the two
   above: the preference accuracy, the share of pairs whose chosen answer the model finds more likely
-  than the rejected one (training's held-out ``preference_tuned``), and the mean log-prob margin.
+  than the rejected one (training's held-out ``preference_tuned``), and the mean log-prob margin;
+- on prompt rows (``data.format=prompt``, GRPO): no perplexity (they hold no answer); the mean reward of
+  the greedy answers under ``rewards=`` (default: the first adapter's run's rewards) and per function,
+  and the task metrics against an ``answer`` column where the rows have one (the RL demo's).
 
 Each adapter is rendered with its own saved rendering, so its prompts are exactly those of its
 training; the base model uses the first adapter's (or the data config's). The table is printed and
@@ -36,6 +39,7 @@ from lit_lora.inference.scoring import exact_match, generate_answers, preference
 from lit_lora.models.adapters import attach_adapter, check_adapter_folder, rendering_for
 from lit_lora.models.builder import build_model
 from lit_lora.paths import confined
+from lit_lora.rewards.held_out import reward_scores
 
 
 @torch.no_grad()
@@ -91,33 +95,48 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise UserError(
             f"split {cfg.split!r} of this data has no rows (set data.test_fraction or data.test_source)"
         )
-    scored = [r for r in rows if r.messages]
+    scored = [r for r in rows if r.messages and r.reference is not None]
+    prompts = data.prompts  # GRPO's prompt rows: no answer to measure perplexity on; rewards score them
+    rewards = _rewards(cfg, folders) if prompts else []
     batch = cfg.data.eval_batch_size
     results = []
     for name, folder in [("base", None)] * cfg.base + [(str(f), f) for f in folders]:
         model = attach_adapter(base, folder) if folder is not None else base
         rendering = rendering_for(folder, tokenizer) if folder is not None else data.rendering
-        entry = {
-            "model": name,
-            "perplexity": round(
+        entry = {"model": name}
+        if not prompts:
+            entry["perplexity"] = round(
                 perplexity(model, tokenizer, rendering, rows, cfg.data.max_seq_len, batch), 4
-            ),
-        }
+            )
         if cfg.generate and scored:
             answers = generate_answers(
                 model,
                 tokenizer,
                 rendering,
-                [r.messages[:-1] for r in scored],
+                [r.prompt_turns for r in scored],
                 cfg.data.score_max_new_tokens,
                 batch,
                 desc=f"generating ({Path(name).parent.name or name})",
             )
-            entry.update(task_metrics(answers, [r.messages[-1]["content"] for r in scored]))
+            entry.update(task_metrics(answers, [r.reference for r in scored]))
             entry["examples"] = [
-                {"answer": a, "reference": r.messages[-1]["content"]}
-                for a, r in zip(answers[:3], scored[:3], strict=False)
+                {"answer": a, "reference": r.reference} for a, r in zip(answers[:3], scored[:3], strict=False)
             ]
+        if cfg.generate and rewards:
+            score = reward_scores(
+                model,
+                tokenizer,
+                [e["input_ids"] for e in data.examples[cfg.split]],
+                rows,
+                rewards,
+                cfg.data.score_max_new_tokens,
+                batch,
+                desc=f"rewards ({Path(name).parent.name or name})",
+            )
+            entry["reward"] = round(score["total"], 4)
+            entry["rewards"] = {
+                k: None if v is None else round(v, 4) for k, v in score["per_function"].items()
+            }
         if data.pairs:
             pairs = preference_accuracy(
                 model, tokenizer.pad_token_id, data.examples[cfg.split], batch, use_adapter=True
@@ -135,8 +154,26 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     return report
 
 
+def _rewards(cfg: EvaluateConfig, folders: list[Path]) -> list:
+    """The reward functions that score prompt rows: ``rewards=`` or, when not given, those of the first
+    adapter's run (``<run>/config.yaml``); none (reward metrics left out) when neither has any."""
+    from omegaconf import OmegaConf
+
+    from lit_lora.rewards.loading import load_rewards
+
+    if cfg.rewards:
+        return load_rewards(cfg.rewards)
+    for folder in folders[:1]:
+        saved = folder.parent / "config.yaml"
+        if saved.is_file():
+            return load_rewards(OmegaConf.load(saved).get("rewards"))
+    return []
+
+
 def _print_table(report: dict, out: Path) -> None:
     keys = ["perplexity", "exact_match", "f1", "rouge_l"]
+    if any("reward" in m for m in report["models"]):
+        keys += ["reward"]
     if any("preference_accuracy" in m for m in report["models"]):
         keys += ["preference_accuracy", "logp_margin"]
     width = max(len(m["model"]) for m in report["models"])

@@ -79,6 +79,9 @@ class EvaluateConfig:
     work_dir: str = MISSING
     output_root: str | None = None  # work_dir and output must lie under it; see lit_lora/paths.py
     generate: bool = True  # task metrics need generation; perplexity alone does not
+    # Prompt rows (data.format=prompt): the reward functions that score the answers, as in training
+    # (rewards.<name>._target_ ...); null: those of the first adapter's run (<run>/config.yaml).
+    rewards: Any = None
 
     def __post_init__(self) -> None:
         _one_of("evaluate", "split", self.split, ("train", "val", "test"))

@@ -86,6 +86,21 @@ class Row:
     prompt: Any = None
     columns: dict[str, Any] | None = None
 
+    @property
+    def prompt_turns(self) -> list[dict[str, str]]:
+        """The turns a model answers: a prompt row's whole ``messages``, otherwise every turn before the
+        last (the reference answer)."""
+        return list(self.messages) if self.columns is not None else self.messages[:-1]
+
+    @property
+    def reference(self) -> str | None:
+        """The reference answer: the last turn's text, or a prompt row's ``answer`` column when it is a
+        string (the RL demo's), else None (a prompt row is scored by rewards, not against a reference)."""
+        if self.columns is not None:
+            answer = self.columns.get("answer")
+            return answer if isinstance(answer, str) else None
+        return self.messages[-1]["content"]
+
     def to_json(self) -> dict:
         out = {"loc": self.loc, "messages": self.messages, "text": self.text, "rejected": self.rejected}
         if self.columns is not None:

@@ -293,8 +293,8 @@ def _gate_model(
             same_top += int((read.argmax(-1) == ours.argmax(-1)).sum())
             positions += x.shape[1]
     gate_rows = rows[: cfg.gate_rows]
-    prompts = [r.messages[:-1] for r in gate_rows]
-    references = [r.messages[-1]["content"] for r in gate_rows]
+    prompts = [r.prompt_turns for r in gate_rows]
+    references = [r.reference for r in gate_rows]
     args = (data_cfg.score_max_new_tokens, data_cfg.eval_batch_size)
     expected = _generate_answers(cfg, adapter, merged, prompts, data_cfg)
     gguf_rendering = rendering_for(adapter, gguf_tokenizer)
@@ -302,8 +302,9 @@ def _gate_model(
         exported, gguf_tokenizer, gguf_rendering, prompts, *args, desc="export answers"
     )
     match = _share([a.strip() == b.strip() for a, b in zip(answers, expected, strict=True)])
-    score_trained = _share(exact_match(expected, references))
-    score_export = _share(exact_match(answers, references))
+    # Prompt rows (GRPO) without a reference answer count in the answers' match only.
+    score_trained = _reference_score(expected, references)
+    score_export = _reference_score(answers, references)
     least_match, most_lost = ANSWER_BOUNDS[cfg.outtype]
     failures = []
     if same_ids < len(logit_rows):
@@ -314,7 +315,7 @@ def _gate_model(
         failures.append(f"max |logit difference| {diff:.4g} > {LOGIT_BOUNDS[cfg.outtype]}")
     if match < least_match:
         failures.append(f"{match:.1f} % of answers match lit_lora.apps.generate's (< {least_match} %)")
-    if score_trained - score_export > most_lost:
+    if score_trained is not None and score_trained - score_export > most_lost:
         failures.append(
             f"exact match {score_export:.1f} % vs {score_trained:.1f} % (more than {most_lost} points lost)"
         )
@@ -393,7 +394,7 @@ def _llama_cpp(file, base_gguf, lora, cfg, merged, adapter, rows, data_cfg, gate
     if lora and base_gguf is None:
         return {"ran": False, "why": "no base GGUF to apply the adapter to (base_gguf=<file>)"}
     gate_rows = rows[: cfg.gate_rows]
-    prompts = [r.messages[:-1] for r in gate_rows]
+    prompts = [r.prompt_turns for r in gate_rows]
     if expected is None:  # gguf-lora: lit_lora.apps.generate's answers were not needed before
         expected = _generate_answers(cfg, adapter, merged, prompts, data_cfg)
     model_file, lora_file = (base_gguf, file) if lora else (file, None)
@@ -402,19 +403,27 @@ def _llama_cpp(file, base_gguf, lora, cfg, merged, adapter, rows, data_cfg, gate
     answers = llama_cpp_runtime.greedy_answers(
         model_file, lora_file, texts, data_cfg.score_max_new_tokens, n_ctx
     )
-    references = [r.messages[-1]["content"] for r in gate_rows]
+    references = [r.reference for r in gate_rows]
     return {
         "ran": True,
         "model": str(model_file),
         "lora": str(lora_file) if lora_file else None,
         "rows": len(gate_rows),
         "answers_match_pct": _share([a.strip() == b.strip() for a, b in zip(answers, expected, strict=True)]),
-        "exact_match_llama_cpp": _share(exact_match(answers, references)),
-        "exact_match_trained": _share(exact_match(expected, references)),
+        "exact_match_llama_cpp": _reference_score(answers, references),
+        "exact_match_trained": _reference_score(expected, references),
         "examples": [
             {"generate": e, "llama_cpp": a} for e, a in zip(expected[:3], answers[:3], strict=False)
         ],
     }
+
+
+def _reference_score(answers: list[str], references: list[str | None]) -> float | None:
+    """Exact match (%) over the rows that have a reference answer; None when none has."""
+    pairs = [(a, r) for a, r in zip(answers, references, strict=True) if r is not None]
+    if not pairs:
+        return None
+    return _share(exact_match([a for a, _ in pairs], [r for _, r in pairs]))
 
 
 def _generate_answers(
@@ -431,6 +440,10 @@ def _generate_answers(
         data_cfg.eval_batch_size,
         desc="lit_lora.generate",
     )
+
+
+def _pct(value: float | None) -> str:
+    return "n/a (no reference answers)" if value is None else f"{value:.1f} %"
 
 
 def _share(hits: list[bool]) -> float:
@@ -450,8 +463,8 @@ def _print_report(report: dict, out: Path) -> None:
         print(
             f"lit-lora: gate (transformers' GGUF reader): max |logit diff| {gate['max_abs_logit_diff']:.3g} "
             f"(bound {gate['logit_bound']}); {gate['answers_match_pct']:.1f} % of {gate['rows']} greedy answers "
-            f"match lit_lora.apps.generate's; exact match {gate['exact_match_trained']:.1f} % trained -> "
-            f"{gate['exact_match_export']:.1f} % export"
+            f"match lit_lora.apps.generate's; exact match {_pct(gate['exact_match_trained'])} trained -> "
+            f"{_pct(gate['exact_match_export'])} export"
         )
     elif gate:
         print(
@@ -461,7 +474,7 @@ def _print_report(report: dict, out: Path) -> None:
         cpp = gate["llama_cpp"]
         print(
             f"lit-lora: llama.cpp: {cpp['answers_match_pct']:.1f} % of {cpp['rows']} answers match; exact match "
-            f"{cpp['exact_match_trained']:.1f} % trained, {cpp['exact_match_llama_cpp']:.1f} % llama.cpp"
+            f"{_pct(cpp['exact_match_trained'])} trained, {_pct(cpp['exact_match_llama_cpp'])} llama.cpp"
         )
     elif gate and gate.get("llama_cpp"):
         print(f"lit-lora: llama.cpp not run: {gate['llama_cpp']['why']}")

@@ -58,7 +58,8 @@ def exact_match_score(
     batch_size: int,
     use_adapter: bool,
 ) -> dict:
-    """Exact match (in %) of the answers to ``rows`` (conversations) with the adapter on or off.
+    """Exact match (in %) of the answers to ``rows`` (conversations, each with a reference answer:
+    :attr:`Row.reference` not None) with the adapter on or off.
 
     Returns ``{"exact_match": float, "n": int, "examples": [...], "misses": [...]}`` where examples are the
     first three (answer, reference) pairs and misses up to ten wrong ones.
@@ -68,12 +69,12 @@ def exact_match_score(
             model,
             tokenizer,
             rendering,
-            [row.messages[:-1] for row in rows],
+            [row.prompt_turns for row in rows],
             max_new_tokens,
             batch_size,
             desc="scoring fine-tuned" if use_adapter else "scoring base",
         )
-    references = [row.messages[-1]["content"] for row in rows]
+    references = [row.reference for row in rows]
     hits = exact_match(answers, references)
     return {
         "exact_match": 100.0 * sum(hits) / max(len(hits), 1),

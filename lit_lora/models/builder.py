@@ -436,6 +436,20 @@ def load_base(
     return base, tokenizer, source, config
 
 
+def keep_4bit_layers_trainable_on_cpu(model) -> int:
+    """Turn off bitsandbytes' CPU inference repacking on every 4-bit layer of ``model``; returns how many.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` called in eval mode without gradients repacks its weight
+    into a CPU inference layout and from then on runs a kernel that has no backward: no gradient passes
+    through that layer any more (the LoRA layers before it stop training) until a ``state_dict()`` undoes
+    the repack. A training model decodes in eval mode without gradients (validation, GRPO's rollouts,
+    held-out scoring), so the repack is kept off: those forwards take the trainable path instead."""
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def build_model(
     cfg: TrainConfig | BaseConfig,
     *,
@@ -524,6 +538,8 @@ def _build_for_training(cfg: TrainConfig) -> BuiltModel:
             use_gradient_checkpointing=mechanism == "transformers",
             gradient_checkpointing_kwargs=gc_kwargs,
         )
+    if quantization is not None:
+        keep_4bit_layers_trainable_on_cpu(base)
     elif mechanism == "transformers":
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         # Without this, checkpointed blocks see inputs that do not require grad and LoRA B never trains.

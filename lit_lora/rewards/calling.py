@@ -1,4 +1,4 @@
-"""Calling the reward functions on a batch of completions: :func:`score_completions`.
+"""Calling the reward functions on a batch of completions: :func:`score_completions`, :func:`score_rows`.
 
 The calling convention is TRL's (``GRPOTrainer``): each function is called once per batch with
 ``prompts=``, ``completions=``, ``completion_ids=`` and every other dataset column by keyword, each a list
@@ -64,6 +64,27 @@ def score_completions(
         for i, value in enumerate(_as_list(function, returned, n)):
             scores[i][k] = _as_float(function, value, i, locs[i])
     return torch.tensor(scores, dtype=torch.float32).reshape(n, len(functions))
+
+
+# Names TRL passes itself; a dataset column of that name is not passed again.
+_RESERVED = {"prompt", "prompts", "completions", "completion_ids"}
+
+
+def score_rows(
+    functions: list[RewardFunction], rows: list, texts: list[str], completion_ids: list[list[int]]
+):
+    """:func:`score_completions` for completions of prompt rows (:class:`lit_lora.data.rows.Row`, one per
+    completion, a prompt's row repeated for each of its completions): the prompts as the rows gave them,
+    each completion as a string or, for a prompt given as messages, as TRL's conversational
+    ``[{"role": "assistant", "content": text}]``, and every column of the rows (None where a row lacks it)."""
+    completions = [
+        [{"role": "assistant", "content": t}] if isinstance(r.prompt, list) else t
+        for r, t in zip(rows, texts, strict=True)
+    ]
+    keys = sorted({k for r in rows for k in (r.columns or {})} - _RESERVED)
+    columns = {k: [(r.columns or {}).get(k) for r in rows] for k in keys}
+    prompts = [r.prompt for r in rows]
+    return score_completions(functions, prompts, completions, completion_ids, columns, [r.loc for r in rows])
 
 
 def completion_text(completion: object) -> str:

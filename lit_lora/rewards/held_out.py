@@ -15,7 +15,7 @@ import torch
 from lit_lora.data.rows import Row
 from lit_lora.inference.decoding import adapter_enabled, eval_mode, generate_tokens
 from lit_lora.progress import progress
-from lit_lora.rewards.calling import score_completions
+from lit_lora.rewards.calling import score_rows
 from lit_lora.rewards.loading import RewardFunction
 
 
@@ -49,15 +49,7 @@ def reward_scores(
             )
             ids += new
             texts += tokenizer.batch_decode(new, skip_special_tokens=True)
-    completions = [
-        [{"role": "assistant", "content": t}] if isinstance(r.prompt, list) else t
-        for r, t in zip(rows, texts, strict=True)
-    ]
-    keys = sorted({k for r in rows for k in (r.columns or {})} - {"prompts", "completions", "completion_ids"})
-    columns = {k: [(r.columns or {}).get(k) for r in rows] for k in keys}
-    per_func = score_completions(
-        rewards, [r.prompt for r in rows], completions, ids, columns, [r.loc for r in rows]
-    )
+    per_func = score_rows(rewards, rows, texts, ids)
     weights = torch.tensor([f.weight for f in rewards], dtype=torch.float32)
     total = (torch.nan_to_num(per_func, nan=0.0) * weights).sum(dim=1)
     per_function, seen = {}, {}

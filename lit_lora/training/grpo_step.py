@@ -30,7 +30,7 @@ from lit_lora.config.schema import ObjectiveConfig
 from lit_lora.data.rows import Row
 from lit_lora.inference.decoding import eval_mode
 from lit_lora.inference.rollouts import Completion, LocalRollouts, group_seed
-from lit_lora.rewards.calling import score_completions
+from lit_lora.rewards.calling import score_rows
 from lit_lora.rewards.held_out import reward_scores
 from lit_lora.rewards.loading import RewardFunction
 from lit_lora.training.completions import completion_batch, completion_logps
@@ -107,22 +107,7 @@ class GRPOStep:
         tokens = [c.tokens if c.tokens else [self.tokenizer.eos_token_id] for c in done]
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         expanded = [row for row in rows for _ in range(g)]
-        completions = [
-            [{"role": "assistant", "content": t}] if isinstance(r.prompt, list) else t
-            for r, t in zip(expanded, texts, strict=True)
-        ]
-        keys = sorted(
-            {k for r in rows for k in (r.columns or {})} - {"prompt", "completions", "completion_ids"}
-        )
-        columns = {k: [(r.columns or {}).get(k) for r in expanded] for k in keys}
-        per_func = score_completions(
-            self.rewards,
-            [r.prompt for r in expanded],
-            completions,
-            tokens,
-            columns,
-            [r.loc for r in expanded],
-        )
+        per_func = score_rows(self.rewards, expanded, texts, tokens)
         strategy = module.trainer.strategy
         world = module.trainer.world_size
         if cfg.scale_rewards == "batch" and world > 1:
