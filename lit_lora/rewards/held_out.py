@@ -31,7 +31,7 @@ def reward_scores(
     desc: str | None = None,
 ) -> dict:
     """``{"total": mean weighted reward, "per_function": {name: mean or None}, "seen": {name: rows
-    scored}, "rows": n}`` of the greedy answers of ``model`` to ``prompts`` (token ids of ``rows``'
+    scored}, "binary": {name: every value 0 or 1}, "rows": n}`` of the greedy answers of ``model`` to ``prompts`` (token ids of ``rows``'
     rendered prompts). A function's None counts in neither its mean nor its ``seen``; a completion
     every function said None to counts 0 in the total."""
     texts: list[str] = []
@@ -52,11 +52,13 @@ def reward_scores(
     per_func = score_rows(rewards, rows, texts, ids)
     weights = torch.tensor([f.weight for f in rewards], dtype=torch.float32)
     total = (torch.nan_to_num(per_func, nan=0.0) * weights).sum(dim=1)
-    per_function, seen = {}, {}
+    per_function, seen, binary = {}, {}, {}
     for k, fn in enumerate(rewards):
         column = per_func[:, k]
         known = ~torch.isnan(column)
         seen[fn.name] = int(known.sum())
         per_function[fn.name] = float(column[known].mean()) if seen[fn.name] else None
+        # A pass/fail reward (every value 0 or 1): its mean is a share, reported as a percentage.
+        binary[fn.name] = bool(((column[known] == 0) | (column[known] == 1)).all())
     mean = float(total.mean()) if len(rows) else math.nan
-    return {"total": mean, "per_function": per_function, "seen": seen, "rows": len(rows)}
+    return {"total": mean, "per_function": per_function, "seen": seen, "binary": binary, "rows": len(rows)}

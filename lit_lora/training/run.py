@@ -631,11 +631,31 @@ def _score_rewards(job: Job, summary: dict, score_on) -> None:
             summary["reward_base"] = reward_scores(
                 *args, tc.data.eval_batch_size, use_adapter=False, desc="held-out rewards (base)"
             )
+        if tc.lora.init_from:  # the adapter training started from (an SFT warm-up): the "before" of RL
+            summary["reward_init"] = _init_adapter_scores(built.model, tc.lora.init_from, args, tc)
         summary["reward_tuned"] = reward_scores(
             *args, tc.data.eval_batch_size, use_adapter=True, desc="held-out rewards (tuned)"
         )
     summary["rollout_time_s"] = {k: round(v, 2) for k, v in grpo.seconds.items()}
     summary["score_wall_s"] = round(time.perf_counter() - started, 2)
+
+
+def _init_adapter_scores(model, folder: str, args: tuple, tc: TrainConfig) -> dict:
+    """Held-out rewards of the adapter in ``folder`` (``lora.init_from``), loaded beside the trained one
+    for the scoring and removed afterwards."""
+    from lit_lora.models.adapters import load_named_adapter
+    from lit_lora.rewards.held_out import reward_scores
+
+    trained, name = model.active_adapter, "lit_lora_init"
+    load_named_adapter(model, Path(folder), name)
+    model.set_adapter(name)
+    try:
+        return reward_scores(
+            *args, tc.data.eval_batch_size, use_adapter=True, desc="held-out rewards (start)"
+        )
+    finally:
+        model.set_adapter(trained)
+        model.delete_adapter(name)
 
 
 def _finish(job: Job, summary: dict) -> None:
@@ -717,16 +737,28 @@ def _print_report(summary: dict, out: Path) -> None:
 
 
 def _say_rewards(summary: dict) -> None:
-    """GRPO's held-out lines: the weighted reward, then each function's mean (a share for 0/1 rewards)."""
-    tuned, base = summary["reward_tuned"], summary.get("reward_base")
-    line = f"held-out reward ({tuned['rows']} prompts, greedy): "
-    if base is not None:
-        line += f"base {base['total']:.3f} -> "
-    _say(line + f"tuned {tuned['total']:.3f}")
-    for name, value in tuned["per_function"].items():
-        before = base["per_function"].get(name) if base is not None else None
-        shown = "n/a" if value is None else f"{value:.3f}"
-        _say(f"  {name}: " + (f"base {before:.3f} -> " if before is not None else "") + f"tuned {shown}")
+    """GRPO's held-out lines: the weighted reward, then each function's mean (a share for 0/1 rewards),
+    for the base (adapter off), the adapter training started from (``lora.init_from``) and the tuned one."""
+    tuned = summary["reward_tuned"]
+    stages = [
+        (label, summary[key])
+        for key, label in (("reward_base", "base"), ("reward_init", "start"))
+        if key in summary
+    ]
+    stages.append(("tuned", tuned))
+    line = " -> ".join(f"{label} {scores['total']:.3f}" for label, scores in stages)
+    _say(f"held-out reward ({tuned['rows']} prompts, greedy): {line}")
+    for name in tuned["per_function"]:
+        share = all(scores.get("binary", {}).get(name) for _, scores in stages)
+        parts = [
+            f"{label} {_reward_value(scores['per_function'].get(name), share)}" for label, scores in stages
+        ]
+        _say(f"  {name}: " + " -> ".join(parts))
+
+
+def _reward_value(x: float | None, share: bool) -> str:
+    """A held-out reward mean; a pass/fail reward's mean is the share of passes, shown as a percentage."""
+    return "n/a" if x is None else f"{100 * x:.1f}%" if share else f"{x:.3f}"
 
 
 def _say_before_after(summary: dict, title: str, unit: str, prefix: str, key: str) -> None:

@@ -242,3 +242,34 @@ def test_sigkill_at_a_random_moment_then_resume_auto_ends_bitwise_equal_completi
     a, b = _adapter(whole), _adapter(killed)
     assert [k for k in a if not torch.equal(a[k], b[k])] == [], "adapter differs from the uninterrupted run"
     assert _completions(killed) == _completions(whole), "the resumed run drew other completions"
+
+
+def test_the_starting_adapter_is_scored_beside_the_trained_one_and_removed_after(tmp_path, tokenizer):
+    """``lora.init_from`` (an SFT warm-up before GRPO): the held-out "start" score is that adapter's, the
+    trained adapter stays active and untouched, and nothing of the start adapter is left on the model."""
+    from lit_lora.config.schema import TrainConfig
+    from lit_lora.data.rows import Row
+    from lit_lora.rewards.loading import load_rewards
+    from lit_lora.training.run import _init_adapter_scores
+    from tests.helpers import tiny_lora_model
+
+    model = tiny_lora_model(r=4, dropout=0.0)
+    model.save_pretrained(str(tmp_path / "start"))  # the start adapter: these weights
+    with torch.no_grad():  # then the trained adapter moves away from it
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(1.0)
+    trained = {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
+    rows = [
+        Row(f"t:{i}", messages=[{"role": "user", "content": "hi"}], prompt="hi", columns={}) for i in range(3)
+    ]
+    prompts = [[1, 5 + i, 7] for i in range(3)]
+    rewards = load_rewards({"even": {"_target_": "tests.training.test_grpo.even_token_share"}})
+    tc = TrainConfig()
+    tc.data.eval_batch_size = 2
+    args = (model, tokenizer, prompts, rows, rewards, 4)
+    start = _init_adapter_scores(model, str(tmp_path / "start"), args, tc)
+    assert start["rows"] == 3 and start["per_function"]["even"] is not None
+    assert model.active_adapter == "default" and set(model.peft_config) == {"default"}
+    now = {k: v for k, v in model.state_dict().items() if "lora" in k}
+    assert now.keys() == trained.keys() and all(torch.equal(now[k], trained[k]) for k in now)
