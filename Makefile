@@ -14,7 +14,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast bench bench-dpo bench-grpo bench-serve bench-scaling bench-paths bench-packing bench-gpu gpu-check llamacpp chaos fuzz ddp-stress lint format clean-venv
+.PHONY: help install train rl-demo test test-fast bench bench-dpo bench-grpo bench-serve bench-scaling bench-paths bench-packing bench-gpu gpu-check llamacpp chaos fuzz ddp-stress lint format clean-venv
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -32,6 +32,15 @@ install: $(STAMP)  ## create .venv and install lit-lora with pinned dependencies
 
 train: $(STAMP)  ## fine-tune the embedded SmolLM2-135M on the demo task (ARGS="lora.r=16 ...")
 	$(BIN)/lit-lora train $(ARGS)
+
+# The RL demo: a 10-step SFT warm-up on the prompts' answers, then GRPO from that adapter (README, GRPO).
+RL_DEMO_STARTED := $(shell date +%Y-%m-%d_%H-%M-%S)
+RL_DEMO ?= runs/rl-demo/$(RL_DEMO_STARTED)
+rl-demo: $(STAMP)  ## GRPO on the embedded model: SFT warm-up, then objective=grpo data=demo_prompt (ARGS go to GRPO)
+	$(BIN)/lit-lora train data=demo_prompt data.format=prompt_completion data.fields.completion=answer \
+		trainer.max_steps=10 score_base=false output_dir=$(RL_DEMO)/warmup
+	$(BIN)/lit-lora train objective=grpo data=demo_prompt lora.init_from=$(RL_DEMO)/warmup/adapter \
+		output_dir=$(RL_DEMO)/grpo $(ARGS)
 
 test: $(STAMP)  ## run the test suite (CPU, offline)
 	$(BIN)/python -m pytest $(ARGS)
