@@ -38,8 +38,8 @@ RL_DEMO_STARTED := $(shell date +%Y-%m-%d_%H-%M-%S)
 RL_DEMO ?= runs/rl-demo/$(RL_DEMO_STARTED)
 rl-demo: $(STAMP)  ## GRPO on the embedded model: SFT warm-up, then objective=grpo data=demo_prompt (ARGS go to GRPO)
 	$(BIN)/lit-lora train data=demo_prompt data.format=prompt_completion data.fields.completion=answer \
-		trainer.max_steps=10 score_base=false output_dir=$(RL_DEMO)/warmup
-	$(BIN)/lit-lora train objective=grpo data=demo_prompt lora.init_from=$(RL_DEMO)/warmup/adapter \
+		trainer.max_steps=10 score=false output_dir=$(RL_DEMO)/warmup
+	$(BIN)/lit-lora train objective=grpo data=demo_prompt lora.init_from=$(RL_DEMO)/warmup/adapter score_base=false \
 		output_dir=$(RL_DEMO)/grpo $(ARGS)
 
 test: $(STAMP)  ## run the test suite (CPU, offline)
