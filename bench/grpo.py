@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -77,10 +78,14 @@ class Clock:
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.completion_tokens = 0
         self.marks: list[tuple[float, dict, int]] = []
+        self.cpu: list[float] = []  # this process's CPU seconds at each mark
+        self.peak_mb: list[float] = []  # this process's peak RSS (CUDA: peak allocated) at each mark
 
     def mark(self, seconds: dict | None = None) -> None:
         now = dict(self.seconds, **(seconds or {}))
         self.marks.append((time.perf_counter(), now, self.completion_tokens))
+        self.cpu.append(time.process_time())
+        self.peak_mb.append(_peak_rss_mb())
 
     def time_logps(self, obj, name: str) -> None:
         """Wrap ``obj.name`` (a log-prob forward): its seconds go to ``logps_grad`` or ``logps_no_grad``."""
@@ -115,6 +120,7 @@ class Clock:
             "update_s": step_s - per_step["rollout"] - logps,
         }
         tokens = (c1 - c0) / steps
+        times = [m[0] for m in self.marks[warmup:]]
         return {
             "prompts_per_s": round(prompts_per_step * steps / elapsed, 4),
             "completions_per_s": round(completions_per_step * steps / elapsed, 3),
@@ -125,6 +131,12 @@ class Clock:
             "completion_tokens_per_step": round(tokens, 1),
             "rollout_tokens_per_s": round(tokens / per_step["rollout"], 1) if per_step["rollout"] else None,
             "steady_steps": steps,
+            "step_times_s": [round(b - a, 3) for a, b in itertools.pairwise(times)],
+            # CPU seconds per wall second of the steady steps: about torch's thread count on a quiet
+            # machine, lower where other processes took the cores
+            "cpu_per_wall": round((self.cpu[-1] - self.cpu[warmup]) / elapsed, 2),
+            # where the peak is reached: at the start of training, then after each step
+            "peak_mb_by_step": self.peak_mb,
         }
 
 
@@ -202,6 +214,7 @@ def _lit(s: dict, scratch: Path) -> dict:
     result = clock.steady(s["warmup"], s["batch_completions"] // g, s["batch_completions"])
     result["reward_last_step"] = summary.get("final_reward")
     result["lit_samples_per_s"] = summary.get("samples_per_s")  # the Throughput callback's prompts/s
+    result["lit_memory_phases"] = (summary.get("memory") or {}).get("phases")
     result["peak_memory_mb"] = max(before, _peak_rss_mb())
     return result
 
@@ -282,13 +295,40 @@ def _trl(s: dict, scratch: Path) -> dict:
     return result
 
 
+def _busy_cpu_s() -> float | None:
+    """CPU seconds the whole machine has been busy (``/proc/stat``: every state but idle and iowait)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(limit_s: float, cores: float = 0.25, window_s: float = 5.0) -> float | None:
+    """Wait (at most ``limit_s``) until other processes use fewer than ``cores`` cores over a
+    ``window_s`` window; the last window's figure."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        before = _busy_cpu_s()
+        if before is None:
+            return None
+        time.sleep(window_s)
+        used = (_busy_cpu_s() - before) / window_s
+        if used < cores or time.monotonic() >= deadline:
+            return round(used, 2)
+
+
 def run_system(system: str, settings: dict) -> dict:
     """One system in a fresh process; its ``RESULT {json}`` line, plus the child's peak RSS as the
-    parent's ``wait4`` reads it."""
+    parent's ``wait4`` reads it and the cores other processes used meanwhile (a shared machine's noise:
+    on a 2-core machine, a busy neighbour can slow torch's threads several times over)."""
     cmd = [sys.executable, "-m", "bench.grpo", "--system", system, "--settings", json.dumps(settings)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        busy, started = _busy_cpu_s(), time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        busy = None if busy is None else _busy_cpu_s() - busy
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -297,6 +337,10 @@ def run_system(system: str, settings: dict) -> dict:
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT ") :])
             result["peak_rss_wait4_mb"] = round(usage.ru_maxrss / 1024, 1)  # Linux: KiB
+            result["wall_s"] = round(wall, 1)
+            if busy is not None:  # the whole machine's busy CPU time less this child's
+                others = busy - usage.ru_utime - usage.ru_stime
+                result["other_processes_cores"] = round(max(others, 0.0) / wall, 2)
             return result
     raise RuntimeError(f"{system} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
 
@@ -317,6 +361,8 @@ def summarize(runs: list[dict]) -> dict:
     }
     out["completion_tokens_per_step"] = _median([r["completion_tokens_per_step"] for r in runs])
     out["rollout_tokens_per_s"] = _median([r["rollout_tokens_per_s"] for r in runs])
+    out["cpu_per_wall"] = _median([r["cpu_per_wall"] for r in runs])
+    out["other_processes_cores"] = _median([r.get("other_processes_cores") for r in runs])
     return out
 
 
@@ -333,8 +379,8 @@ def markdown(report: dict) -> str:
         "own process; medians.",
         "",
         "| system | prompts/s | step s | rollout s | log-probs s | update s | completion tokens / step | "
-        "rollout tokens/s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "rollout tokens/s | peak RSS MB | CPU s / wall s | other processes (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for system in SYSTEMS:
         row = table[system]
@@ -342,13 +388,16 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {NAMES[system]} | {row['prompts_per_s']} | {row['step_s']} | {split['rollout_s']} | "
             f"{split['logps_s']} | {split['update_s']} | {row['completion_tokens_per_step']} | "
-            f"{row['rollout_tokens_per_s']} | {row['peak_memory_mb']} |"
+            f"{row['rollout_tokens_per_s']} | {row['peak_memory_mb']} | {row['cpu_per_wall']} | "
+            f"{row['other_processes_cores']} |"
         )
     lines += [
         "",
         "Split per optimizer step: rollout = decoding the completions; log-probs = every log-prob forward "
         "(without gradients: none at beta 0 and one iteration; with gradients: the policy's in the loss); "
-        "update = the rest (rewards, advantages, loss, backward, optimizer step).",
+        "update = the rest (rewards, advantages, loss, backward, optimizer step). CPU s / wall s: the "
+        "process's CPU time per second of the timed steps; other processes: the cores the rest of the "
+        "machine used during the run (above a few tenths on 2 cores, the figures are disturbed).",
         "",
         *[f"- {t}" for t in report["targets"]],
         "",
@@ -399,6 +448,13 @@ def main() -> None:
     parser.add_argument(
         "--warmup", type=int, help=f"steps left out of the timing (default {SETTINGS['warmup']})"
     )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="S",
+        help="before each run, wait up to S seconds until other processes use < 0.25 core",
+    )
     parser.add_argument("--name", default=None, help="results file name (default grpo-cpu; dry run: none)")
     parser.add_argument(
         "--dry-run", action="store_true", help="one tiny step of each (tests), not a measurement"
@@ -421,12 +477,14 @@ def main() -> None:
     runs: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
     for repeat in range(args.repeats):
         for system in SYSTEMS:
-            started = time.perf_counter()
+            quiet = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
             runs[system].append(run_system(system, settings))
             r = runs[system][-1]
+            r["other_processes_cores_at_start"] = quiet
             print(
                 f"repeat {repeat + 1} {system}: {r['prompts_per_s']} prompts/s, split {r['split_s']}, "
-                f"peak {r['peak_memory_mb']} MB ({time.perf_counter() - started:.0f} s)",
+                f"peak {r['peak_memory_mb']} MB, cpu/wall {r['cpu_per_wall']}, other processes "
+                f"{r.get('other_processes_cores')} cores ({r['wall_s']:.0f} s)",
                 flush=True,
             )
     table = {s: summarize(runs[s]) for s in SYSTEMS}
