@@ -76,7 +76,7 @@ Origin = tuple[str, str]  # ("file", path) | ("saved", folder) | ("hub", "hf:<id
 
 def plan_sources(cfg: DataConfig, data_dir: Path) -> dict[str, list[Origin]]:
     """Where each split's rows come from; splits not listed are drawn from train by fraction."""
-    if cfg.source in DEMO_SOURCES:
+    if isinstance(cfg.source, str) and cfg.source in DEMO_SOURCES:
         kind = DEMO_SOURCES[cfg.source]
         paths = demo.write_splits(data_dir, cfg.train_size, cfg.val_size, cfg.test_size, cfg.seed, kind)
         return {split: [("file", str(path))] for split, path in paths.items()}

@@ -8,7 +8,8 @@
 - ``enospc_save@K``: the K-th checkpoint write of the process fails half way with ``ENOSPC``;
 - ``oom@N``: the forward pass of global step N raises ``torch.OutOfMemoryError``;
 - ``sigterm@N``: the process sends itself SIGTERM after step N's batch hooks (callbacks' first);
-- ``sigterm_after_fit@N``: the same once a fit that ended at step N is over (during held-out scoring).
+- ``sigterm_after_fit@N``: the same once a fit that ended at step N is over (during held-out scoring);
+- ``sigkill@N``: the process kills itself (SIGKILL: no handler, no cleanup) after step N's batch hooks.
 
 A name may repeat with several steps (``nan_loss@3,nan_loss@4``).
 """
@@ -65,3 +66,9 @@ def signal_self_after(name: str, step: int) -> None:
 
 
 _signalled: set[tuple[str, int]] = set()
+
+
+def kill_self_after(name: str, step: int) -> None:
+    """SIGKILL this process when fault ``name`` is set for ``step``: it ends at once, as a lost node would."""
+    if at(name, step):
+        os.kill(os.getpid(), signal.SIGKILL)

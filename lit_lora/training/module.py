@@ -324,6 +324,7 @@ class LitLoRA(L.LightningModule):
         # Lightning calls this after every callback's hook of the batch: a signal injected here lands
         # after GracefulStop has looked and before Lightning's own SIGTERM check (the reliability tests).
         faults.signal_self_after("sigterm", self.global_step)
+        faults.kill_self_after("sigkill", self.global_step)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Check the gradients (``on_nonfinite``) and log ``train/loss``, the token-weighted mean loss of
