@@ -399,6 +399,14 @@ def markdown(report: dict) -> str:
         "process's CPU time per second of the timed steps; other processes: the cores the rest of the "
         "machine used during the run (above a few tenths on 2 cores, the figures are disturbed).",
         "",
+        "Each run, in order (prompts/s, peak RSS MB):",
+        "",
+        *[
+            f"- {NAMES[system]}: "
+            + ", ".join(f"{r['prompts_per_s']} / {r['peak_memory_mb']}" for r in report["runs"][system])
+            for system in SYSTEMS
+        ],
+        "",
         *[f"- {t}" for t in report["targets"]],
         "",
     ]
