@@ -545,6 +545,8 @@ def _summary(job: Job) -> dict:
     if tc.objective.online:  # the last step's and the last validation's reward (GRPO)
         summary["final_reward"] = metrics.get("train/reward")
         summary["val_reward"] = metrics.get("val/reward")
+        # rollout / log-probs without gradient / the loss forward (backward and optimizer step not included)
+        summary["rollout_time_s"] = {k: round(v, 2) for k, v in module.grpo.seconds.items()}
     summary["objective"] = dataclasses.asdict(tc.objective)
     if tc.objective.preference:  # the last validation's preference figures (lit_lora.training.module)
         summary["preference"] = {
