@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import write_results
+from bench import cpu_name, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("lit", "trl")
@@ -414,18 +414,10 @@ def markdown(report: dict) -> str:
 
 
 def machine() -> str:
-    import platform
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"{cpu}, {torch.get_num_threads()} threads"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench import write_results
+from bench import cpu_name, write_results
 
 SYSTEMS = ("lit", "hf", "raw")
 NAMES = {"lit": "lit-lora", "hf": "HF Trainer + PEFT", "raw": "raw PyTorch + PEFT"}
@@ -39,14 +38,7 @@ WORKLOADS = {
 
 def machine() -> str:
     """CPU model, cores, GPU if any, library versions: what the figures were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import lightning
     import peft
     import transformers
