@@ -414,7 +414,6 @@ def markdown(report: dict) -> str:
 
 
 def machine() -> str:
-
     import torch
 
     cpu = cpu_name()
