@@ -207,6 +207,7 @@ def _lit(s: dict, scratch: Path) -> dict:
         "callbacks.retention.enabled=false",  # no validation here: the probe would measure nothing
         "~callbacks.adapter_checkpoint",
         "+callbacks.bench_clock._target_=bench.grpo.LitClock",
+        *s.get("lit_overrides", []),
     ]
     summary = train.run(overrides)
     g = s["num_generations"]
@@ -454,6 +455,14 @@ def main() -> None:
         metavar="S",
         help="before each run, wait up to S seconds until other processes use < 0.25 core",
     )
+    parser.add_argument(
+        "--lit",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra override of lit-lora's run (repeatable; an ablation: name the results with --name)",
+    )
+    parser.add_argument("--only", choices=SYSTEMS, help="run one system only (no ratio; an experiment)")
     parser.add_argument("--name", default=None, help="results file name (default grpo-cpu; dry run: none)")
     parser.add_argument(
         "--dry-run", action="store_true", help="one tiny step of each (tests), not a measurement"
@@ -471,11 +480,13 @@ def main() -> None:
         settings["steps"] = args.steps
     if args.warmup is not None:
         settings["warmup"] = args.warmup
+    if args.lit:
+        settings["lit_overrides"] = args.lit
     if settings["steps"] <= settings["warmup"]:
         parser.error(f"--steps ({settings['steps']}) must exceed --warmup ({settings['warmup']})")
     runs: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
     for repeat in range(args.repeats):
-        for system in SYSTEMS:
+        for system in (args.only,) if args.only else SYSTEMS:
             quiet = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
             runs[system].append(run_system(system, settings))
             r = runs[system][-1]
@@ -486,6 +497,9 @@ def main() -> None:
                 f"{r.get('other_processes_cores')} cores ({r['wall_s']:.0f} s)",
                 flush=True,
             )
+    if args.only:  # an experiment: the runs, no ratio and no results file
+        print(json.dumps({"settings": settings, "runs": runs[args.only]}, indent=2))
+        return
     table = {s: summarize(runs[s]) for s in SYSTEMS}
     speed = table["lit"]["prompts_per_s"] / table["trl"]["prompts_per_s"]
     memory = table["lit"]["peak_memory_mb"] / table["trl"]["peak_memory_mb"]

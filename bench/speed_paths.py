@@ -49,6 +49,7 @@ VARIANTS = {
     "speed.eager_attention_max_len=0": {"eager_attention_max_len": 0},
     "speed.right_padding_mask=true": {"right_padding_mask": True},
     "speed.fused_rmsnorm=false": {"fused_rmsnorm": False},
+    "speed.fused_swiglu=false": {"fused_swiglu": False},
     "speed.chunked_loss=false": {"chunked_loss": False},
     "speed.bf16_frozen_linears=false": {"bf16_frozen_linears": False},
     "torch.compile per layer (speed=off)": "compile",

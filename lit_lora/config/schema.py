@@ -161,6 +161,10 @@ class SpeedConfig:
     # Llama-family RMSNorms train through one autograd function with a closed-form backward on a CPU
     # (lit_lora.speedups.rmsnorm); false: transformers' own operations.
     fused_rmsnorm: bool = True
+    # On a CPU, Llama-family MLPs compute silu(gate) * up through one autograd function that recomputes
+    # the SiLU in the backward (lit_lora.speedups.swiglu): bitwise the same, one saved activation of the
+    # intermediate size less per layer. false: transformers' operations.
+    fused_swiglu: bool = True
     # On a CPU, draw LoRA dropout masks from 15-bit random lanes rather than with bernoulli_
     # (lit_lora.speedups.dropout): p rounded to a multiple of 2**-15, a different random stream, half the
     # cost. false: PEFT's nn.Dropout.
@@ -181,6 +185,7 @@ class SpeedConfig:
             eager_attention_max_len=None,
             right_padding_mask=True,
             fused_rmsnorm=False,
+            fused_swiglu=False,
             fast_dropout=False,
             fused_lora_linear=False,
             tune_host_allocator=False,

@@ -9,6 +9,7 @@ because it measured faster or leaner on a CPU (``make bench-paths`` times each a
 - :mod:`.dropout`: cheaper LoRA dropout masks;
 - :mod:`.lora_linear`: one autograd function per LoRA linear layer;
 - :mod:`.rmsnorm`: one autograd function per Llama-family RMSNorm;
+- :mod:`.swiglu`: the SiLU-gated MLP product with the SiLU recomputed in the backward (less memory);
 - :mod:`.allocator`: glibc malloc thresholds.
 
 :func:`apply_speedups` is the one place that decides which of them a built model gets.
@@ -31,6 +32,7 @@ class Speedups:
     fast_dropout: int = 0
     fused_lora_linear: int = 0
     fused_rmsnorm: int = 0
+    fused_swiglu: int = 0
     lit_attention: bool = False
     host_allocator: bool = False
 
@@ -43,6 +45,7 @@ class Speedups:
                 self.fast_dropout,
                 self.fused_lora_linear,
                 self.fused_rmsnorm,
+                self.fused_swiglu,
                 self.lit_attention,
                 self.host_allocator,
             )
@@ -71,8 +74,9 @@ def apply_speedups(
     from lit_lora.speedups.frozen_linears import cast_frozen_linears
     from lit_lora.speedups.lora_linear import use_fused_lora_linear
     from lit_lora.speedups.rmsnorm import use_fused_rmsnorm
+    from lit_lora.speedups.swiglu import use_fused_swiglu
 
-    cast = fast = fused = norms = 0
+    cast = fast = fused = norms = mlps = 0
     if speed.bf16_frozen_linears and bf16_autocast and not sharded:
         cast = cast_frozen_linears(model, torch.bfloat16)
     if speed.fast_dropout:
@@ -81,8 +85,10 @@ def apply_speedups(
         fused = use_fused_lora_linear(model)
     if speed.fused_rmsnorm:
         norms = use_fused_rmsnorm(model)
+    if speed.fused_swiglu:
+        mlps = use_fused_swiglu(model)
     attention = speed.eager_attention_max_len is not None and use_lit_attention(
         model, speed.eager_attention_max_len
     )
     allocator = speed.tune_host_allocator and tune_host_allocator()
-    return Speedups(cast, fast, fused, norms, attention, allocator)
+    return Speedups(cast, fast, fused, norms, mlps, attention, allocator)

@@ -9,8 +9,12 @@ is folded into ``addmm`` (forward: ``addmm(base, h, B.T, alpha=scaling)``; backw
 input gradient and the adapter's share one ``addmm``), the dropout scale ``1 / (1 - p)`` is folded into
 ``A``, and the mask is a 1.0 / 0.0 multiplier in the compute dtype built with integer operations
 (:func:`lit_lora.speedups.dropout.keep_ones`: in bf16 a mask multiply costs ~50 us where the boolean mask of
-``nn.Dropout``'s backward costs ~290 us for 372 x 576 elements). The backward reads what the forward
-saved: the dropped input, the multiplier, ``h = dropout(x) @ A.T``.
+``nn.Dropout``'s backward costs ~290 us for 372 x 576 elements). The forward saves the cast input
+(one copy for q, k and v, which read the same hidden states), ``h = dropout(x) @ A.T`` and the
+generator's state before the mask; the backward draws the mask again from that state (and puts the
+generator back), so no tensor of the input's size is kept besides the input: for q/k/v/o of
+SmolLM2-135M, 2 saved inputs per decoder layer instead of 8 (the dropped input and the multiplier of
+each layer), about 470 MB less for 16 rows of 148 positions (``experiments/memory``).
 
 Numerics: the same products in the same dtype as PEFT's path under autocast; the mask and its scale
 are applied after ``x``'s cast (PEFT scales in fp32, then casts), which moves results by about one bf16
@@ -27,6 +31,7 @@ bias, no extra arguments, and one compute dtype
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -52,6 +57,26 @@ def _keep_ones(flat: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     return keep_mask(flat.shape, threshold).to(flat.dtype), scale
 
 
+# The last input cast: (x, its version, dtype, the cast), all but the version weakly referenced.
+_last_cast: tuple | None = None
+
+
+def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as ``(N, in)`` in ``dtype``; q, k and v read the same hidden states one after the other, so
+    the cast of the previous call is reused while ``x`` is the same, unmodified tensor: the three layers
+    save one copy of their input for the backward instead of three."""
+    global _last_cast
+    if _last_cast is not None:
+        ref, version, cast_dtype, cast_ref = _last_cast
+        cast = cast_ref()
+        if ref() is x and version == x._version and cast_dtype == dtype and cast is not None:
+            return cast
+    flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    if flat is not x:  # a tensor cannot hold a weak reference to itself for us to compare
+        _last_cast = (weakref.ref(x), x._version, dtype, weakref.ref(flat))
+    return flat
+
+
 class _LoraLinear(torch.autograd.Function):
     """``x @ W.T + bias + scaling * (dropout(x) @ A.T) @ B.T`` with gradients for ``x``, ``A`` and ``B``
     (``W`` and ``bias`` are frozen). Dropout is ``x * ones`` (``ones`` the 1.0 / 0.0 keep multiplier)
@@ -60,30 +85,43 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, dtype: torch.dtype):
         # Every operand is cast to ``dtype`` here, so autocast (if on, ``dtype`` is its dtype) casts nothing.
-        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        flat = _cast_input(x, dtype)
         w = weight.to(dtype)
         base = torch.nn.functional.linear(flat, w, None if bias is None else bias.to(dtype))
-        ones, drop_scale, dropped = None, 1.0, flat
+        rng_state, drop_scale, dropped = None, 1.0, flat
         if p > 0.0:
+            rng_state = torch.get_rng_state()  # the backward draws the same mask again from it
             ones, drop_scale = _keep_ones(flat, p)
             dropped = flat * ones
+            del ones
         a = (lora_a * drop_scale if drop_scale != 1.0 else lora_a).to(dtype)  # tiny: r x in
         b = lora_b.to(dtype)
         h = dropped @ a.T
+        del dropped
         out = torch.addmm(base, h, b.T, alpha=scaling)
-        ctx.save_for_backward(dropped, ones, h, w, a, b)
+        ctx.save_for_backward(flat, h, w, a, b)
+        ctx.rng_state, ctx.p = rng_state, p
         ctx.scaling, ctx.drop_scale, ctx.x_dtype = scaling, drop_scale, x.dtype
         ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        dropped, ones, h, w, a, b = ctx.saved_tensors
+        flat, h, w, a, b = ctx.saved_tensors
+        ones = None
+        if ctx.rng_state is not None:  # the forward's mask, drawn again: nothing of input size is kept
+            current = torch.get_rng_state()
+            torch.set_rng_state(ctx.rng_state)
+            ones, _ = _keep_ones(flat, ctx.p)
+            torch.set_rng_state(current)
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(w.dtype)
         # (h.T @ g).T rather than g.T @ h: the same product, 37 vs 58 us for 372 x 576 rows on a CPU.
         grad_b = (h.T @ g).T.mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
         gh = (g @ b).mul_(ctx.scaling)  # (N, r): the gradient of h
-        grad_a = (gh.T @ dropped).mul_(ctx.drop_scale) if ctx.needs_input_grad[3] else None
+        grad_a = None
+        if ctx.needs_input_grad[3]:
+            dropped = flat if ones is None else flat * ones
+            grad_a = (gh.T @ dropped).mul_(ctx.drop_scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
             through_adapter = gh @ a

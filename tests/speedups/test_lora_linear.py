@@ -64,6 +64,32 @@ def test_bf16_autocast_error_is_no_larger_than_peft_s(tmp_path):
         assert peft_err < 0.02 and fused_err <= 1.5 * peft_err + 1e-3, (peft_err, fused_err)
 
 
+def test_q_k_v_save_one_input_and_the_backward_puts_the_generator_back():
+    """Under bf16 autocast each decoder layer saves 2 copies of an input (q/k/v's, o's), no mask; the
+    backward draws the masks again and leaves the generator where the forward left it (resume, seeds)."""
+    model = tiny_lora_model(r=4, dropout=0.1)
+    use_fast_dropout(model)
+    use_fused_lora_linear(model)
+    ids = torch.randint(3, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
+    hidden = model.get_base_model().config.hidden_size
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.bfloat16 and t.dim() == 2 and t.shape == (ids.numel(), hidden):
+            saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    torch.manual_seed(11)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    assert len(saved) == 2 * 2  # 2 layers x (q/k/v's input, o's input)
+    after_forward = torch.get_rng_state()
+    loss.backward()
+    assert torch.equal(torch.get_rng_state(), after_forward)
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def test_only_plain_cpu_training_calls_take_the_fused_path(tmp_path, monkeypatch):
     model = tiny_lora_model(r=4, dropout=0.1)
     use_fused_lora_linear(model)
