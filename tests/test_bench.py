@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from bench.speed_paths import VARIANTS
-
 from tests.helpers import ROOT
 
 

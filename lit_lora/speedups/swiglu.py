@@ -70,7 +70,11 @@ def _computes_llama_mlp(module: nn.Module) -> bool:
         for fused in (False, True):
             torch.manual_seed(0)
             try:
-                outputs.append(_fused_forward(module, probe, force=True) if fused else type(module).forward(module, probe))
+                outputs.append(
+                    _fused_forward(module, probe, force=True)
+                    if fused
+                    else type(module).forward(module, probe)
+                )
             except (RuntimeError, TypeError, ValueError):  # a layer this probe cannot call: not switched
                 return False
     want, got = outputs

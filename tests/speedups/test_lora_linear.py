@@ -80,7 +80,10 @@ def test_q_k_v_save_one_input_and_the_backward_puts_the_generator_back():
         return t
 
     torch.manual_seed(11)
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     assert len(saved) == 2 * 2  # 2 layers x (q/k/v's input, o's input)
     after_forward = torch.get_rng_state()

@@ -45,13 +45,16 @@ def test_bf16_output_and_input_gradient_are_bitwise_with_one_saved_activation_le
             assert use_fused_swiglu(mlp) == 1
         big = []
 
-        def pack(t, big=big):
-            if t.dim() == 3 and t.shape[-1] == mlp.intermediate_size:  # activations, not weights
+        def pack(t, big=big, width=mlp.intermediate_size):
+            if t.dim() == 3 and t.shape[-1] == width:  # activations, not weights
                 big.append(t.untyped_storage().data_ptr())
             return t
 
         x = x0.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
             out = mlp(x)
         out.float().square().sum().backward()
         saved.append(len(set(big)))
