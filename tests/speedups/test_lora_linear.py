@@ -64,9 +64,10 @@ def test_bf16_autocast_error_is_no_larger_than_peft_s(tmp_path):
         assert peft_err < 0.02 and fused_err <= 1.5 * peft_err + 1e-3, (peft_err, fused_err)
 
 
-def test_q_k_v_save_one_input_and_the_backward_puts_the_generator_back():
-    """Under bf16 autocast each decoder layer saves 2 copies of an input (q/k/v's, o's), no mask; the
-    backward draws the masks again and leaves the generator where the forward left it (resume, seeds)."""
+def test_q_k_v_save_one_input_and_the_backward_draws_nothing_from_the_generator():
+    """Under bf16 autocast each decoder layer saves 6 tensors of the input's size (q/k/v's input, o's
+    input, 4 multipliers; PEFT's path: 8), and the backward leaves the generator where the forward left
+    it (resume, seeds)."""
     model = tiny_lora_model(r=4, dropout=0.1)
     use_fast_dropout(model)
     use_fused_lora_linear(model)
@@ -85,7 +86,7 @@ def test_q_k_v_save_one_input_and_the_backward_puts_the_generator_back():
         torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
     ):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    assert len(saved) == 2 * 2  # 2 layers x (q/k/v's input, o's input)
+    assert len(saved) == 2 * 6  # 2 layers x (q/k/v's input, o's input, 4 multipliers)
     after_forward = torch.get_rng_state()
     loss.backward()
     assert torch.equal(torch.get_rng_state(), after_forward)
