@@ -1,7 +1,8 @@
 """Faults injected on purpose: kills, a full disk, signals, NaN and inf, out of memory, hostile files.
 
 Faults come from ``LIT_LORA_FAULTS`` (see :mod:`lit_lora.training.faults`); every run is the real CLI in a real
-process. ``CHAOS_KILLS`` sets the number of kills of the chaos test (CI: 3, two inside checkpoint writes; ``make chaos``: 20).
+process. ``CHAOS_KILLS`` sets the number of kills of the chaos test (CI: 2, one inside a checkpoint write and
+one at a random moment; ``make chaos``: 20).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _bitwise_equal(a: Path, b: Path) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- 1. kill chaos
 def test_kill_chaos_resume_auto_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
-    kills = int(os.environ.get("CHAOS_KILLS", "3"))
+    kills = int(os.environ.get("CHAOS_KILLS", "2"))
     steps = 10 * kills  # long enough that every kill finds the run still going
     common = [*COMMON, f"trainer.max_steps={steps}", "trainer.val_check_interval=10"]
     whole, chaos = tmp_path / "whole", tmp_path / "chaos"

@@ -82,7 +82,8 @@ def test_real_model_adapter_reproduces_logits_through_plain_peft(tmp_path):
                 "data.val_size=4",
                 "data.test_size=4",
                 "data.batch_size=4",
-                "data.score_max_new_tokens=8",
+                "score=false",  # the logits are the check here: no held-out scoring, no retention probe
+                "callbacks.retention.enabled=false",
             ]
         )
     )
