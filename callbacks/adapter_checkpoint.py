@@ -5,9 +5,15 @@ of safetensors + JSON, atomic) and :meth:`lit_lora.training.module.LitLoRA.on_sa
 instead of the frozen base). Top-k by a monitored metric, ``last``, and saving every N steps or at
 validation are ModelCheckpoint's own options.
 
-This subclass adds what exact resumption needs and Lightning does not save: the torch, numpy and
-Python RNG states (dropout draws from them). They are restored just before the first training batch
-after a resume, which is the point at which an uninterrupted run would continue with the same states.
+This subclass adds what exact resumption needs and Lightning does not save: the torch (and CUDA), numpy
+and Python RNG states (dropout draws from them), of every rank: ``rng_states_per_rank`` lists them by
+global rank (gathered from all ranks when the checkpoint is written, a collective every rank takes part
+in, as in every save), and ``rng_states`` keeps this rank's alone, as checkpoints of one process always
+had. On resume each rank restores its own just before the first training batch, which is the point at
+which an uninterrupted run would continue with the same states. A checkpoint written by another number
+of processes, or by a lit-lora without the per-rank list, gives every rank the states it holds
+(rank 0's), with one line saying so: the run resumes, but dropout draws other masks on the other ranks
+than an uninterrupted run would.
 
 ``monitor`` may also be a weighted sum of logged metrics, for example ``val/loss + 2 * retention/kl``
 (keep the checkpoint that learned the task while drifting least from the base): terms joined by `` + ``
@@ -17,9 +23,11 @@ or `` - `` (spaces around), each a metric name, optionally times a number.
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -73,14 +81,52 @@ class AdapterCheckpoint(ModelCheckpoint):
         return candidates
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng_states": _collect_rng_states(include_cuda=True)}
+        own = _collect_rng_states(include_cuda=True)
+        per_rank = [own]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            per_rank = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, own)  # every rank saves (Lightning's dump runs on each)
+        return {**super().state_dict(), "rng_states": own, "rng_states_per_rank": per_rank}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
-        self._rng_to_restore = state.pop("rng_states", None)
+        self._rng_to_restore = {
+            "own": state.pop("rng_states", None),
+            "per_rank": state.pop("rng_states_per_rank", None),
+        }
         super().load_state_dict(state)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if self._rng_to_restore is not None:
-            _set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
+        if self._rng_to_restore is None:
+            return
+        saved, self._rng_to_restore = self._rng_to_restore, None
+        states, note = rank_rng_states(
+            saved["own"], saved["per_rank"], trainer.global_rank, trainer.world_size
+        )
+        if note and trainer.is_global_zero:
+            print(f"lit-lora: note: {note}", file=sys.stderr, flush=True)
+        if states is not None:
+            _set_rng_states(states)
+
+
+def rank_rng_states(
+    own: dict | None, per_rank: list | None, rank: int, world_size: int
+) -> tuple[dict | None, str | None]:
+    """``(states, note)``: the RNG states rank ``rank`` of ``world_size`` restores from a checkpoint that
+    holds ``own`` (the writing rank's, rank 0's in the file) and ``per_rank`` (one per rank, or None in
+    checkpoints of older lit-lora versions); ``note`` says why a rank gets states that are not its own."""
+    if per_rank is not None and len(per_rank) == world_size:
+        return per_rank[rank], None
+    if own is None:
+        return None, "the checkpoint holds no RNG states: dropout masks start from the seed's streams"
+    if per_rank is None:
+        if world_size == 1:  # an older one-process checkpoint: its states are this rank's
+            return own, None
+        return own, (
+            "the checkpoint holds rank 0's RNG states only (written by an older lit-lora): every rank "
+            "continues from them, so dropout masks on the other ranks differ from an uninterrupted run"
+        )
+    return own, (
+        f"the checkpoint was written by {len(per_rank)} process(es), this run has {world_size}: every "
+        "rank continues from rank 0's RNG states"
+    )

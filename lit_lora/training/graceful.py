@@ -13,12 +13,18 @@ If no safe point comes within ``grace_period_s`` (a step longer than the grace p
 ends the process with status 143; the previous checkpoint is intact. Under SLURM with Lightning's
 auto-requeue, SIGUSR1 is left to Lightning (it saves and runs ``scontrol requeue``).
 
-In a single process this callback alone decides where the run stops. Lightning also notes SIGTERM and
-raises its own ``SIGTERMException`` at fixed points of its loops (after each training batch, after an
-epoch); a signal that lands between one of our hooks and such a point (while the logger writes its
-metrics after validation, say) would stop the run there without a checkpoint. The handler therefore
-clears Lightning's flag when the run has one process. With several processes Lightning's flag is what
-the ranks agree on (rank zero broadcasts it every step), so it is left alone there.
+This callback alone decides where the run stops, with one process or several. Lightning also has a
+SIGTERM handler: it forwards the signal to the ranks it started, broadcasts from rank 0 *inside the
+handler* (with a signal to rank 1 alone, that broadcast meets no partner and the run hangs), and its
+loops raise their own ``SIGTERMException`` at fixed points (a signal between one of our hooks and such
+a point would stop the run there without a checkpoint). :meth:`setup` replaces that handler with one
+that does nothing, so no collective ever runs in a signal handler and Lightning's flag stays down.
+
+With several processes the ranks agree at each safe point, outside any handler: one all-reduce (MAX)
+of the signal each rank received (0: none), so a signal to any rank, several or all stops every rank
+at the same step boundary; the ranks then write one checkpoint of that step together and each exits
+with status 143. The all-reduce runs once per optimizer step and once per validation batch, at points
+every rank reaches in the same order.
 
 The handler is installed before the model is built (:meth:`install`), so a signal that arrives while
 the model loads is kept and honoured at the first step boundary instead of killing the process.
@@ -33,6 +39,8 @@ import threading
 from pathlib import Path
 
 import lightning as L
+import torch
+import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from lit_lora.errors import Interrupted
@@ -78,6 +86,9 @@ class GracefulStop(L.Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:
         self._trainer = trainer
+        # Lightning registers its SIGTERM handler after the setup hooks, from this attribute: ours leaves
+        # the stop to the safe points below (see the module docstring).
+        trainer._signal_connector._sigterm_notifier_fn = _leave_to_graceful_stop
 
     @staticmethod
     def slurm_requeue(trainer: L.Trainer) -> bool:
@@ -85,23 +96,39 @@ class GracefulStop(L.Callback):
         return isinstance(env, SLURMEnvironment) and env.auto_requeue
 
     def _handler(self, signum, frame) -> None:
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size == 1:
-            # Lightning's own handler ran just before this one (it chains the handler it found) and set
-            # the flag its loops raise SIGTERMException on; the safe points here decide instead.
-            trainer._signal_connector.received_sigterm = False
+        # Only flags here: no collective, no I/O but one line (the safe points act on it).
         if self.requested is not None:
             return
+        self._request(signum, f"received {signal.Signals(signum).name}")
+
+    def _request(self, signum: int, why: str) -> None:
+        """Note the stop (the first one counts) and start the grace-period watchdog."""
         self.requested = signum
         global _first_signal
         _first_signal = _first_signal or signum
+        rank = (
+            self._trainer.global_rank if self._trainer is not None and self._trainer.world_size > 1 else None
+        )
         print(
-            f"lit-lora: received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary "
-            f"(grace period {self.grace_period_s:.0f} s)",
+            f"lit-lora: {'' if rank is None else f'rank {rank}: '}{why}: saving a checkpoint at the next "
+            f"step boundary (grace period {self.grace_period_s:.0f} s)",
             file=sys.stderr,
             flush=True,
         )
         threading.Thread(target=self._watchdog, daemon=True).start()
+
+    def _stop_agreed(self, trainer: L.Trainer) -> bool:
+        """Whether any rank has a stop request; with several processes, one all-reduce that every rank
+        calls at the same point (never from a signal handler). A rank without a signal of its own takes
+        the agreed one and starts its watchdog too."""
+        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return self.requested is not None
+        flag = torch.tensor([self.requested or 0], dtype=torch.int32, device=trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        agreed = int(flag.item())
+        if agreed and self.requested is None:
+            self._request(agreed, f"another rank received {signal.Signals(agreed).name}")
+        return agreed != 0
 
     def _watchdog(self) -> None:
         threading.Event().wait(self.grace_period_s)
@@ -116,7 +143,10 @@ class GracefulStop(L.Callback):
 
     def _stop(self, trainer: L.Trainer) -> None:
         path = self.checkpoint_dir / f"step-{trainer.global_step:06d}.ckpt"
-        if not path.exists():
+        exists = path.exists()
+        if trainer.world_size > 1:  # every rank must take the same branch: saving is collective
+            exists = trainer.strategy.broadcast(exists, src=0)
+        if not exists:
             trainer.save_checkpoint(
                 path, weights_only=False
             )  # the full state; said, so Lightning need not log it
@@ -127,26 +157,28 @@ class GracefulStop(L.Callback):
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.requested is None:
-            return
         boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        if boundary or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if (boundary or last) and self._stop_agreed(trainer):  # every rank has the same boundaries
             self._stop(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # Lightning raises its own SIGTERMException right after this hook at an epoch's end.
-        if self.requested is not None:
+        if self._stop_agreed(trainer):
             self._stop(trainer)
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if self.requested is not None and not trainer.sanity_checking:
+        if not trainer.sanity_checking and self._stop_agreed(trainer):
             self._stop(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         # A signal that arrives after the last validation batch (during the epoch-end hooks: metrics,
-        # the retention probe) would otherwise meet Lightning's own SIGTERM check first, which stops the
-        # run without a checkpoint. Validation ends at a step boundary: a safe point.
-        if self.requested is not None and not trainer.sanity_checking:
+        # the retention probe) is honoured here: validation ends at a step boundary, a safe point.
+        if not trainer.sanity_checking and self._stop_agreed(trainer):
             self._stop(trainer)
+
+
+def _leave_to_graceful_stop(signum, frame) -> None:
+    """Lightning's SIGTERM handler, replaced (:meth:`GracefulStop.setup`): GracefulStop's own handler,
+    chained after it, notes the signal."""

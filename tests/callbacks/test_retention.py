@@ -271,3 +271,17 @@ def test_checkpoint_choice_by_a_retention_criterion(tmp_path, monitor, kept_epoc
 def test_a_malformed_criterion_is_refused():
     with pytest.raises(UserError, match="not a metric or number"):
         AdapterCheckpoint(monitor="val/loss + two * retention/kl")
+
+
+def test_each_rank_restores_its_own_rng_states_and_other_layouts_say_why_not():
+    from lit_lora.callbacks.adapter_checkpoint import rank_rng_states
+
+    own, per_rank = {"torch": "rank 0"}, [{"torch": "rank 0"}, {"torch": "rank 1"}]
+    assert rank_rng_states(own, per_rank, 1, 2) == ({"torch": "rank 1"}, None)
+    assert rank_rng_states(own, per_rank[:1], 0, 1) == ({"torch": "rank 0"}, None)
+    assert rank_rng_states(own, None, 0, 1) == (own, None)  # an older one-process checkpoint
+    states, note = rank_rng_states(own, None, 1, 2)  # an older multi-process one: rank 0's only
+    assert states == own and "older lit-lora" in note
+    states, note = rank_rng_states(own, per_rank, 0, 1)  # written by 2 processes, resumed by 1
+    assert states == own and "written by 2 process(es), this run has 1" in note
+    assert rank_rng_states(None, None, 0, 2)[0] is None

@@ -1,0 +1,147 @@
+"""Signals to some or all ranks of a 2-process gloo DDP run: one decision for all ranks.
+
+The run is the real CLI (``python -m lit_lora.train trainer=ddp ...``), whose rank 0 starts rank 1 as its
+child. A SIGTERM to rank 1 alone used to hang both ranks (Lightning's handler broadcast from inside the
+signal handler); now every rank stops at the same step boundary, the ranks write one checkpoint of that
+step together, each exits with 143, and ``resume=auto`` ends bitwise equal to an uninterrupted 2-process
+run (dropout on, so each rank's RNG state matters). Each rank reports the status it exits with through
+a ``sitecustomize`` (rank 1 is not the test's child, so its status cannot be waited for).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import CKPT_EVERY_2, ROOT, TINY, ddp, run_cli
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds rank 1 through Linux /proc"),
+]
+
+COMMON = [
+    *TINY,
+    "score=false",
+    "lora.dropout=0.1",  # dropout draws from each rank's RNG: its state must come back per rank
+    "trainer.limit_val_batches=0",
+    "trainer.max_steps=14",
+    "data.train_size=64",
+    "data.batch_size=4",
+    "grace_period_s=120",
+    *CKPT_EVERY_2,
+]
+EXIT_REPORT = "lit-lora-test: rank exits with"
+# sys.exit records the status each rank ends with (lit-lora's exit_with and Hydra both call it).
+SITECUSTOMIZE = f"""
+import os, sys
+_exit = sys.exit
+def _reporting_exit(code=0):
+    print("{EXIT_REPORT}", os.environ.get("LOCAL_RANK", "0"), code, file=sys.stderr, flush=True)
+    _exit(code)
+sys.exit = _reporting_exit
+"""
+
+
+def _env(folder: Path) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def _rank1(rank0: int) -> int | None:
+    """The pid of rank 1: rank 0's child running lit_lora.train."""
+    try:
+        children = Path(f"/proc/{rank0}/task/{rank0}/children").read_text().split()
+    except OSError:
+        return None
+    for pid in children:
+        try:
+            if b"lit_lora.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # exited, not yet reaped by its parent
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> Path:
+    """The uninterrupted 2-process run."""
+    out = tmp_path_factory.mktemp("whole")
+    done = run_cli(*ddp(*COMMON, f"output_dir={out}"), timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("target", ["rank 1", "rank 0", "both"])
+def test_sigterm_to_any_rank_stops_both_at_one_step_and_resume_is_bitwise(whole, target, tmp_path):
+    run = tmp_path / "run"
+    at_least = random.Random().randrange(2, 9, 2)  # a random step: its checkpoint shows the run got there
+    print(f"signal to {target} once step {at_least} is checkpointed")
+    with open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lit_lora.train", *ddp(*COMMON, f"output_dir={run}")],
+            cwd=ROOT,
+            env=_env(tmp_path / "site"),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        deadline = time.time() + 300
+        while not (run / "checkpoints" / f"step-{at_least:06d}.ckpt").is_dir():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before the signal"
+            time.sleep(0.01)
+        rank1 = _rank1(proc.pid)
+        assert rank1 is not None
+        targets = {"rank 0": [proc.pid], "rank 1": [rank1], "both": [proc.pid, rank1]}[target]
+        signalled = time.time()
+        for pid in targets:
+            os.kill(pid, signal.SIGTERM)
+        status = proc.wait(timeout=180)
+        assert _gone(rank1, 60), "rank 1 still runs"
+        elapsed = time.time() - signalled
+        err.seek(0)
+        stderr = err.read()
+    assert status == 143, stderr[-3000:]
+    assert elapsed < 120, f"took {elapsed:.0f} s, over the grace period"
+    exits = dict(re.findall(rf"^{EXIT_REPORT} (\d) (\S+)$", stderr, flags=re.M))
+    assert exits == {"0": "143", "1": "143"}, stderr[-3000:]
+    saved = set(re.findall(r"checkpoint (\S+step-(\d{6})\.ckpt) saved at step", stderr))
+    assert len(saved) == 1, stderr[-3000:]  # one checkpoint, the same step on both ranks
+    path, step = saved.pop()
+    assert int(step) >= at_least and Path(path).is_dir()
+    assert stderr.count("saved at step") == 2  # each rank says it
+
+    resumed = run_cli(*ddp(*COMMON, f"output_dir={run}", "resume=auto"), timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    expected, got = _adapter(whole), _adapter(run)
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not different, f"{len(different)} tensors differ after resume from step {step}"
