@@ -8,8 +8,7 @@ validation are ModelCheckpoint's own options.
 This subclass adds what exact resumption needs and Lightning does not save: the torch (and CUDA), numpy
 and Python RNG states (dropout draws from them), of every rank: ``rng_states_per_rank`` lists them by
 global rank (gathered from all ranks when the checkpoint is written, a collective every rank takes part
-in, as in every save), and ``rng_states`` keeps this rank's alone, as checkpoints of one process always
-had. On resume each rank restores its own just before the first training batch, which is the point at
+in, as in every save); checkpoints of older versions hold ``rng_states``, rank 0's alone. On resume each rank restores its own just before the first training batch, which is the point at
 which an uninterrupted run would continue with the same states. A checkpoint written by another number
 of processes, or by a lit-lora without the per-rank list, gives every rank the states it holds
 (rank 0's), with one line saying so: the run resumes, but dropout draws other masks on the other ranks
@@ -86,13 +85,16 @@ class AdapterCheckpoint(ModelCheckpoint):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             per_rank = [None] * dist.get_world_size()
             dist.all_gather_object(per_rank, own)  # every rank saves (Lightning's dump runs on each)
-        return {**super().state_dict(), "rng_states": own, "rng_states_per_rank": per_rank}
+        # Rank 0's states are per_rank[0]; older lit-lora versions wrote them as "rng_states" (read below).
+        return {**super().state_dict(), "rng_states_per_rank": per_rank}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
+        per_rank = state.pop("rng_states_per_rank", None)
+        own = state.pop("rng_states", None)  # older versions: rank 0's states alone
         self._rng_to_restore = {
-            "own": state.pop("rng_states", None),
-            "per_rank": state.pop("rng_states_per_rank", None),
+            "own": own if own is not None or not per_rank else per_rank[0],
+            "per_rank": per_rank,
         }
         super().load_state_dict(state)
 
