@@ -6,6 +6,9 @@ signal handler); now every rank stops at the same step boundary, the ranks write
 step together, each exits with 143, and ``resume=auto`` ends bitwise equal to an uninterrupted 2-process
 run (dropout on, so each rank's RNG state matters). Each rank reports the status it exits with through
 a ``sitecustomize`` (rank 1 is not the test's child, so its status cannot be waited for).
+
+CI signals rank 1 alone (the case that hung; each case costs ~40 s); ``DDP_SIGNAL_CASES=all`` (``make
+ddp-stress``) adds rank 0 alone and both ranks.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ COMMON = [
     "score=false",
     "lora.dropout=0.1",  # dropout draws from each rank's RNG: its state must come back per rank
     "trainer.limit_val_batches=0",
-    "trainer.max_steps=14",
+    "trainer.max_steps=10",
     "data.train_size=64",
     "data.batch_size=4",
     "grace_period_s=120",
@@ -101,10 +104,13 @@ def whole(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("target", ["rank 1", "rank 0", "both"])
+CASES = ["rank 1", "rank 0", "both"] if os.environ.get("DDP_SIGNAL_CASES") == "all" else ["rank 1"]
+
+
+@pytest.mark.parametrize("target", CASES)
 def test_sigterm_to_any_rank_stops_both_at_one_step_and_resume_is_bitwise(whole, target, tmp_path):
     run = tmp_path / "run"
-    at_least = random.Random().randrange(2, 9, 2)  # a random step: its checkpoint shows the run got there
+    at_least = random.Random().randrange(2, 7, 2)  # a random step: its checkpoint shows the run got there
     print(f"signal to {target} once step {at_least} is checkpointed")
     with open(tmp_path / "stderr", "w+") as err:
         proc = subprocess.Popen(
