@@ -18,10 +18,10 @@ everything but CPU training with a frozen weight: eval, ``no_grad``, CUDA, a tra
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
+
+from lit_lora.speedups.switching import switch_forward
 
 
 def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,15 +84,4 @@ def _computes_llama_rmsnorm(module: nn.Module) -> bool:
 
 def use_fused_rmsnorm(model: nn.Module) -> int:
     """Route every Llama-family RMSNorm of ``model`` through :func:`_fused_forward`; returns how many."""
-    verdict: dict[type, bool] = {}  # one probe per class
-    switched = 0
-    for module in model.modules():
-        cls = type(module)
-        if not cls.__name__.endswith("RMSNorm"):
-            continue
-        if cls not in verdict:
-            verdict[cls] = _computes_llama_rmsnorm(module)
-        if verdict[cls]:
-            module.forward = types.MethodType(_fused_forward, module)
-            switched += 1
-    return switched
+    return switch_forward(model, "RMSNorm", _computes_llama_rmsnorm, _fused_forward)

@@ -16,11 +16,11 @@ class's own forward for everything but CPU training with gradients.
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from lit_lora.speedups.switching import switch_forward
 
 
 class _SiluMul(torch.autograd.Function):
@@ -83,15 +83,4 @@ def _computes_llama_mlp(module: nn.Module) -> bool:
 
 def use_fused_swiglu(model: nn.Module) -> int:
     """Route every Llama-family MLP of ``model`` through :func:`_fused_forward`; returns how many."""
-    verdict: dict[type, bool] = {}  # one probe per class
-    switched = 0
-    for module in model.modules():
-        cls = type(module)
-        if not cls.__name__.endswith("MLP"):
-            continue
-        if cls not in verdict:
-            verdict[cls] = _computes_llama_mlp(module)
-        if verdict[cls]:
-            module.forward = types.MethodType(_fused_forward, module)
-            switched += 1
-    return switched
+    return switch_forward(model, "MLP", _computes_llama_mlp, _fused_forward)

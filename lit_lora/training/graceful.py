@@ -124,8 +124,7 @@ class GracefulStop(L.Callback):
         if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
             return self.requested is not None
         flag = torch.tensor([self.requested or 0], dtype=torch.int32, device=trainer.strategy.root_device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        agreed = int(flag.item())
+        agreed = int(trainer.strategy.reduce(flag, reduce_op="max").item())
         if agreed and self.requested is None:
             self._request(agreed, f"another rank received {signal.Signals(agreed).name}")
         return agreed != 0
