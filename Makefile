@@ -7,6 +7,12 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?=
 SMOLLM2_VERSION ?= 0.1.2
 ARGS ?=
+# make test runs the suite on this many pytest-xdist workers (a test file stays on one worker: its
+# module fixtures are built once); each worker's torch uses one thread, so two workers fill two cores
+# instead of four threads contending for them. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+TEST_THREADS := $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1})
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lit-lora-installed
@@ -42,11 +48,11 @@ rl-demo: $(STAMP)  ## GRPO on the embedded model: SFT warm-up, then objective=gr
 	$(BIN)/lit-lora train objective=grpo data=demo_prompt lora.init_from=$(RL_DEMO)/warmup/adapter score_base=false \
 		output_dir=$(RL_DEMO)/grpo $(ARGS)
 
-test: $(STAMP)  ## run the test suite (CPU, offline)
-	$(BIN)/python -m pytest $(ARGS)
+test: $(STAMP)  ## run the test suite (CPU, offline; TEST_WORKERS=2 processes)
+	$(TEST_THREADS) $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(ARGS)
 
 test-fast: $(STAMP)  ## run the tests that do not load the real model
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(TEST_THREADS) $(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow" $(ARGS)
 
 bench: $(STAMP)  ## lit-lora vs HF Trainer vs raw loop (interleaved) + scaling table -> bench/results/
 	$(BIN)/python -m bench.run $(ARGS)

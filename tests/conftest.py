@@ -71,3 +71,18 @@ def ddp_run(tmp_path_factory) -> Run:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return Run(out, done)
+
+
+# Tests whose session fixtures are paid once per process: under pytest-xdist they go to one worker together.
+_SHARED_RUNS = {"reference_run", "ddp_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n N --dist loadgroup`` (``make test``) a file's tests stay on one worker, so a module
+    fixture (a trained run, a server) is built once, and the tests that use the session runs above share one
+    worker. Without xdist the marker is inert."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        group = "shared-runs" if _SHARED_RUNS & set(item.fixturenames) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
