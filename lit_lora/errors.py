@@ -2,8 +2,9 @@
 
 Anything the user can fix (a typo, a missing model, an unsupported device) is raised as
 :class:`UserError` (exit 2). Resource failures have their own status so that schedulers and scripts
-can tell them apart: :class:`OutOfMemory` (3), :class:`DiskFull` (4), :class:`Interrupted` (143, a
-signal asked the run to stop and a checkpoint was saved). Every other exception is a bug in lit-lora
+can tell them apart: :class:`OutOfMemory` (3), :class:`DiskFull` (4), :class:`RankLost` (5, a process of
+a multi-process run died), :class:`Interrupted` (143, a signal asked the run to stop and a checkpoint was
+saved). Every other exception is a bug in lit-lora
 and keeps its traceback.
 """
 
@@ -29,6 +30,12 @@ class DiskFull(UserError):
     """A write failed for lack of space; the previous checkpoint is intact."""
 
     exit_code = 4
+
+
+class RankLost(UserError):
+    """Another rank of a multi-process run died or stopped answering; the run folder stays resumable."""
+
+    exit_code = 5
 
 
 class Interrupted(UserError):

@@ -451,6 +451,10 @@ class TrainerConfig:
     deterministic: bool = False
     enable_progress_bar: bool = True
     fast_dev_run: bool = False
+    # Not a Trainer argument: the process group's timeout under DDP and FSDP (lit_lora.training.strategies),
+    # the longest a rank waits in a collective for a peer that is alive but stuck (a dead one is seen at
+    # once). torch's default; lower it to fail sooner, raise it if rank 0 alone works longer between steps.
+    process_group_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         _one_of("trainer", "precision", str(self.precision), PRECISIONS)
@@ -460,6 +464,10 @@ class TrainerConfig:
         if self.accumulate_grad_batches < 1:
             raise UserError(
                 f"trainer.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}"
+            )
+        if self.process_group_timeout_s <= 0:
+            raise UserError(
+                f"trainer.process_group_timeout_s must be > 0 seconds, got {self.process_group_timeout_s}"
             )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import signal
@@ -36,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lit_lora.config.device import check_device
 from lit_lora.config.schema import TrainConfig, to_train_config
-from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, UserError, exit_with
+from lit_lora.errors import DiskFull, Interrupted, OutOfMemory, RankLost, UserError, exit_with
 from lit_lora.loggers.wandb_logger import finish_runs, flat_config, redacted_config
 from lit_lora.paths import confined
 
@@ -423,10 +424,12 @@ def _setup_trainer(job: Job) -> None:
 
     from lit_lora.progress import ProgressLines, StepProgressBar, interactive
     from lit_lora.training.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step
+    from lit_lora.training.launcher import launcher_of, newest_checkpoint_line
     from lit_lora.training.strategies import build_strategy
 
     tc, data = job.tc, job.data
     trainer_kwargs = OmegaConf.to_container(job.cfg.trainer, resolve=True)
+    trainer_kwargs.pop("process_group_timeout_s")  # lit-lora's, given to the strategy
     trainer_kwargs["strategy"] = build_strategy(tc, job.built)
     # A bar on a terminal; in a log file (stdout not a terminal) plain lines instead (lit_lora.progress).
     show_bar = tc.trainer.enable_progress_bar and interactive()
@@ -474,18 +477,23 @@ def _setup_trainer(job: Job) -> None:
         )
     if job.resume_from is not None:
         _say(f"resuming from {job.resume_from} (step {checkpoint_step(job.resume_from)})")
+    launcher = launcher_of(trainer)
+    if launcher is not None:  # the line that reports a lost rank names the newest complete checkpoint
+        launcher.describe_checkpoint = functools.partial(newest_checkpoint_line, job.out / CHECKPOINTS)
     job.trainer = trainer
 
 
 def _fit(job: Job) -> None:
     """``trainer.fit``, with the stop signals installed; failures become lit-lora's exit statuses
-    (143 stopped, 3 out of memory, 4 disk full). The process group ends here on every rank."""
+    (143 stopped, 3 out of memory, 4 disk full, 5 another rank died). The process group ends here on
+    every rank."""
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lit_lora.training.checkpoint_io import find_resumable
     from lit_lora.training.distributed import end_process_group
     from lit_lora.training.graceful import GracefulStop
+    from lit_lora.training.launcher import launcher_of, lost_rank
 
     trainer, out, resume_from = job.trainer, job.out, job.resume_from
     trainer.callbacks.append(job.stopper)
@@ -509,6 +517,13 @@ def _fit(job: Job) -> None:
             f"no space left on the device while writing ({err}); the newest complete checkpoint, "
             f"which resume=auto takes, is {last or 'none yet'}. Free space and run again with resume=auto"
         ) from err
+    except Exception as err:
+        # A collective that failed because another rank died (or hung past the process-group timeout):
+        # one line naming it, not gloo's traceback (lit_lora.training.launcher).
+        line = lost_rank(trainer, err, out / CHECKPOINTS) if trainer.world_size > 1 else None
+        if line is None:
+            raise
+        raise RankLost(line) from err
     finally:
         # Nothing after fit is collective (scoring and the summary are rank zero's; the memory
         # tracker gathered every rank in on_train_end), so the process group ends here, on every
@@ -516,6 +531,8 @@ def _fit(job: Job) -> None:
         # group was destroyed only during interpreter finalization, with its threads running,
         # which could abort the process (issue 17; see lit_lora.training.distributed).
         end_process_group(completed=fitted, barrier=trainer.strategy.barrier)
+        if (launcher := launcher_of(trainer)) is not None and launcher.watch is not None:
+            launcher.watch.stop()  # how the ranks end from here is wait_for_launched_ranks' to check
     faults.signal_self_after("sigterm_after_fit", trainer.global_step)  # tests: a signal during scoring
 
 

@@ -25,6 +25,7 @@ CheckpointIO plugin and ZeRO-3 partitions the weights the loss and the adapter e
 
 from __future__ import annotations
 
+import datetime
 import functools
 from typing import Any
 
@@ -97,11 +98,24 @@ def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
     return classes
 
 
+# The DDP names that start their ranks through Lightning's subprocess launcher (``ddp_spawn``, ``ddp_fork``
+# and ``ddp_notebook`` start them another way and keep Lightning's strategy as it is).
+DDP_NAMES = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
+
+
 def build_strategy(cfg: TrainConfig, built: Any) -> Any:
     """The ``strategy`` argument of ``lightning.Trainer`` for ``cfg.trainer.strategy``; ``built`` is the
-    :class:`lit_lora.models.builder.BuiltModel` of the run (its model, compute dtype and checkpointing choice)."""
+    :class:`lit_lora.models.builder.BuiltModel` of the run (its model, compute dtype and checkpointing choice).
+
+    DDP and FSDP get ``trainer.process_group_timeout_s`` and lit-lora's launcher
+    (:mod:`lit_lora.training.launcher`: a rank that dies is reported and the others leave)."""
     name = cfg.trainer.strategy
     model = built.model
+    timeout = datetime.timedelta(seconds=cfg.trainer.process_group_timeout_s)
+    if name in DDP_NAMES:
+        return _watched_ddp_strategy_class()(
+            timeout=timeout, find_unused_parameters=name == "ddp_find_unused_parameters_true"
+        )
     if not is_fsdp(name):
         return name
     from torch.distributed.fsdp import MixedPrecision
@@ -122,10 +136,35 @@ def build_strategy(cfg: TrainConfig, built: Any) -> Any:
         mixed_precision=mixed,
         activation_checkpointing_policy=layers if built.checkpointing == "fsdp" else None,
         sharding_strategy="SHARD_GRAD_OP" if name == "fsdp_grad_op" else "FULL_SHARD",
+        timeout=timeout,
         # Each LoRA leaf is its own unit, but the optimizer and PEFT address the original parameters.
         use_orig_params=True,
         state_dict_type="full",
     )
+
+
+def _watch_ranks(strategy_class):
+    """``strategy_class`` whose subprocess launcher is lit-lora's :class:`~lit_lora.training.launcher.WatchedLauncher`."""
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    from lit_lora.training.launcher import WatchedLauncher
+
+    class Watched(strategy_class):
+        def _configure_launcher(self) -> None:
+            super()._configure_launcher()
+            if type(self._launcher) is _SubprocessScriptLauncher:
+                self._launcher = WatchedLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    Watched.__name__ = Watched.__qualname__ = f"Watched{strategy_class.__name__}"
+    return Watched
+
+
+@functools.cache
+def _watched_ddp_strategy_class():
+    """Lightning's DDPStrategy with lit-lora's launcher (defined lazily: importing this module stays light)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return _watch_ranks(DDPStrategy)
 
 
 @functools.cache
@@ -134,7 +173,7 @@ def _adapter_fsdp_strategy_class():
     from lightning.pytorch.strategies import FSDPStrategy
     from lightning.pytorch.trainer.states import TrainerFn
 
-    class AdapterFSDPStrategy(FSDPStrategy):
+    class AdapterFSDPStrategy(_watch_ranks(FSDPStrategy)):
         """Lightning's FSDP with lit-lora's adapter-only checkpoint folders (``lit_lora.training.checkpoint_io``).
 
         Saving: the checkpoint dict's ``state_dict`` is empty (``LitLoRA.on_save_checkpoint`` puts the

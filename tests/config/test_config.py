@@ -117,6 +117,7 @@ def test_unknown_group_option_fails():
         ("lora.r=0", "lora.r"),
         ("lora.init=zeros", "lora.init"),
         ("trainer.precision=64", "trainer.precision"),
+        ("trainer.process_group_timeout_s=0", "trainer.process_group_timeout_s"),
         ("optim.name=sgd", "optim.name"),
         ("data.batch_size=0", "data.batch_size"),
         ("lora.target_modules=7", "lora.target_modules"),

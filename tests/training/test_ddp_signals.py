@@ -13,6 +13,7 @@ ddp-stress``) adds rank 0 alone and both ranks.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -151,3 +152,81 @@ def test_sigterm_to_any_rank_stops_both_at_one_step_and_resume_is_bitwise(whole,
     expected, got = _adapter(whole), _adapter(run)
     different = [k for k in expected if not torch.equal(expected[k], got[k])]
     assert not different, f"{len(different)} tensors differ after resume from step {step}"
+
+
+def test_sigkill_of_rank_1_mid_step_ends_rank_0_naming_it_and_resume_auto_completes(whole, tmp_path):
+    """A dying rank (issue 36, point 3): rank 0 leaves within 60 s with one line naming the lost rank and
+    the newest complete checkpoint, status 5 (not 143), and ``resume=auto`` completes the run."""
+    from lit_lora.errors import RankLost
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lit_lora.train", *ddp(*COMMON, f"output_dir={run}")],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step-000002.ckpt").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill"
+        time.sleep(0.01)
+    rank1 = _rank1(proc.pid)
+    assert rank1 is not None
+    os.kill(rank1, signal.SIGKILL)
+    killed = time.time()
+    _out, stderr = proc.communicate(timeout=120)
+    elapsed = time.time() - killed
+    assert proc.returncode == RankLost.exit_code, stderr[-3000:]
+    assert elapsed < 60, f"rank 0 took {elapsed:.0f} s to leave"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if "was killed by SIGKILL" in line]
+    assert len(lines) == 1, stderr[-3000:]
+    assert re.search(rf"rank 1 \(pid {rank1}\) was killed by SIGKILL", lines[0])
+    assert re.search(r"newest complete checkpoint is \S+step-\d{6}\.ckpt \(step \d+\)", lines[0]), lines[0]
+    print(f"rank 0 left {elapsed:.1f} s after rank 1 was killed: {lines[0]}")
+
+    resumed = run_cli(*ddp(*COMMON, f"output_dir={run}", "resume=auto"), timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    expected, got = _adapter(whole), _adapter(run)
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "resume after a lost rank differs"
+
+
+def test_a_ddp_sweep_stops_with_143_after_the_running_jobs_checkpoint(tmp_path):
+    """``-m`` over ``trainer=ddp`` jobs (issue 36, point 5): job 0 completes on two ranks; a SIGTERM to
+    rank 1 of job 1 stops that job at a step boundary with its checkpoint, the sweep exits 143, and job 2
+    never starts. (Before, each job's rank 1 re-ran the whole ``-m`` line, and the second job waited for a
+    rank that was never started: rank 0's environment still said it had been launched externally.)"""
+    from lit_lora.training.checkpoint_io import checkpoint_step, find_resumable
+    from lit_lora.training.sweep import FAILED_FILE, sweep_jobs
+
+    sweep = tmp_path / "s"
+    command = [sys.executable, "-m", "lit_lora.train", "-m", *ddp(*COMMON), "lora.r=2,4,8"]
+    with open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen(
+            [*command, f"hydra.sweep.dir={sweep}"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        deadline = time.time() + 400
+        while not (sweep / "1" / "checkpoints" / "step-000002.ckpt").is_dir():
+            assert proc.poll() is None and time.time() < deadline, "the sweep ended before the signal"
+            time.sleep(0.01)
+        rank1 = _rank1(proc.pid)
+        assert rank1 is not None
+        os.kill(rank1, signal.SIGTERM)
+        status = proc.wait(timeout=180)
+        err.seek(0)
+        stderr = err.read()
+    assert status == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert "the sweep stopped at this job" in stderr.strip().splitlines()[-1]
+    assert [job.name for job in sweep_jobs(sweep)] == ["0", "1"]
+    assert (sweep / "0" / "summary.json").is_file() and (sweep / "0" / "train_ddp_process_1.log").is_file()
+    assert json.loads((sweep / "1" / FAILED_FILE).read_text())["type"] == "Interrupted"
+    saved = re.findall(r"checkpoint (\S+) saved at step (\d+)", stderr)
+    assert len(set(saved)) == 1 and Path(saved[0][0]).parent == sweep / "1" / "checkpoints", stderr[-3000:]
+    assert checkpoint_step(find_resumable(sweep / "1" / "checkpoints")) == int(saved[0][1])

@@ -7,6 +7,8 @@ show up as a difference.
 
 from __future__ import annotations
 
+import datetime
+
 import json
 from pathlib import Path
 
@@ -106,8 +108,21 @@ def test_every_strategy_config_composes_and_maps_to_a_lightning_strategy(tmp_pat
         assert policy(module=layer, recurse=False, nonwrapped_numel=1)
         assert policy(module=lora_a, recurse=False, nonwrapped_numel=1)
         assert not policy(module=layer.input_layernorm, recurse=False, nonwrapped_numel=1)
+    elif name == "ddp":  # Lightning's DDP with lit-lora's launcher and the configured timeout
+        from lightning.pytorch.strategies import DDPStrategy
+
+        assert isinstance(strategy, DDPStrategy)
+        assert strategy._timeout == datetime.timedelta(seconds=cfg.trainer.process_group_timeout_s)
     else:
-        assert strategy == {"ddp": "ddp"}.get(name, "auto")
+        assert strategy == "auto"
+    if name in ("ddp", "fsdp"):
+        from lightning.fabric.plugins.environments import LightningEnvironment
+
+        from lit_lora.training.launcher import WatchedLauncher
+
+        strategy.cluster_environment = LightningEnvironment()
+        strategy._configure_launcher()
+        assert isinstance(strategy.launcher, WatchedLauncher)
 
 
 @pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3"])
