@@ -8,7 +8,6 @@ show up as a difference.
 from __future__ import annotations
 
 import datetime
-
 import json
 from pathlib import Path
 
