@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -253,3 +254,10 @@ def import_graph() -> dict[str, set[str]]:
             deps |= _imported(node, modules)
         graph[name] = (deps & modules) - {name}
     return graph
+
+
+def free_port() -> int:
+    """A port free on every address (rank zero's TCP store binds them all), chosen by the kernel."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

@@ -5,6 +5,7 @@
 - ``nan_loss@N``: the training loss of global step N becomes NaN;
 - ``inf_grad@N``: one adapter gradient element becomes +inf before the optimizer step of step N;
 - ``slow_save=S``: every checkpoint write sleeps S seconds half way (so that a kill lands inside it);
+- ``slow_val=S``: every validation batch sleeps S seconds (so that a signal lands inside validation);
 - ``enospc_save@K``: the K-th checkpoint write of the process fails half way with ``ENOSPC``;
 - ``oom@N``: the forward pass of global step N raises ``torch.OutOfMemoryError``;
 - ``sigterm@N``: the process sends itself SIGTERM after step N's batch hooks (callbacks' first);
@@ -56,6 +57,13 @@ def during_save() -> None:
         time.sleep(delay)
     if at("enospc_save", _saves):
         raise OSError(errno.ENOSPC, "No space left on device (injected by LIT_LORA_FAULTS)")
+
+
+def during_validation() -> None:
+    """Called by each validation step."""
+    delay = _faults()[1].get("slow_val")
+    if delay:
+        time.sleep(delay)
 
 
 def signal_self_after(name: str, step: int) -> None:

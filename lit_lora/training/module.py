@@ -455,6 +455,7 @@ class LitLoRA(L.LightningModule):
         root.clip_grad_norm_(value)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        faults.during_validation()
         if self.grpo is not None:
             data = self.trainer.datamodule
             indices = batch["prompt_index"].tolist()

@@ -7,8 +7,9 @@ step together, each exits with 143, and ``resume=auto`` ends bitwise equal to an
 run (dropout on, so each rank's RNG state matters). Each rank reports the status it exits with through
 a ``sitecustomize`` (rank 1 is not the test's child, so its status cannot be waited for).
 
-CI signals rank 1 alone (the case that hung; each case costs ~40 s); ``DDP_SIGNAL_CASES=all`` (``make
-ddp-stress``) adds rank 0 alone and both ranks.
+Each target (rank 1 alone, the case that hung; rank 0 alone; both) meets each moment (a random step, a
+checkpoint save in progress, validation). CI runs three cases, each target and each moment once (~40 s
+a case); ``DDP_SIGNAL_CASES=all DDP_SIGNAL_RUNS=10`` (``make ddp-stress``) runs all nine pairs 10 times.
 """
 
 from __future__ import annotations
@@ -105,24 +106,55 @@ def whole(tmp_path_factory) -> Path:
     return out
 
 
-CASES = ["rank 1", "rank 0", "both"] if os.environ.get("DDP_SIGNAL_CASES") == "all" else ["rank 1"]
+TARGETS = ("rank 1", "rank 0", "both")
+MOMENTS = ("step", "save", "validation")
+# CI: each target once and each moment once (~40 s a case); make ddp-stress: every pair, DDP_SIGNAL_RUNS times.
+CASES = (
+    [(t, m) for t in TARGETS for m in MOMENTS] * int(os.environ.get("DDP_SIGNAL_RUNS", "1"))
+    if os.environ.get("DDP_SIGNAL_CASES") == "all"
+    else [("rank 1", "step"), ("rank 0", "save"), ("both", "validation")]
+)
+# What makes each moment last long enough for the signal to land inside it: a slow checkpoint write
+# (rank 0 writes, rank 1 waits for it), or slow validation batches on every 2nd step's validation.
+MOMENT_SETUP = {
+    "step": ([], ""),
+    "save": ([], "slow_save=1.0"),
+    "validation": (
+        ["trainer.limit_val_batches=null", "trainer.val_check_interval=2", "data.val_size=32"],
+        "slow_val=0.2",
+    ),
+}
 
 
-@pytest.mark.parametrize("target", CASES)
-def test_sigterm_to_any_rank_stops_both_at_one_step_and_resume_is_bitwise(whole, target, tmp_path):
+def _in_moment(run: Path, moment: str, at_least: int) -> bool:
+    checkpoints = run / "checkpoints"
+    if moment == "save":  # a checkpoint write has begun (its staging folder), after step at_least - 2
+        return (checkpoints / f"step-{at_least - 2:06d}.ckpt").is_dir() and any(
+            checkpoints.glob(".tmp-step-*")
+        )
+    # step: once at_least is checkpointed (a random point of a later step); validation: the step's
+    # checkpoint is written just before its validation, whose 8 slow batches per rank take ~2 s.
+    return (checkpoints / f"step-{at_least:06d}.ckpt").is_dir()
+
+
+@pytest.mark.parametrize(("target", "moment"), CASES, ids=[f"{t}-{m}" for t, m in CASES])
+def test_sigterm_to_any_rank_stops_both_at_one_step_and_resume_is_bitwise(whole, target, moment, tmp_path):
     run = tmp_path / "run"
     at_least = random.Random().randrange(2, 7, 2)  # a random step: its checkpoint shows the run got there
-    print(f"signal to {target} once step {at_least} is checkpointed")
+    if moment == "save":
+        at_least += 2  # the write of that step's checkpoint
+    extra, faults = MOMENT_SETUP[moment]
+    print(f"signal to {target} during {moment} once step {at_least} is reached")
     with open(tmp_path / "stderr", "w+") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lit_lora.train", *ddp(*COMMON, f"output_dir={run}")],
+            [sys.executable, "-m", "lit_lora.train", *ddp(*COMMON, *extra, f"output_dir={run}")],
             cwd=ROOT,
-            env=_env(tmp_path / "site"),
+            env={**_env(tmp_path / "site"), "LIT_LORA_FAULTS": faults},
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
         deadline = time.time() + 300
-        while not (run / "checkpoints" / f"step-{at_least:06d}.ckpt").is_dir():
+        while not _in_moment(run, moment, at_least):
             assert proc.poll() is None and time.time() < deadline, "the run ended before the signal"
             time.sleep(0.01)
         rank1 = _rank1(proc.pid)
@@ -145,7 +177,9 @@ def test_sigterm_to_any_rank_stops_both_at_one_step_and_resume_is_bitwise(whole,
     path, step = saved.pop()
     assert int(step) >= at_least and Path(path).is_dir()
     assert stderr.count("saved at step") == 2  # each rank says it
+    print(f"stopped at step {step}, {elapsed:.1f} s after the signal")
 
+    # The resumed run goes on without validation or slow faults: neither changes the trained weights.
     resumed = run_cli(*ddp(*COMMON, f"output_dir={run}", "resume=auto"), timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
@@ -154,7 +188,13 @@ def test_sigterm_to_any_rank_stops_both_at_one_step_and_resume_is_bitwise(whole,
     assert not different, f"{len(different)} tensors differ after resume from step {step}"
 
 
-def test_sigkill_of_rank_1_mid_step_ends_rank_0_naming_it_and_resume_auto_completes(whole, tmp_path):
+KILLS = range(
+    int(os.environ.get("DDP_SIGNAL_RUNS", "1")) if os.environ.get("DDP_SIGNAL_CASES") == "all" else 1
+)
+
+
+@pytest.mark.parametrize("attempt", KILLS)
+def test_sigkill_of_rank_1_mid_step_ends_rank_0_naming_it_and_resume_auto_completes(whole, attempt, tmp_path):
     """A dying rank (issue 36, point 3): rank 0 leaves within 60 s with one line naming the lost rank and
     the newest complete checkpoint, status 5 (not 143), and ``resume=auto`` completes the run."""
     from lit_lora.errors import RankLost
@@ -167,8 +207,9 @@ def test_sigkill_of_rank_1_mid_step_ends_rank_0_naming_it_and_resume_auto_comple
         stderr=subprocess.PIPE,
         text=True,
     )
+    at_least = random.Random().randrange(2, 7, 2)  # then a random moment of a later step
     deadline = time.time() + 300
-    while not (run / "checkpoints" / "step-000002.ckpt").is_dir():
+    while not (run / "checkpoints" / f"step-{at_least:06d}.ckpt").is_dir():
         assert proc.poll() is None and time.time() < deadline, "the run ended before the kill"
         time.sleep(0.01)
     rank1 = _rank1(proc.pid)

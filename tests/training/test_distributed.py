@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,10 +29,12 @@ from tests.helpers import (
     CKPT_EVERY_2,
     DPO,
     EXACT,
+    ROOT,
     Run,
     assert_same_steps,
     compose_train,
     ddp,
+    free_port,
     run_cli,
     train_with_accumulation,
 )
@@ -79,6 +84,54 @@ def _check_ddp_run(run: Run, single: Path) -> None:
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_equal_one_process_with_the_same_global_batch(ddp_run, reference_run):
     _check_ddp_run(ddp_run, reference_run.out)
+
+
+def _two_nodes(launch: str, node: int, port: int, out: Path) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of node ``node`` of a 2-node run (one process per node), started as a
+    cluster starts it: ``torchrun --nnodes 2 --node-rank N`` or SLURM's variables for ``srun``."""
+    args = [
+        "-m", "lit_lora.train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1",
+        "trainer.num_nodes=2", *EXACT, *CKPT_EVERY_2, f"output_dir={out}", "data.batch_size=4",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if launch == "torchrun":
+        torchrun = ["-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}"]
+        return [sys.executable, *torchrun, "--master-addr=127.0.0.1", f"--master-port={port}", *args], env
+    slurm = {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lit-lora", "SLURM_NTASKS": "2", "SLURM_NNODES": "2",
+        "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": str(node), "SLURM_NODEID": str(node),
+        "SLURM_LOCALID": "0", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(port),
+    }  # fmt: skip
+    return [sys.executable, *args], {**env, **slurm}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["torchrun", "slurm"])
+def test_two_nodes_one_process_each_equal_one_process(reference_run, launch, tmp_path):
+    """``trainer.num_nodes=2``, one process per node, on this machine's loopback (issue 36, point 4)."""
+    out, port = tmp_path / "run", free_port()
+    nodes = []
+    for node in (1, 0):
+        command, env = _two_nodes(launch, node, port, out)
+        log = open(tmp_path / f"node{node}.log", "w+")  # noqa: SIM115 (closed below)
+        nodes.append(
+            (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        )
+    logs = []
+    try:
+        statuses = [proc.wait(timeout=300) for proc, _ in nodes]
+    finally:
+        for proc, log in nodes:
+            proc.kill()
+            log.seek(0)
+            logs.append(log.read())
+            log.close()
+    assert statuses == [0, 0], "\n".join(text[-3000:] for text in logs)
+    # Each node found its rank in what the launcher set (not a second rank 0 of its own).
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[0] and "GLOBAL_RANK: 0, MEMBER: 1/2" in logs[1]
+    assert _max_diff(_adapter(out), _adapter(reference_run.out)) < 1e-6
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["memory"]["per_rank"]) == 2
 
 
 @pytest.mark.slow

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -42,7 +41,7 @@ from lit_lora.models.builder import build_model
 from lit_lora.training.distributed import end_process_group
 from lit_lora.training.module import LitLoRA
 from lit_lora.training.strategies import decoder_layer_classes
-from tests.helpers import ROOT, compose_train
+from tests.helpers import ROOT, compose_train, free_port
 
 # Untied embeddings: torch's FSDP with use_orig_params fails on the tiny model's tied embedding and
 # output weights when the world size is 1 (NO_SHARD; an AssertionError in _use_unsharded_views at the
@@ -107,13 +106,6 @@ def _trainable(module: LitLoRA) -> dict[str, torch.Tensor]:
 def _grad_norm(module: LitLoRA) -> float:
     grads = [p.grad for p in module.model.parameters() if p.requires_grad and p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-
-
-def _free_port() -> int:
-    """A port free on every address (rank zero's TCP store binds them all), chosen by the kernel."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------- 1. the fp16 loss scaler
@@ -226,7 +218,7 @@ def test_fsdp_norm_clipping_goes_through_fsdp_clip_grad_norm(tmp_path, monkeypat
     # torch.set_num_threads): set them first, so that monkeypatch restores them after the test.
     for name, value in {
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "NODE_RANK": "0",
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
@@ -309,7 +301,7 @@ def _two_ranks(
     faults: dict[int, str] | None = None,
 ) -> list[dict]:
     """Run :func:`_rank_main` as ranks 0 and 1 (``faults``: ``LIT_LORA_FAULTS`` per rank); their outcomes."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in (0, 1):
         env = {
