@@ -209,7 +209,7 @@ def lost_rank(trainer: Any, err: BaseException, checkpoints: Path) -> str | None
 
     A rank this process started that has ended badly is named with its status; otherwise a collective
     error (gloo: connection closed or reset by the peer, a timeout) is reported as the loss of another
-    rank, naming rank 0 when it started this process and has gone."""
+    rank, or of the process that started this one when it has gone."""
     launcher = launcher_of(trainer)
     if launcher is not None and launcher.watch is not None:
         for _ in range(int(3 / POLL_S)):  # the child's death may reach us a moment after its sockets closed
@@ -225,8 +225,9 @@ def lost_rank(trainer: Any, err: BaseException, checkpoints: Path) -> str | None
     if not _collective_failure(err):
         return None
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    # Started by Lightning's launcher, the parent is local rank 0 (under torchrun, its agent).
     gone = os.environ.get("LOCAL_RANK", "0") != "0" and os.getppid() != _PARENT
-    who = f"rank 0 (pid {_PARENT}, which started this one) has exited" if gone else "another rank was lost"
+    who = f"the process that started this one (pid {_PARENT}) has exited" if gone else "another rank was lost"
     return (
         f"rank {trainer.global_rank}: {who} ({first}). The newest complete checkpoint is "
         f"{newest_checkpoint_line(checkpoints)}; continue with resume=auto"

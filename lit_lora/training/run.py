@@ -802,7 +802,7 @@ def task(cfg: DictConfig) -> float:
     """``lit-lora train``'s job on the composed config (:mod:`lit_lora.cli`); returns the best validation loss (the objective of sweepers such as Optuna).
 
     A single run ends a user mistake with one line on stderr and its exit status (2; 3 out of memory,
-    4 disk full, 143 stopped by a signal with a checkpoint saved). Under ``-m`` a failed
+    4 disk full, 5 another rank died, 143 stopped by a signal with a checkpoint saved). Under ``-m`` a failed
     job is recorded (``failed.json``) and the sweep goes on (see :mod:`lit_lora.training.sweep`), except after
     a signal: that job keeps its checkpoint and the sweep ends with status 143.
     """
