@@ -8,10 +8,10 @@ TORCH_INDEX_URL ?=
 SMOLLM2_VERSION ?= 0.1.2
 ARGS ?=
 # make test runs the suite on this many pytest-xdist workers (a test file stays on one worker: its
-# module fixtures are built once); each worker's torch uses one thread, so two workers fill two cores
+# module fixtures are built once; tests/conftest.py); each worker's torch uses one thread, so two workers fill two cores
 # instead of four threads contending for them. TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
-PYTEST_PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+PYTEST_PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
 TEST_THREADS := $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1})
 
 BIN := $(VENV)/bin

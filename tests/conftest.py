@@ -73,16 +73,52 @@ def ddp_run(tmp_path_factory) -> Run:
     return Run(out, done)
 
 
-# Tests whose session fixtures are paid once per process: under pytest-xdist they go to one worker together.
-_SHARED_RUNS = {"reference_run", "ddp_run"}
+# pytest-xdist (make test: -n 2 --dist loadscope): a work unit goes to one worker whole, so that its module
+# and session fixtures (a trained run, a server) are built once. A unit is a test file, except that the files
+# whose tests use the session runs above share one unit (a checked list: see below).
+SHARED_RUNS = {"reference_run", "ddp_run"}
+SHARED_RUN_FILES = frozenset(
+    {
+        "tests/test_cli.py",
+        "tests/training/test_ddp_shutdown.py",
+        "tests/training/test_distributed.py",
+        "tests/training/test_fsdp.py",
+    }
+)
+
+
+def work_unit(nodeid: str) -> str:
+    """The xdist work unit of a test: its file, or ``shared-runs`` for :data:`SHARED_RUN_FILES`."""
+    path = nodeid.split("::", 1)[0]
+    return "shared-runs" if path in SHARED_RUN_FILES else path
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under ``pytest -n N --dist loadgroup`` (``make test``) a file's tests stay on one worker, so a module
-    fixture (a trained run, a server) is built once, and the tests that use the session runs above share one
-    worker. Without xdist the marker is inert."""
+    """Heaviest units first (a unit weighs its number of slow tests), so that two workers do not end on one
+    long file after the other has finished; within a unit the order stays as collected. Fails when a test
+    outside :data:`SHARED_RUN_FILES` uses a shared run (it would build that run a second time)."""
+    from collections import Counter
+
     for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        group = "shared-runs" if _SHARED_RUNS & set(item.fixturenames) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        if SHARED_RUNS & set(item.fixturenames) and work_unit(item.nodeid) != "shared-runs":
+            raise pytest.UsageError(f"{item.nodeid} uses a shared run: add its file to SHARED_RUN_FILES")
+    weight = Counter(work_unit(item.nodeid) for item in items if item.get_closest_marker("slow"))
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        first.setdefault(work_unit(item.nodeid), index)
+    items.sort(key=lambda item: (-weight[work_unit(item.nodeid)], first[work_unit(item.nodeid)]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` with :func:`work_unit` as the scope (pytest 9 ignores the node ids that xdist
+    3.8's ``loadgroup`` rewrites, so its groups would not hold)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return UnitScheduling(config, log)
