@@ -82,11 +82,13 @@ chaos: $(STAMP)  ## 20 SIGKILLs at random moments (some inside checkpoint writes
 fuzz: $(STAMP)  ## 10,000 hostile rows per file and row format through the row-to-token pipeline (CI runs a few hundred)
 	FUZZ_ROWS=10000 $(BIN)/python -m pytest -q tests/data/test_fuzz.py $(ARGS)
 
-# Each signal case costs ~40 s: the full stress (9 cases x 10 + 10 SIGKILLs) takes about an hour on 2 cores.
+# Each signal case costs ~40 s of one worker: the full stress (9 cases x 10 + 10 SIGKILLs) takes about an
+# hour on 2 cores, on TEST_WORKERS workers (two 2-rank runs at once: more load than CI, not less).
 DDP_SIGNAL_RUNS ?= 10
 ddp-stress: $(STAMP)  ## 2-process gloo DDP: 20 clean exits; SIGTERM to rank 0/1/both at a step, mid-save, mid-validation and SIGKILL of rank 1, DDP_SIGNAL_RUNS times each
 	DDP_STRESS_RUNS=20 $(BIN)/python -m pytest -q -s tests/training/test_ddp_shutdown.py $(ARGS)
-	DDP_SIGNAL_CASES=all DDP_SIGNAL_RUNS=$(DDP_SIGNAL_RUNS) $(BIN)/python -m pytest -q -s tests/training/test_ddp_signals.py -k "not sweep" $(ARGS)
+	DDP_SIGNAL_CASES=all DDP_SIGNAL_RUNS=$(DDP_SIGNAL_RUNS) $(TEST_THREADS) $(BIN)/python -m pytest -q -rA \
+		$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS)) tests/training/test_ddp_signals.py -k "not sweep" $(ARGS)
 
 gpu-check: $(STAMP)  ## every GPU path through the CLI within a time budget -> bench/results/gpu-<device>.json (CUDA; ARGS=--dry-run on CPU)
 	$(BIN)/python -m bench.gpu_check $(ARGS)
