@@ -28,6 +28,7 @@ wait for a rank that is alive but stuck; a rank that has died is seen at once (i
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,7 +225,7 @@ def lost_rank(trainer: Any, err: BaseException, checkpoints: Path) -> str | None
         launcher.reported.acquire(blocking=False)
     if not _collective_failure(err):
         return None
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = _first_words(err)
     # Started by Lightning's launcher, the parent is local rank 0 (under torchrun, its agent).
     gone = os.environ.get("LOCAL_RANK", "0") != "0" and os.getppid() != _PARENT
     who = f"the process that started this one (pid {_PARENT}) has exited" if gone else "another rank was lost"
@@ -232,6 +233,15 @@ def lost_rank(trainer: Any, err: BaseException, checkpoints: Path) -> str | None
         f"rank {trainer.global_rank}: {who} ({first}). The newest complete checkpoint is "
         f"{newest_checkpoint_line(checkpoints)}; continue with resume=auto"
     )
+
+
+def _first_words(err: BaseException) -> str:
+    """The gist of a collective's error: gloo's ``[.../pair.cc:537] Read error [127.0.0.1]:51855: Connection
+    reset by peer. This is typically caused by...`` becomes ``Read error [127.0.0.1]:51855: Connection reset
+    by peer``."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". ", 1)[0][:300]
 
 
 def _collective_failure(err: BaseException) -> bool:
