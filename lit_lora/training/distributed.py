@@ -40,6 +40,8 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
+from lit_lora.errors import RankLost
+
 # Imported here, before any process group exists, on purpose: imported after one exists, its functions'
 # default ``group=group.WORLD`` arguments would keep that group alive until interpreter finalization
 # (see the module docstring). Imported now, those defaults are None, which means the default group.
@@ -50,8 +52,9 @@ if dist.is_available():
 LAUNCHED_RANK_EXIT_TIMEOUT_S = 300.0
 
 
-class RankFailed(RuntimeError):
-    """A rank started by this process failed or did not exit after training ended."""
+class RankFailed(RankLost):
+    """A rank started by this process failed or did not exit after training ended (exit status 5, one
+    line: the run's adapter is saved, but that rank's end is not known to be clean)."""
 
 
 def end_process_group(completed: bool, barrier: Callable[[], object] | None = None) -> bool:
@@ -106,4 +109,6 @@ def wait_for_launched_ranks(trainer, timeout_s: float = LAUNCHED_RANK_EXIT_TIMEO
                 f"local rank {index} (pid {proc.pid}) had not exited {timeout_s:.0f} s after training ended"
             ) from err
         if status != 0:
-            raise RankFailed(f"local rank {index} (pid {proc.pid}) exited with status {status}")
+            raise RankFailed(
+                f"local rank {index} (pid {proc.pid}) exited with status {status} after training ended"
+            )
