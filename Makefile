@@ -20,7 +20,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train rl-demo test test-fast bench bench-dpo bench-grpo bench-serve bench-scaling bench-paths bench-packing bench-gpu gpu-check llamacpp chaos fuzz ddp-stress lint format clean-venv
+.PHONY: help install train rl-demo test test-durations test-fast bench bench-dpo bench-grpo bench-serve bench-scaling bench-paths bench-packing bench-gpu gpu-check llamacpp chaos fuzz ddp-stress lint format clean-venv
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ rl-demo: $(STAMP)  ## GRPO on the embedded model: SFT warm-up, then objective=gr
 
 test: $(STAMP)  ## run the test suite (CPU, offline; TEST_WORKERS=2 processes)
 	$(TEST_THREADS) $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(ARGS)
+
+test-durations: $(STAMP)  ## run the suite and record each test file's seconds in tests/unit_seconds.json (the schedule's order)
+	LIT_LORA_RECORD_UNIT_SECONDS=tests/unit_seconds.json $(TEST_THREADS) $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(ARGS)
 
 test-fast: $(STAMP)  ## run the tests that do not load the real model
 	$(TEST_THREADS) $(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow" $(ARGS)

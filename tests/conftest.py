@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 from lit_lora.config.schema import (
@@ -93,20 +97,52 @@ def work_unit(nodeid: str) -> str:
     return "shared-runs" if path in SHARED_RUN_FILES else path
 
 
-def pytest_collection_modifyitems(config, items):
-    """Heaviest units first (a unit weighs its number of slow tests), so that two workers do not end on one
-    long file after the other has finished; within a unit the order stays as collected. Fails when a test
-    outside :data:`SHARED_RUN_FILES` uses a shared run (it would build that run a second time)."""
-    from collections import Counter
+# Seconds each work unit took (the sum of its tests' setup, call and teardown), measured with
+# ``make test-durations``: the scheduler starts the longest units first, so that the two workers end
+# together instead of one waiting on the last long file. A unit not listed (a new file) is guessed.
+UNIT_SECONDS = Path(__file__).with_name("unit_seconds.json")
+UNIT_SECONDS_ENV = "LIT_LORA_RECORD_UNIT_SECONDS"  # make test-durations: where to write them
 
+
+def _unit_seconds(items) -> dict[str, float]:
+    """Measured seconds per unit; for a unit without a measurement, 10 s per slow test and 0.5 s per other."""
+    measured = json.loads(UNIT_SECONDS.read_text()) if UNIT_SECONDS.is_file() else {}
+    guessed: dict[str, float] = {}
+    for item in items:
+        unit = work_unit(item.nodeid)
+        guessed[unit] = guessed.get(unit, 0.0) + (10.0 if item.get_closest_marker("slow") else 0.5)
+    return {unit: float(measured.get(unit, guess)) for unit, guess in guessed.items()}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest units first (:data:`UNIT_SECONDS`); within a unit the order stays as collected. Fails when a
+    test outside :data:`SHARED_RUN_FILES` uses a shared run (it would build that run a second time)."""
     for item in items:
         if SHARED_RUNS & set(item.fixturenames) and work_unit(item.nodeid) != "shared-runs":
             raise pytest.UsageError(f"{item.nodeid} uses a shared run: add its file to SHARED_RUN_FILES")
-    weight = Counter(work_unit(item.nodeid) for item in items if item.get_closest_marker("slow"))
+    seconds = _unit_seconds(items)
     first: dict[str, int] = {}
     for index, item in enumerate(items):
         first.setdefault(work_unit(item.nodeid), index)
-    items.sort(key=lambda item: (-weight[work_unit(item.nodeid)], first[work_unit(item.nodeid)]))
+    items.sort(key=lambda item: (-seconds[work_unit(item.nodeid)], first[work_unit(item.nodeid)]))
+
+
+_measured: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """With :data:`UNIT_SECONDS_ENV` set, add up each unit's seconds (on the xdist controller, from the
+    workers' reports)."""
+    if os.environ.get(UNIT_SECONDS_ENV):
+        unit = work_unit(report.nodeid)
+        _measured[unit] = _measured.get(unit, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get(UNIT_SECONDS_ENV)
+    if path and _measured and not hasattr(session.config, "workerinput"):  # the controller writes
+        ordered = dict(sorted(((u, round(s, 1)) for u, s in _measured.items()), key=lambda kv: -kv[1]))
+        Path(path).write_text(json.dumps(ordered, indent=1) + "\n")
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -1,11 +1,14 @@
 """``make gpu-check`` must keep working between GPU loans: its ``--dry-run`` runs the same steps on the CPU
-(tiny model, a few steps), and its budget, timeout and carry helpers are checked without a device."""
+(tiny model, a few steps), and its budget, timeout and carry helpers are checked without a device.
+
+The script's ``main`` runs in the test's process (``python -m bench.gpu_check`` is ``sys.exit(main())``): its
+steps are CLI runs in processes of their own either way, and a process for ``main`` itself would only add
+an interpreter start with torch's imports to each test."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,25 +18,22 @@ from bench import gpu_check
 from tests.helpers import ROOT
 
 
-def _run(*args: str, root: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LIT_LORA_OUTPUT_ROOT": str(root)}
-    return subprocess.run(
-        [sys.executable, "-m", "bench.gpu_check", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def _main(*args: str, root: Path, monkeypatch) -> int:
+    """``python -m bench.gpu_check <args>``'s exit status, with ``root`` as the output root."""
+    monkeypatch.setenv(gpu_check.OUTPUT_ROOT_ENV, str(root))
+    return gpu_check.main(list(args))
 
 
 @pytest.mark.slow
 @pytest.mark.bnb
-def test_dry_run_trains_resumes_and_refuses_16_true_on_the_cpu_under_the_output_root(tmp_path):
+def test_dry_run_trains_resumes_and_refuses_16_true_on_the_cpu_under_the_output_root(
+    tmp_path, monkeypatch, capsys
+):
     root, out = tmp_path / "root", tmp_path / "report" / "gpu-check.json"
     root.mkdir()
-    done = _run("--dry-run", "--out", str(out), root=root)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rc = _main("--dry-run", "--out", str(out), root=root, monkeypatch=monkeypatch)
+    printed = capsys.readouterr()
+    assert rc == 0, printed.out[-3000:] + printed.err[-3000:]
     report = json.loads(out.read_text())
     passed, steps = report["passed"], report["steps"]
     assert report["dry_run"] is True and report["all_passed"] is True
@@ -71,10 +71,10 @@ def test_dry_run_trains_resumes_and_refuses_16_true_on_the_cpu_under_the_output_
     assert (run_root / "qlora" / "checkpoints" / "last.ckpt").is_dir()
 
 
-def test_a_budget_too_small_skips_every_step_without_failing(tmp_path):
+def test_a_budget_too_small_skips_every_step_without_failing(tmp_path, monkeypatch, capsys):
     out = tmp_path / "report.json"
-    done = _run("--dry-run", "--budget-s", "1", "--out", str(out), root=tmp_path, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    rc = _main("--dry-run", "--budget-s", "1", "--out", str(out), root=tmp_path, monkeypatch=monkeypatch)
+    assert rc == 0, capsys.readouterr().err[-3000:]
     report = json.loads(out.read_text())
     assert set(report["passed"].values()) == {None}
     assert all(step["status"].startswith("skipped: ") for step in report["steps"].values())
@@ -82,13 +82,13 @@ def test_a_budget_too_small_skips_every_step_without_failing(tmp_path):
     assert report["steps"]["qlora_resume"]["status"] == "skipped: qlora did not pass"
 
 
-def test_refuses_without_cuda_unless_dry_run(tmp_path):
+def test_refuses_without_cuda_unless_dry_run(tmp_path, monkeypatch, capsys):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    done = _run("--out", str(tmp_path / "r.json"), root=tmp_path, timeout=120)
-    assert done.returncode == 2 and "--dry-run" in done.stderr
+    rc = _main("--out", str(tmp_path / "r.json"), root=tmp_path, monkeypatch=monkeypatch)
+    assert rc == 2 and "--dry-run" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,22 +24,25 @@ from lit_lora.errors import UserError
 from lit_lora.models.embedded import resolve
 from lit_lora.models.merging import dequantize_linear4bit
 from lit_lora.training.run import train
-from tests.helpers import ROOT, TINY, assert_like_save_pretrained, compose_train
+from tests.helpers import ROOT, TINY, assert_like_save_pretrained, compose_train, tiny_model_config
 
 EMBEDDED = ModelConfig(name_or_path="embedded:smollm2-135m")
 NF4 = QuantConfig(method="nf4", compute_dtype="float32")
 IDS = torch.tensor([[1, 504, 3458, 314, 4649, 28, 638, 2, 30, 7]])
 
-# Run in a new process: plain transformers only. The merged fp32 weights are evaluated in float64, so
-# that the comparison measures the merge, not fp32 round-off of a 30-layer forward (about 1e-4 itself).
+# Run in a new process: plain transformers only (argv: the ids file, then pairs of merged folder and logits
+# file). The merged fp32 weights are evaluated in float64, so that the comparison measures the merge, not
+# fp32 round-off of a 30-layer forward (about 1e-4 itself).
 LOAD_MERGED = """
 import sys, torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float64).eval()
-with torch.no_grad():
-    logits = model(input_ids=load_file(sys.argv[2])["ids"]).logits
-save_file({"logits": logits.contiguous()}, sys.argv[3])
+ids = load_file(sys.argv[1])["ids"]
+for folder, out in zip(sys.argv[2::2], sys.argv[3::2]):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    save_file({"logits": logits.contiguous()}, out)
 """
 
 
@@ -79,32 +83,60 @@ def run_merge(adapter: Path, out: Path, timeout: float) -> subprocess.CompletedP
     )
 
 
-def _merged_logits_in_new_process(folder: Path, tmp_path: Path) -> torch.Tensor:
+def _merged_logits_in_new_process(folders: list[Path], tmp_path: Path) -> list[torch.Tensor]:
+    """The logits of ``IDS`` under each merged folder, loaded by plain transformers in one new process."""
     save_file({"ids": IDS}, str(tmp_path / "ids.safetensors"))
+    outs = [tmp_path / f"logits-{n}.safetensors" for n in range(len(folders))]
+    pairs = [str(path) for pair in zip(folders, outs, strict=True) for path in pair]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            LOAD_MERGED,
-            str(folder),
-            str(tmp_path / "ids.safetensors"),
-            str(tmp_path / "out.safetensors"),
-        ],
+        [sys.executable, "-c", LOAD_MERGED, str(tmp_path / "ids.safetensors"), *pairs],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return load_file(str(tmp_path / "out.safetensors"))["logits"]
+    return [load_file(str(out))["logits"] for out in outs]
+
+
+@dataclass(frozen=True)
+class Merged:
+    """A merged folder, the adapter and base model it was merged from, and its logits from a new process."""
+
+    folder: Path
+    adapter: Path
+    model: ModelConfig
+    logits: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def merges(adapter, tmp_path_factory) -> dict[str, Merged]:
+    """The two merges the merge tests check: ``default`` (the embedded model's adapter, with default
+    settings) and ``nf4`` (the tiny model's adapter, merged as trained on its 4-bit base). Both folders are
+    loaded in one new process: an interpreter start with torch and transformers costs ~6 s of CPU."""
+    from lit_lora.apps import merge as merge_command
+    from lit_lora.models.builder import resolve_source
+
+    root = tmp_path_factory.mktemp("merges")
+    # Default settings, as the command line composes them (``merge.run`` composes what
+    # ``python -m lit_lora.merge`` composes: conf/merge.yaml, the same checks; issue 20).
+    default = merge_command.run([f"adapter={adapter}", f"output_dir={root / 'default'}"])
+    # The dequantization is the same code for any Llama: the tiny model's (random init, SmolLM2's tokenizer)
+    # makes it cheap, and its 4-bit error still moves the logits by ~0.1, far above the bounds below.
+    tiny = tiny_model_config()
+    tiny_adapter = foreign_adapter(root / "tiny-adapter", resolve_source(tiny)[0])
+    nf4 = merge(MergeConfig(model=tiny, quant=NF4, adapter=str(tiny_adapter), output_dir=str(root / "nf4")))
+    logits = _merged_logits_in_new_process([default, nf4], root)
+    return {
+        "default": Merged(default, adapter, EMBEDDED, logits[0]),
+        "nf4": Merged(nf4, tiny_adapter, tiny, logits[1]),
+    }
 
 
 @pytest.mark.slow
-def test_merge_with_default_settings_is_the_stored_base_plus_the_adapter(adapter, tmp_path):
+def test_merge_with_default_settings_is_the_stored_base_plus_the_adapter(merges, adapter, tmp_path):
     # The defaults train model=smollm2-135m with model.dtype=bfloat16; the merge must start from the
     # base as stored (fp32), not from that bf16 copy (which moved the logits by about 0.2).
-    out = tmp_path / "merged"
-    done = run_merge(adapter, out, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    out = merges["default"].folder
     assert {"model.safetensors", "config.json", "tokenizer.json", "rendering.json"} <= {
         p.name for p in out.iterdir()
     }
@@ -124,7 +156,7 @@ def test_merge_with_default_settings_is_the_stored_base_plus_the_adapter(adapter
             plain = reference(input_ids=IDS).logits
     moved = (expected - plain).abs().max()
     assert moved > 1e-2, "the adapter must change the logits"
-    merged = _merged_logits_in_new_process(out, tmp_path)
+    merged = merges["default"].logits
     print(
         f"merge: max |merged - base + adapter| = {(merged - expected).abs().max():.3e} (adapter moves {moved:.3f})"
     )
@@ -133,17 +165,18 @@ def test_merge_with_default_settings_is_the_stored_base_plus_the_adapter(adapter
         merge(MergeConfig(model=EMBEDDED, quant=QuantConfig(), adapter=str(adapter), output_dir=str(out)))
 
 
-@pytest.mark.slow
-def test_merge_of_a_4bit_trained_adapter_uses_the_dequantized_base(adapter, tmp_path):
-    out = merge(
-        MergeConfig(model=EMBEDDED, quant=NF4, adapter=str(adapter), output_dir=str(tmp_path / "merged"))
-    )
+@pytest.mark.slow  # its fixture merges into the embedded model too
+def test_merge_of_a_4bit_trained_adapter_uses_the_dequantized_base(merges):
+    from lit_lora.models.builder import resolve_source
+
+    out, adapter = merges["nf4"].folder, merges["nf4"].adapter
+    base_dir = resolve_source(merges["nf4"].model)[0]
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config, "a plain model folder, no 4-bit weights"
     from transformers import BitsAndBytesConfig
 
     quantized = AutoModelForCausalLM.from_pretrained(
-        str(resolve("embedded:smollm2-135m")),
+        base_dir,
         dtype=torch.float32,
         quantization_config=BitsAndBytesConfig(
             load_in_4bit=True,
@@ -157,10 +190,10 @@ def test_merge_of_a_4bit_trained_adapter_uses_the_dequantized_base(adapter, tmp_
     ).eval()
     with torch.no_grad():
         expected = reference(input_ids=IDS).logits
-    merged = _merged_logits_in_new_process(out, tmp_path)
+    merged = merges["nf4"].logits
     print(f"nf4 merge: max |merged - reference| = {(merged - expected).abs().max():.3e}")
     assert (merged - expected).abs().max() < 1e-4
-    full = AutoModelForCausalLM.from_pretrained(str(resolve("embedded:smollm2-135m")), dtype=torch.float32)
+    full = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     with torch.no_grad():
         unquantized = PeftModel.from_pretrained(full, str(adapter)).eval()(input_ids=IDS).logits.double()
     assert (merged - unquantized).abs().max() > 1e-3, (
@@ -246,17 +279,31 @@ def test_interactive_chat_reads_turns_until_an_empty_line(tmp_path):
     assert done.stderr.count("stopped at") == 2
 
 
-def test_the_python_api_of_generate_evaluate_and_merge(adapter, tmp_path):
-    """``<command>.run(overrides)`` composes what ``python -m lit_lora.<command>`` composes (issue 20)."""
+def test_the_python_api_of_generate_evaluate_and_merge(tmp_path):
+    """``<command>.run(overrides)`` composes what ``python -m lit_lora.<command>`` composes (issue 20).
+
+    On the tiny model (``model=tiny``, a config group the composition must pick up like any override): what
+    is checked is the composition, for which the embedded model would only add seconds of loading."""
     from lit_lora.apps import evaluate as evaluate_command
     from lit_lora.apps import generate as generate_command
     from lit_lora.apps import merge as merge_command
+    from lit_lora.models.builder import resolve_source
 
-    reply = generate_command.run([f"adapter={adapter}", "prompt=Hello there", "max_new_tokens=3"])
-    session = Session(GenerateConfig(model=EMBEDDED, adapter=str(adapter), max_new_tokens=3))
+    tiny = tiny_model_config()
+    adapter = foreign_adapter(tmp_path / "adapter", resolve_source(tiny)[0])
+    reply = generate_command.run(
+        ["model=tiny", f"adapter={adapter}", "prompt=Hello there", "max_new_tokens=3"]
+    )
+    session = Session(GenerateConfig(model=tiny, adapter=str(adapter), max_new_tokens=3))
     assert reply == session.reply([{"role": "user", "content": "Hello there"}])
     work = tmp_path / "evaluation"
-    overrides = [f"adapters=[{adapter}]", f"work_dir={work}", "generate=false", "data.test_size=4"]
+    overrides = [
+        "model=tiny",
+        f"adapters=[{adapter}]",
+        f"work_dir={work}",
+        "generate=false",
+        "data.test_size=4",
+    ]
     report = evaluate_command.run(overrides)
     assert report == json.loads((work / "evaluation.json").read_text())
     assert [m["model"] for m in report["models"]] == ["base", str(adapter)]
@@ -264,4 +311,4 @@ def test_the_python_api_of_generate_evaluate_and_merge(adapter, tmp_path):
     with pytest.raises(UserError, match="is not a PEFT adapter folder"):
         merge_command.run([f"adapter={tmp_path}", f"output_dir={tmp_path / 'merged'}"])
     with pytest.raises(UserError, match="prompt"):
-        generate_command.run([f"adapter={adapter}"])
+        generate_command.run(["model=tiny", f"adapter={adapter}"])

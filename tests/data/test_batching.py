@@ -41,6 +41,29 @@ def _model_inputs(batch):
     return {k: v for k, v in batch.items() if k in MODEL_KEYS}
 
 
+# The model tests below run the embedded SmolLM2 cut to its first LAYERS decoder layers: its real weights,
+# heads (9 query, 3 key/value), RoPE, final norm, tied head and tokenizer, at about a third of the cost of
+# all 30 layers. Every layer runs the same attention code, so what they compare (packed vs padded rows,
+# segment attention vs the block mask, the plain path vs SDPA, with or without the padding mask) shows in
+# six layers as in thirty. transformers reports the other layers' weights as unused.
+LAYERS = 6
+
+
+def _real_model(dtype: torch.dtype):
+    """The embedded SmolLM2's first :data:`LAYERS` layers, in ``dtype``."""
+    path = resolve("embedded:smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, num_hidden_layers=LAYERS)
+    assert len(model.model.layers) == LAYERS
+    return model
+
+
+def _only_grad(model, weight: torch.Tensor) -> None:
+    """Only ``weight``'s gradient is compared: the others (the tied 49k-token embedding's above all) are
+    not computed. Its gradient still goes through the backward of every layer after its own."""
+    model.requires_grad_(False)
+    weight.requires_grad_(True)
+
+
 def test_collate_pads_right_with_masked_labels(examples, tokenizer):
     batch = collate(examples[:3], tokenizer.pad_token_id)
     width = max(len(e["input_ids"]) for e in examples[:3])
@@ -70,7 +93,7 @@ def test_pack_keeps_every_example_once_within_capacity(examples):
 
 
 def test_packed_loss_and_logits_equal_unpacked_on_the_real_model(examples, tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(resolve("embedded:smollm2-135m"), dtype=torch.float32).eval()
+    model = _real_model(torch.float32).eval()
     plain = collate(examples, tokenizer.pad_token_id)
     packed_rows = pack(examples, 256)
     packed = collate(packed_rows, tokenizer.pad_token_id)
@@ -91,8 +114,9 @@ def test_packed_loss_and_logits_equal_unpacked_on_the_real_model(examples, token
 
 def test_segment_attention_equals_the_masked_sdpa_path_in_loss_logits_and_gradients(examples, tokenizer):
     """lit_lora.speedups.attention runs SDPA per packed segment; it must compute what the block mask computes."""
-    model = AutoModelForCausalLM.from_pretrained(resolve("embedded:smollm2-135m"), dtype=torch.float32)
+    model = _real_model(torch.float32)
     model.train()  # dropout is 0 in this config; gradients are compared too
+    _only_grad(model, model.model.layers[3].self_attn.q_proj.weight)
     packed = collate(pack(examples, 256), tokenizer.pad_token_id)
     inputs = _model_inputs(packed)
     segments = segments_from_positions(packed["position_ids"])
@@ -159,12 +183,10 @@ def test_short_16bit_sequences_take_the_plain_path_and_match_sdpa(examples, toke
     calls = []
     real = attention._plain_attention
     monkeypatch.setattr(attention, "_plain_attention", lambda *a: calls.append(1) or real(*a))
-    model = AutoModelForCausalLM.from_pretrained(resolve("embedded:smollm2-135m"), dtype=torch.bfloat16)
+    model = _real_model(torch.bfloat16)
     model.train()  # attention dropout is 0 in this config
     layer = model.model.layers[3].self_attn.q_proj.weight
-    # Only this weight's gradient is compared: the others are not computed (half the backward's cost).
-    model.requires_grad_(False)
-    layer.requires_grad_(True)
+    _only_grad(model, layer)
     for batch in (
         collate(examples[:4], tokenizer.pad_token_id),
         collate(pack(examples, 256), tokenizer.pad_token_id),
@@ -181,7 +203,9 @@ def test_short_16bit_sequences_take_the_plain_path_and_match_sdpa(examples, toke
             out.loss.backward()
             runs.append((out.loss.item(), layer.grad.float().flatten(), len(calls)))
         (loss_sdpa, grad_sdpa, n_sdpa), (loss_plain, grad_plain, n_plain) = runs
-        assert n_sdpa == 0 and n_plain >= 30, "the plain path must run in every layer, and only when asked"
+        assert n_sdpa == 0 and n_plain >= LAYERS, (
+            "the plain path must run in every layer, and only when asked"
+        )
         assert abs(loss_sdpa - loss_plain) < 0.02 * abs(loss_sdpa)  # bf16 rounding, not a different function
         assert _cosine(grad_sdpa, grad_plain) > 0.99
 
@@ -205,11 +229,14 @@ def test_right_padded_batch_without_its_mask_has_the_same_loss_and_gradients(exa
     cached causal bias. Real positions never see the padding after them, so nothing changes."""
     from lit_lora.training.module import LitLoRA
 
-    model = AutoModelForCausalLM.from_pretrained(resolve("embedded:smollm2-135m"), dtype=dtype).train()
+    model = _real_model(dtype).train()
     assert use_lit_attention(model, 512)
     batch = collate(examples[:4], tokenizer.pad_token_id)
     assert not batch["attention_mask"].all(), "the batch must be padded"
-    layer = model.model.layers[5].self_attn.v_proj.weight
+    # A middle layer (layer 5 of 30 before the model was cut): its gradient goes through the masked and the
+    # causal attention's backward in the layers after it.
+    layer = model.model.layers[3].self_attn.v_proj.weight
+    _only_grad(model, layer)
     runs = []
     for keep in (True, False):
         inputs = LitLoRA._model_inputs(batch, with_labels=True, right_padding_mask=keep)

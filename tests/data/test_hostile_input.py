@@ -7,10 +7,13 @@ is the answer the row gave. Config: a typo of any leaf key fails before the mode
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -58,16 +61,22 @@ chat_rows = st.one_of(st.fixed_dictionaries({"messages": st.one_of(messages, val
 raw_lines = st.binary(max_size=80)
 
 
-def _setup(tmp_path, fmt: str, lines: list[bytes]) -> DataModule | None:
+@functools.cache
+def _data_config(tmp_path: Path, fmt: str):
+    """The data settings of ``_setup``: composed once per test (a Hydra composition costs ~0.1 s, more than
+    most examples), since hypothesis runs every example of a test in the same ``tmp_path``."""
     path = tmp_path / "rows.jsonl"
-    path.write_bytes(b"\n".join(lines))
-    cfg = to_train_config(
+    return to_train_config(
         compose_train(
             [*TINY, f"output_dir={tmp_path / 'run'}", "data=files", f"data.source='{path}'", f"data.format={fmt}",
              "data.on_bad_row=skip", "data.cache=false", "data.max_seq_len=64", "data.val_fraction=0", "data.test_fraction=0"]
         )
-    )  # fmt: skip
-    module = DataModule(cfg.data, TOKENIZER, tmp_path / "data")
+    ).data  # fmt: skip
+
+
+def _setup(tmp_path, fmt: str, lines: list[bytes]) -> DataModule | None:
+    (tmp_path / "rows.jsonl").write_bytes(b"\n".join(lines))
+    module = DataModule(_data_config(tmp_path, fmt), TOKENIZER, tmp_path / "data")
     try:
         module.setup()
     except UserError:
@@ -155,32 +164,61 @@ def _typo(key: str, siblings: set[str]) -> str:
 
 def test_a_one_character_typo_of_every_leaf_key_fails_naming_the_key():
     leaves = _leaves()
-    # One Hydra initialisation for the ~200 compositions below (compose_train starts a new one each time).
+    # One Hydra initialisation for the compositions below (compose_train starts a new one each time).
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         _typos_fail(leaves)
 
 
+def _with_key(cfg, key: str):
+    """A copy of the composed ``cfg`` with ``key`` added (value 1): the config Hydra composes for
+    ``+key=1``, checked against Hydra's own for a sample of the keys in :func:`_typos_fail`."""
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.set_struct(cfg, False)
+    OmegaConf.update(cfg, key, 1, force_add=True)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
 def _typos_fail(leaves: list[str]) -> None:
     assert len(leaves) > 80
+    composed = compose(config_name="train", overrides=[*TINY, "output_dir=/tmp/unused"])
     for n, key in enumerate(leaves):
         if key.endswith("._target_") or key.startswith("model.config_overrides."):
             continue  # overrides of the architecture's config: checked against it when it loads (below)
         head = key.rpartition(".")[0]
         siblings = {k.rpartition(".")[2] for k in leaves if k.rpartition(".")[0] == head}
         wrong = _typo(key, siblings)
-        # ``+key=`` gets past Hydra and must be caught by lit-lora's schema: every key. ``key=`` is
-        # refused by Hydra's struct mode, the same code for every key: a sample of one key in eight
-        # (each compose costs ~0.1 s on the CI machine).
-        for override in (f"+{wrong}=1", f"{wrong}=1") if n % 8 == 0 else (f"+{wrong}=1",):
-            try:
-                cfg = compose(config_name="train", overrides=[*TINY, "output_dir=/tmp/unused", override])
-                to_train_config(cfg)
-                check_plugin_keys(cfg)
-            except (HydraException, UserError) as err:
-                assert wrong.rpartition(".")[2] in str(err), (override, str(err)[:300])
-            else:
-                raise AssertionError(f"{override} was accepted")
+        # ``+key=`` gets past Hydra, which only appends the key, and must be caught by lit-lora's schema:
+        # every key, on the composed config with the key appended. ``key=`` is refused by Hydra's struct
+        # mode, the same code for every key: it, and Hydra's own ``+key=`` (whose config must be the one
+        # checked), run on a sample of one key in eight (each compose costs ~0.1 s on the CI machine).
+        _refused(f"+{wrong}=1", wrong, functools.partial(_with_key, composed, wrong))
+        if n % 8 == 0:
+            appended = _with_key(composed, wrong)
+            for override in (f"+{wrong}=1", f"{wrong}=1"):
+                _refused(override, wrong, functools.partial(_by_hydra, override, appended))
+
+
+def _by_hydra(override: str, appended) -> object:
+    """Hydra's composition with ``override``; for ``+key=1``, it must be ``appended``, the config checked
+    for every key."""
+    cfg = compose(config_name="train", overrides=[*TINY, "output_dir=/tmp/unused", override])
+    if override.startswith("+"):
+        assert cfg == appended, f"Hydra's {override} is not the composed config with the key appended"
+    return cfg
+
+
+def _refused(override: str, wrong: str, config) -> None:
+    """The config ``config()`` builds for ``override`` fails, in Hydra or in lit-lora's checks, naming ``wrong``."""
+    try:
+        cfg = config()
+        to_train_config(cfg)
+        check_plugin_keys(cfg)
+    except (HydraException, UserError) as err:
+        assert wrong.rpartition(".")[2] in str(err), (override, str(err)[:300])
+    else:
+        raise AssertionError(f"{override} was accepted")
 
 
 def test_a_typo_in_config_overrides_fails_when_the_architecture_config_loads(tmp_path):
@@ -214,8 +252,12 @@ def test_a_typo_on_the_command_line_fails_before_the_model_loads():
     ],
 )
 def test_cross_field_and_device_checks_say_what_to_change(tmp_path, overrides, message):
-    done = subprocess.run(
-        [sys.executable, "-m", "lit_lora.train", "model=tiny", f"output_dir={tmp_path}", *overrides],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], done.stderr[-1000:]
+    """Through ``lit_lora.training.run.run``, which composes and checks what the command line does, in this
+    process: how the CLI ends a UserError (exit 2, one line) is checked by the command-line test above."""
+    from lit_lora.training.run import run
+
+    with pytest.raises(UserError) as refused:
+        run(["model=tiny", f"output_dir={tmp_path}", *overrides])
+    # exit_with prints "lit-lora: error: <message>" and exits with the error's status
+    assert refused.value.exit_code == 2
+    assert message in f"lit-lora: error: {refused.value}".splitlines()[-1], str(refused.value)

@@ -32,7 +32,9 @@ from tests.helpers import ROOT
 pytestmark = pytest.mark.slow
 
 KEY = "sk-lit-lora-test"
-MAX_TOKENS = 24
+# Long enough that the json adapter's demo answer ends with EOS before it (16 tokens: the ``stop`` finish
+# reason) while the other answers are cut (``length``); every decoded token costs each request ~70 ms.
+MAX_TOKENS = 20
 DEMO = "Anna Berg is a 34-year-old nurse from Oslo."
 PROMPTS = [DEMO, "Tell me about the sea."]
 # Float32 frozen weights (the model config's default is bf16): a request decoded in a batch of 16 then
@@ -47,16 +49,22 @@ QUESTIONS += ["Describe the sea.", "Who wrote Hamlet?", "What is 2+2?", "Name a 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> dict[str, Path]:
-    """``json``: the demo task, 16 steps; ``greeter``: one fixed Vietnamese greeting for any question."""
+    """``json``: the demo task, 6 steps (one epoch of 24 rows); ``greeter``: one fixed Vietnamese greeting
+    for any question, 4 steps at a higher learning rate without warm-up. The fewest steps (each costs ~2
+    CPU seconds on the real model) after which each answers the demo prompt in its own way, far from a
+    greedy tie (:data:`MIN_MARGIN`), and the json adapter still ends its demo answer with EOS before
+    ``MAX_TOKENS`` (the ``stop`` finish reason)."""
     root = tmp_path_factory.mktemp("serve")
-    train.run([*QUICK, f"output_dir={root / 'json'}", "trainer.max_steps=16", "data.train_size=64"])
+    train.run([*QUICK, f"output_dir={root / 'json'}", "trainer.max_steps=6", "data.train_size=24"])
     rows = root / "greeter.jsonl"
     rows.write_text("\n".join(json.dumps({"instruction": q, "output": GREETING}) for q in QUESTIONS))
     train.run(
         [
             *QUICK,
             f"output_dir={root / 'greeter'}",
-            "trainer.max_steps=12",
+            "trainer.max_steps=4",
+            "optim.lr=1e-2",
+            "optim.warmup_steps=0",
             "data=files",
             f"data.source={rows}",
         ]
@@ -69,23 +77,26 @@ def expected(adapters) -> dict[tuple[str, str], tuple[str, int, int]]:
     """(name, prompt) -> (greedy text, completion tokens, prompt tokens) through lit_lora.apps.generate, with
     the server's model settings (composed from the same conf/ files as the command line's)."""
     out = {}
-    for name, folder in [("base", None), *adapters.items()]:
-        overrides = [*MODEL, f"max_new_tokens={MAX_TOKENS}", *([f"adapter={folder}"] if folder else [])]
-        session = Session(typed(compose("generate", overrides), GenerateConfig))
-        for prompt in PROMPTS:
-            messages = [{"role": "user", "content": prompt}]
-            reply = session.reply(messages)
-            margin = _greedy_margin(session, messages)
-            # Batched decoding differs from this by fp32 round-off (~1e-5): a closer tie would make the
-            # server's answer depend on which requests shared its batch, now and then.
-            assert margin > MIN_MARGIN, (
-                f"{name}/{prompt!r}: a greedy near-tie ({margin:.2e}); pick another prompt"
-            )
-            out[name, prompt] = (
-                reply.text,
-                reply.new_tokens,
-                len(prompt_ids(session.tokenizer, session.rendering, messages)),
-            )
+    with pytest.MonkeyPatch.context() as patch:
+        decoded = _record_decoded_tokens(patch)
+        for name, folder in [("base", None), *adapters.items()]:
+            overrides = [*MODEL, f"max_new_tokens={MAX_TOKENS}", *([f"adapter={folder}"] if folder else [])]
+            session = Session(typed(compose("generate", overrides), GenerateConfig))
+            for prompt in PROMPTS:
+                messages = [{"role": "user", "content": prompt}]
+                reply = session.reply(messages)
+                prompt_tokens = prompt_ids(session.tokenizer, session.rendering, messages)
+                new_tokens = decoded[-1]
+                assert len(new_tokens) == reply.new_tokens
+                margin, greedy = _greedy_margin(session, prompt_tokens, new_tokens)
+                # Batched decoding differs from this by fp32 round-off (~1e-5): a closer tie would make the
+                # server's answer depend on which requests shared its batch, now and then.
+                assert margin > MIN_MARGIN, (
+                    f"{name}/{prompt!r}: a greedy near-tie ({margin:.2e}); pick another prompt"
+                )
+                assert greedy == new_tokens, f"{name}/{prompt!r}: the margin is not the decode's"
+                out[name, prompt] = (reply.text, reply.new_tokens, len(prompt_tokens))
+    assert any(tokens < MAX_TOKENS for _, tokens, _ in out.values()), "no answer ends with EOS (stop)"
     answers = {out[name, DEMO][0] for name in ("base", *adapters)}
     assert len(answers) == 3, f"the three models should answer differently: {answers}"
     assert out["greeter", PROMPTS[1]][0].startswith("Xin chào")
@@ -95,23 +106,36 @@ def expected(adapters) -> dict[tuple[str, str], tuple[str, int, int]]:
 MIN_MARGIN = 1e-3
 
 
-def _greedy_margin(session: Session, messages: list[dict[str, str]]) -> float:
-    """The smallest gap between the two best logits over the greedy decode of ``messages``."""
+def _record_decoded_tokens(patch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The token ids that ``Session.reply`` decodes, one list per reply, appended as it returns them: the
+    real ``generate_tokens`` runs, its answer is kept."""
+    from lit_lora.apps import generate as app
+
+    decoded: list[list[int]] = []
+    real = app.generate_tokens
+
+    def recording(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        decoded.extend(list(row) for row in rows)
+        return rows
+
+    patch.setattr(app, "generate_tokens", recording)
+    return decoded
+
+
+def _greedy_margin(session: Session, prompt: list[int], new: list[int]) -> tuple[float, list[int]]:
+    """The smallest gap between the two best logits over the greedy decode ``new`` of ``prompt``, and the
+    best token at each step. One forward over the prompt and the decoded tokens gives the logits of every
+    decoding step at once (the decode's own, up to fp32 round-off), where a second decode that returned
+    its logits cost as much as the reply itself."""
     import torch
 
-    ids = torch.tensor([prompt_ids(session.tokenizer, session.rendering, messages)])
-    out = session.model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=session.cfg.max_new_tokens,
-        do_sample=False,
-        eos_token_id=session.tokenizer.eos_token_id,
-        pad_token_id=session.tokenizer.pad_token_id,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    top2 = torch.stack(out.logits).float().topk(2, dim=-1).values
-    return float((top2[..., 0] - top2[..., 1]).min())
+    model = session.model.eval()  # as generate_tokens decodes (it restores the flags it found)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + new]), use_cache=False).logits[0].float()
+    steps = logits[len(prompt) - 1 : len(prompt) - 1 + len(new)]  # position i predicts token i + 1
+    top2 = steps.topk(2, dim=-1).values
+    return float((top2[:, 0] - top2[:, 1]).min()), steps.argmax(-1).tolist()
 
 
 def _drain(stream, lines: list[str], serving: queue.Queue | None) -> None:

@@ -1,8 +1,13 @@
 """Faults injected on purpose: kills, a full disk, signals, NaN and inf, out of memory, hostile files.
 
-Faults come from ``LIT_LORA_FAULTS`` (see :mod:`lit_lora.training.faults`); every run is the real CLI in a real
-process. ``CHAOS_KILLS`` sets the number of kills of the chaos test (CI: 2, one inside a checkpoint write and
-one at a random moment; ``make chaos``: 20).
+Faults come from ``LIT_LORA_FAULTS`` (see :mod:`lit_lora.training.faults`). A run whose test is about the
+process (its exit status, its one line on stderr, a signal, a kill) is the real CLI in a real process. A run
+whose test checks what it trains, writes or refuses (a reference run, a resume, a skipped step, a refused
+config or checkpoint) runs in the test's process through :func:`lit_lora.training.run.run`, which composes
+and checks exactly what the CLI does and raises the :class:`~lit_lora.errors.UserError` whose message and
+``exit_code`` the CLI would print and exit with: each interpreter start costs ~8 s of CPU in imports alone.
+``CHAOS_KILLS`` sets the number of kills of the chaos test (CI: 2, one inside a checkpoint write and one at a
+random moment; ``make chaos``: 20).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lit_lora.errors import UserError
 from lit_lora.training.checkpoint_io import TMP_PREFIX, checkpoint_step, find_resumable
 from tests.helpers import ROOT, TINY
 
@@ -47,6 +53,27 @@ def _run(*args: str, faults: str = "", timeout: float = 300, **env) -> subproces
     )
 
 
+def _train_here(*overrides: str, faults: str = "") -> dict:
+    """``lit-lora train <overrides>`` in this process, with ``faults`` injected; returns its summary. A user
+    error raises :class:`UserError` (its message is the CLI's last stderr line, its ``exit_code`` the CLI's
+    exit status)."""
+    from lit_lora.training import faults as injected
+    from lit_lora.training.run import run
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(injected.ENV, faults)
+        injected._faults.cache_clear()  # read once per process: make this run read its own
+        try:
+            return run(list(overrides))
+        finally:
+            injected._faults.cache_clear()  # the next run reads the restored environment
+
+
+def _last_line(err: UserError) -> str:
+    """The last line the CLI prints on stderr for ``err`` (:func:`lit_lora.errors.exit_with`)."""
+    return f"lit-lora: error: {err}".splitlines()[-1]
+
+
 def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
@@ -63,8 +90,9 @@ def test_kill_chaos_resume_auto_ends_bitwise_equal_to_an_uninterrupted_run(tmp_p
     steps = 10 * kills  # long enough that every kill finds the run still going
     common = [*COMMON, f"trainer.max_steps={steps}", "trainer.val_check_interval=10"]
     whole, chaos = tmp_path / "whole", tmp_path / "chaos"
-    done = _run(*common, f"output_dir={whole}")
-    assert done.returncode == 0, done.stderr[-2000:]
+    # The uninterrupted reference and the final resume run in this process (the same code and thread count
+    # as the killed CLI runs, which inherit this environment): only the kills need processes of their own.
+    _train_here(*common, f"output_dir={whole}")
 
     seed = random.randrange(2**32)
     print(f"chaos seed {seed}")  # the random kill moments of a failing run can be replayed
@@ -99,17 +127,19 @@ def test_kill_chaos_resume_auto_ends_bitwise_equal_to_an_uninterrupted_run(tmp_p
     print(f"chaos: {delivered} SIGKILLs delivered ({inside_save} inside a checkpoint write), {steps} steps")
     assert delivered == kills, f"only {delivered} of {kills} kills found the run alive"
     assert inside_save >= 1, "at least one kill must land inside a checkpoint write"
-    final = _run(*common, f"output_dir={chaos}", "resume=auto")
-    if (chaos / "summary.json").exists() and final.returncode != 0:
-        pass  # the last kill came after the run finished: nothing left to resume
-    else:
-        assert final.returncode == 0, final.stderr[-2000:]
+    finished = (chaos / "summary.json").exists()
+    try:
+        _train_here(*common, f"output_dir={chaos}", "resume=auto")
+    except UserError:
+        if not finished:
+            raise
+        # else the last kill came after the run finished: nothing left to resume
     assert not _bitwise_equal(whole, chaos), "adapter after kills differs from the uninterrupted run"
     assert not any(ckpts.glob(f"{TMP_PREFIX}*")), "temporary files are cleaned up"
 
 
 # ----------------------------------------------------------------------------------------- 2. disk full
-def test_enospc_half_way_through_a_save_keeps_the_previous_checkpoint_for_resume(tmp_path):
+def test_enospc_half_way_through_a_save_keeps_the_previous_checkpoint_for_resume(tmp_path, capsys):
     common = [*COMMON, "trainer.max_steps=8", "trainer.val_check_interval=8"]
     run = tmp_path / "run"
     failed = _run(*common, f"output_dir={run}", faults="enospc_save@2")  # the step-4 save fails
@@ -120,9 +150,9 @@ def test_enospc_half_way_through_a_save_keeps_the_previous_checkpoint_for_resume
     assert checkpoint_step(kept) == 2, "the previous (step 2) checkpoint is the one resume takes"
     assert message.startswith("lit-lora: error: no space left") and str(kept) in message
     assert "Traceback" not in failed.stderr
-    resumed = _run(*common, f"output_dir={run}", "resume=auto")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "(step 2)" in resumed.stdout
+    # The resume is checked for what it takes (step 2) and leaves behind, not as a process: in this process.
+    _train_here(*common, f"output_dir={run}", "resume=auto")
+    assert "(step 2)" in capsys.readouterr().out
     assert not any(ckpts.glob(f"{TMP_PREFIX}*"))
 
 
@@ -137,7 +167,7 @@ def test_enospc_half_way_through_a_save_keeps_the_previous_checkpoint_for_resume
         (signal.SIGTERM, "after the batch hooks"),
     ],
 )
-def test_signal_saves_a_complete_checkpoint_and_exits_within_the_grace_period(tmp_path, signum, when):
+def test_signal_saves_a_complete_checkpoint_and_exits_within_the_grace_period(tmp_path, capsys, signum, when):
     run = tmp_path / "run"
     extra = {
         "first step": [],
@@ -182,9 +212,8 @@ def test_signal_saves_a_complete_checkpoint_and_exits_within_the_grace_period(tm
         assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] % 4 == 0
     if when == "mid-accumulation":  # the checkpoint sits on a step boundary: a resume takes it as is
         step = state["global_step"]
-        resumed = _run(*COMMON, *extra, f"trainer.max_steps={step + 2}", f"output_dir={run}", "resume=auto")
-        assert resumed.returncode == 0, resumed.stderr[-2000:]
-        assert f"(step {step})" in resumed.stdout
+        _train_here(*COMMON, *extra, f"trainer.max_steps={step + 2}", f"output_dir={run}", "resume=auto")
+        assert f"(step {step})" in capsys.readouterr().out
 
 
 def test_slurm_sigusr1_requeues_once_from_rank_zero(tmp_path):
@@ -241,8 +270,9 @@ def test_nan_loss_aborts_naming_the_step_and_batch(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_inf_gradient_with_skip_leaves_the_weights_bitwise_unchanged_for_that_step(tmp_path):
-    """Step 3 skipped: the adapter after step 3 equals the adapter after step 2, bitwise."""
+def test_inf_gradient_with_skip_leaves_the_weights_bitwise_unchanged_for_that_step(tmp_path, capsys):
+    """Step 3 skipped: the adapter after step 3 equals the adapter after step 2, bitwise (the run completes and
+    its files are what is checked: in this process)."""
     common = [
         *COMMON,
         "trainer.max_steps=3",
@@ -251,9 +281,9 @@ def test_inf_gradient_with_skip_leaves_the_weights_bitwise_unchanged_for_that_st
         "callbacks.adapter_checkpoint.save_top_k=-1",
     ]
     run = tmp_path / "run"
-    done = _run(*common, f"output_dir={run}", faults="inf_grad@3")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "step 3" in done.stdout and "step skipped" in done.stdout
+    _train_here(*common, f"output_dir={run}", faults="inf_grad@3")
+    out = capsys.readouterr().out
+    assert "step 3" in out and "step skipped" in out
     after2 = load_file(
         str(run / "checkpoints" / "step-000002.ckpt" / "adapter" / "adapter_model.safetensors")
     )
@@ -266,12 +296,14 @@ def test_inf_gradient_with_skip_leaves_the_weights_bitwise_unchanged_for_that_st
 
 
 def test_consecutive_nonfinite_skips_abort(tmp_path):
-    done = _run(
-        *COMMON, "trainer.max_steps=8", "on_nonfinite=skip", "max_nonfinite_skips=2",
-        f"output_dir={tmp_path / 'run'}", faults="nan_loss@3,nan_loss@4",
-    )  # fmt: skip
-    assert done.returncode == 2
-    assert "2 consecutive steps with non-finite gradients" in done.stderr.strip().splitlines()[-1]
+    """In this process: how an abort ends the CLI (exit 2, one line) is the NaN test's above."""
+    with pytest.raises(UserError) as stopped:
+        _train_here(
+            *COMMON, "trainer.max_steps=8", "on_nonfinite=skip", "max_nonfinite_skips=2",
+            f"output_dir={tmp_path / 'run'}", faults="nan_loss@3,nan_loss@4",
+        )  # fmt: skip
+    assert stopped.value.exit_code == 2
+    assert "2 consecutive steps with non-finite gradients" in _last_line(stopped.value)
 
 
 # ----------------------------------------------------------------------------------------- 7. out of memory
@@ -309,38 +341,47 @@ def test_no_torch_load_without_weights_only_anywhere_in_the_code():
 
 
 class _Exploit:
+    """Unpickled, it runs ``touch <mark>`` (the command is fixed when it is pickled)."""
+
+    def __init__(self, mark: Path):
+        self.mark = mark
+
     def __reduce__(self):
-        return (os.system, (f"touch {os.environ.get('EXPLOIT_MARK', '/tmp/lit-lora-exploit')}",))
+        return (os.system, (f"touch {self.mark}",))
 
 
 def test_a_crafted_pickle_checkpoint_is_refused_without_executing(tmp_path):
     mark = tmp_path / "executed"
+    # The payload works: unpickled, it touches its mark (a control one here), so only the refusal keeps
+    # the mark below from appearing.
+    pickle.loads(pickle.dumps(_Exploit(tmp_path / "control")))
+    assert (tmp_path / "control").exists()
     ckpt = tmp_path / "evil.ckpt"
     with ckpt.open("wb") as f:
-        pickle.dump({"state_dict": _Exploit()}, f)
+        pickle.dump({"state_dict": _Exploit(mark)}, f)
     # A pickle file posing as a checkpoint, and a checkpoint folder whose state is a pickle.
     folder = tmp_path / "step-000002.ckpt"
     folder.mkdir()
     (folder / "state.json").write_text('{"global_step": 2}')
     with (folder / "state.safetensors").open("wb") as f:
-        pickle.dump(_Exploit(), f)
+        pickle.dump(_Exploit(mark), f)
     for target in (ckpt, folder):
-        done = _run(
-            *COMMON,
-            "trainer.max_steps=2",
-            f"output_dir={tmp_path / target.name}-run",
-            f"resume={target}",
-            EXPLOIT_MARK=str(mark),
-        )
-        assert done.returncode == 2, done.stderr[-2000:]
-        assert "Traceback" not in done.stderr
+        # In this process: a pickle unpickled here would run here just the same. A UserError with exit
+        # code 2 is what the CLI ends with one line and status 2 (no traceback); anything else escapes.
+        with pytest.raises(UserError) as refused:
+            _train_here(
+                *COMMON, "trainer.max_steps=2", f"output_dir={tmp_path / target.name}-run", f"resume={target}"
+            )
+        assert refused.value.exit_code == 2, refused.value
     assert not mark.exists(), "the pickle was executed"
 
 
 def test_trust_remote_code_needs_a_pinned_revision(tmp_path):
-    done = _run("model=tiny", "model.trust_remote_code=true", f"output_dir={tmp_path}")
-    assert done.returncode == 2
-    assert "model.revision" in done.stderr.strip().splitlines()[-1]
+    """A config refusal: in this process (the CLI's exit status and line are those of the UserError)."""
+    with pytest.raises(UserError) as refused:
+        _train_here("model=tiny", "model.trust_remote_code=true", f"output_dir={tmp_path}")
+    assert refused.value.exit_code == 2
+    assert "model.revision" in _last_line(refused.value)
 
 
 def test_secrets_never_reach_any_file_a_run_writes(tmp_path):

@@ -47,12 +47,14 @@ def test_existing_run_folder_is_never_overwritten(tmp_path):
 
 def test_issue_command_without_hub_fails_fast_with_clear_message(cli, tmp_path):
     started = time.perf_counter()
-    proc = cli("model=mistral7b", "quant=nf4", "lora.r=64", f"output_dir={tmp_path}", timeout=60)
+    proc = cli("model=mistral7b", "quant=nf4", "lora.r=64", f"output_dir={tmp_path}", timeout=120)
     elapsed = time.perf_counter() - started
     if "cannot be reached" not in proc.stderr:
         pytest.skip("the hub is reachable from this machine")
     assert proc.returncode != 0
-    assert elapsed < 30, elapsed
+    # Loose: a connection that waits for the network's own timeout takes minutes; imports alone have taken
+    # 30 s on this machine under two busy test workers.
+    assert elapsed < 60, elapsed
     assert "mistralai/Mistral-7B-v0.1" in proc.stderr and "model.name_or_path=" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
@@ -65,7 +67,9 @@ def test_cli_gpt2_article_targets_name_c_attn(cli, tmp_path):
 
 @pytest.mark.slow
 def test_real_model_adapter_reproduces_logits_through_plain_peft(tmp_path):
-    """A few steps on the embedded SmolLM2 in fp32, then PeftModel.from_pretrained in a new process."""
+    """Two steps on the embedded SmolLM2 in fp32, then PeftModel.from_pretrained in a new process. Two
+    steps, not one, so that an adapter saved after the first step (not the last) would show; micro-batches
+    of 2 rows: what is checked is the saved adapter, not what it learnt."""
     out = tmp_path / "run"
     result = train(
         compose_train(
@@ -73,15 +77,15 @@ def test_real_model_adapter_reproduces_logits_through_plain_peft(tmp_path):
                 f"output_dir={out}",
                 "model.dtype=float32",
                 "trainer.precision=32",
-                "trainer.max_steps=3",
-                "trainer.val_check_interval=3",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=2",
                 "trainer.enable_progress_bar=false",
                 "optim.lr=1e-2",
                 "optim.warmup_steps=0",
-                "data.train_size=24",
-                "data.val_size=4",
-                "data.test_size=4",
-                "data.batch_size=4",
+                "data.train_size=4",
+                "data.val_size=2",
+                "data.test_size=2",
+                "data.batch_size=2",
                 "score=false",  # the logits are the check here: no held-out scoring, no retention probe
                 "callbacks.retention.enabled=false",
             ]
@@ -118,6 +122,8 @@ def test_real_model_adapter_reproduces_logits_through_plain_peft(tmp_path):
 @pytest.mark.slow
 @pytest.mark.bnb
 def test_real_model_qlora_nf4_trains_on_cpu(tmp_path):
+    """Two steps and a validation on the NF4-quantized embedded SmolLM2, in micro-batches of 2 rows (the
+    quantized path is the check, not what the adapter learns)."""
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "run"
     result = train(
@@ -128,10 +134,10 @@ def test_real_model_qlora_nf4_trains_on_cpu(tmp_path):
                 "trainer.max_steps=2",
                 "trainer.val_check_interval=2",
                 "trainer.enable_progress_bar=false",
-                "data.train_size=16",
-                "data.val_size=4",
-                "data.test_size=4",
-                "data.batch_size=4",
+                "data.train_size=4",
+                "data.val_size=2",
+                "data.test_size=2",
+                "data.batch_size=2",
                 "score=false",
             ]
         )
