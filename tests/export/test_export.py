@@ -25,7 +25,7 @@ from lit_lora.data.demo import make_rows
 from lit_lora.data.rendering import NAMED_TEMPLATES, Rendering, prompt_text
 from lit_lora.errors import UserError
 from lit_lora.export import exporter as export_command
-from lit_lora.export import gguf_files, llama_cpp_runtime
+from lit_lora.export import gates, gguf_files, llama_cpp_runtime
 from lit_lora.export.modelfile import UntranslatableTemplate, modelfile_text, translate
 from lit_lora.models.embedded import gguf_path, resolve
 from lit_lora.models.merging import merged_model
@@ -44,6 +44,17 @@ GPT2 = [
     "~model.config_overrides.num_key_value_heads",
 ]
 QWEN2 = ["model.name_or_path=tiny-random-qwen2", "model.model_type=qwen2"]
+# Qwen3: per-head q/k norms, and heads of 128 dimensions (its config's default, as in every Qwen3) that
+# are not hidden / heads: the file must say so (attention.key_length).
+QWEN3 = ["model.name_or_path=tiny-random-qwen3", "model.model_type=qwen3"]
+# Llama 3.1's RoPE scaling, with an original context of 64 tokens, so that the gate's long row (96
+# tokens) lies beyond it; 0.2 initialisation so that attention, and with it the rotation, moves logits.
+LLAMA31 = [
+    "model.name_or_path=tiny-random-llama31",
+    "+model.config_overrides.initializer_range=0.2",
+    "+model.config_overrides.rope_parameters={rope_type:llama3,factor:8.0,low_freq_factor:1.0,"
+    "high_freq_factor:4.0,original_max_position_embeddings:64,rope_theta:10000.0}",
+]
 VOCAB = 512
 
 
@@ -111,7 +122,8 @@ def test_f32_export_reads_back_exactly_and_passes_the_gate(tiny_run, models):
     gate = report["gate"]
     # transformers' loader undoes llama.cpp's rotary row order: equal logits prove the layout.
     assert gate["passed"] and gate["max_abs_logit_diff"] <= 1e-4, gate
-    assert gate["tokenizer_same_ids"] == "6/6" and gate["answers_match_pct"] == 100.0
+    assert gate["tokenizer_same_ids"] == "6/6" and gate["answers_same_pct"] == 100.0
+    assert gate["reference"] == "base + adapter merged in float32" and gate["decided_differences"] == 0
     assert report["tensor_types"] == {"F32": 20} and not report["fallback_f16"]
     fields = gguf_files.read_fields(out / "model-f32.gguf")
     assert fields["general.architecture"] == "llama" and fields["general.file_type"] == 0
@@ -126,7 +138,7 @@ def test_f32_export_reads_back_exactly_and_passes_the_gate(tiny_run, models):
 
 
 def test_quantized_export_keeps_norms_f32_and_a_failed_gate_renames_the_file(tiny_run, models, monkeypatch):
-    monkeypatch.setitem(export_command.LOGIT_BOUNDS, "q8_0", 0.0)  # q8_0 cannot be exact: the gate fails
+    monkeypatch.setitem(gates.LOGIT_BOUNDS, "q8_0", 0.0)  # q8_0 cannot be exact: the gate fails
     with pytest.raises(export_command.GateFailed, match="max \\|logit difference\\|"):
         export_command.run([*models, f"adapter={tiny_run / 'adapter'}", "outtype=q8_0"])
     out = tiny_run / "export-gguf-q8_0"
@@ -139,6 +151,47 @@ def test_quantized_export_keeps_norms_f32_and_a_failed_gate_renames_the_file(tin
     reader = gguf.GGUFReader(str(out / report["file"]))
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["blk.0.ffn_down.weight"] == "Q8_0"
+
+
+def test_an_export_with_q_and_k_rows_in_the_wrong_order_fails_the_gate(
+    tmp_path_factory, small_vocab, models, monkeypatch, tmp_path
+):
+    """A deliberately broken f16 export (the rotary reordering of q/k left out, so llama.cpp and
+    transformers' reader rotate the wrong pairs of dimensions) fails on its logits. The tiny model is
+    initialised 25x wider than usual: with the default 0.02 its attention is nearly uniform, and which
+    dimensions rotate together hardly moves a logit."""
+    wide = ["+model.config_overrides.initializer_range=0.5"]
+    run = _trained(tmp_path_factory, "wide", [*small_vocab, *wide])
+    monkeypatch.setattr(gguf_files, "reorder_rotary_rows", lambda weight, heads: weight)
+    out = tmp_path / "broken"
+    overrides = [*models, *wide, f"adapter={run / 'adapter'}", "outtype=f16", f"output_dir={out}"]
+    with pytest.raises(export_command.GateFailed, match=r"max \|logit difference\|"):
+        export_command.run([*overrides, "modelfile=false"])
+    gate = json.loads((out / "export.json").read_text())["gate"]
+    assert gate["max_abs_logit_diff"] > 10 * gates.LOGIT_BOUNDS["f16"], gate
+
+
+def test_a_differing_answer_fails_only_where_the_reference_was_not_nearly_tied(tiny_run, models):
+    """The answer check's margin: an "export" that takes the reference's second-best token at one step
+    differs by exactly the reference's top-1 / top-2 margin there, computed here independently; it is a
+    decided difference above the bound and a near-tie below it."""
+    merged = merged_model(
+        MergeConfig(model=_model(models), adapter=str(tiny_run / "adapter"), output_dir="x")
+    )
+    model, tokenizer = merged.model.eval(), merged.tokenizer
+    prompts = [tokenizer("Translate to French: good morning")["input_ids"], tokenizer("2 + 2 =")["input_ids"]]
+    expected = gates.greedy_tokens(model, prompts, 6, 2, tokenizer.pad_token_id, None, "reference")
+    assert gates.divergences(model, tokenizer, prompts, expected, expected) == []
+    k = 3
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompts[1] + expected[1][:k]])).logits[0, -1]
+    top = torch.topk(logits, 2)
+    assert int(top.indices[0]) == expected[1][k]
+    got = [expected[0], [*expected[1][:k], int(top.indices[1])]]
+    [found] = gates.divergences(model, tokenizer, prompts, expected, got)
+    margin = float(top.values[0] - top.values[1])
+    assert (found.row, found.position) == (1, k) and found.margin == pytest.approx(margin, abs=1e-4)
+    assert found.decided(margin / 2) and not found.decided(margin * 2)
 
 
 def test_lora_gguf_holds_peft_a_and_b_in_llama_cpp_order(tiny_run, models):
@@ -178,16 +231,48 @@ def test_rotary_row_order_is_the_one_transformers_gguf_loader_undoes():
     )
 
 
-@pytest.mark.parametrize("arch", [GPT2, QWEN2], ids=["gpt2", "qwen2"])
-def test_gpt2_and_qwen2_exports_read_back_with_the_trained_logits(
-    tmp_path_factory, small_vocab, models, arch
+FAMILIES = {"gpt2": GPT2, "qwen2": QWEN2, "qwen3": QWEN3, "llama31": LLAMA31}
+
+
+@pytest.fixture(scope="module")
+def llama31_run(tmp_path_factory, small_vocab):
+    return _trained(tmp_path_factory, "llama31", [*small_vocab, *LLAMA31])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "qwen3", "llama31"])
+def test_each_family_exports_and_reads_back_with_the_trained_logits(
+    tmp_path_factory, small_vocab, models, family, request
 ):
-    name = "gpt2" if arch is GPT2 else "qwen2"
-    run = _trained(tmp_path_factory, name, [*small_vocab, *arch])
+    arch = FAMILIES[family]
+    run = (
+        request.getfixturevalue("llama31_run")
+        if family == "llama31"
+        else _trained(tmp_path_factory, family, [*small_vocab, *arch])
+    )
+    out = run.parent / "export"
     overrides = [*models, *arch, f"adapter={run / 'adapter'}", "outtype=f32", "modelfile=false"]
-    report = export_command.run(overrides)
-    assert report["architecture"] == name and report["gate"]["max_abs_logit_diff"] <= 1e-4, report["gate"]
-    assert report["gate"]["passed"]
+    report = export_command.run([*overrides, f"output_dir={out}"])
+    gate = report["gate"]
+    assert gate["max_abs_logit_diff"] <= 1e-4 and gate["passed"], gate
+    if family == "llama31":
+        # the table llama.cpp rotates by, from transformers' own Llama 3 frequencies; the gate read a
+        # row longer than the original context with it
+        fields = {t.name: t for t in gguf.GGUFReader(str(out / report["file"])).tensors}
+        factors = np.asarray(fields["rope_freqs.weight"].data)
+        assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(8.0), factors
+        assert gate["long_row_tokens"] == 96 and gate["rope_freqs"].startswith("applied to")
+
+
+def test_an_export_without_the_rope_scaling_table_fails_the_gate(llama31_run, models, monkeypatch, tmp_path):
+    """Llama 3.1's export with its ``rope_freqs`` left out: short prompts hardly notice, the gate's row
+    beyond the original RoPE context does."""
+    monkeypatch.setattr(gguf_files, "rope_freq_factors", lambda config: None)
+    out = tmp_path / "no-rope-freqs"
+    overrides = [*models, *LLAMA31, f"adapter={llama31_run / 'adapter'}", "outtype=f32", "modelfile=false"]
+    with pytest.raises(export_command.GateFailed, match=r"max \|logit difference\|"):
+        export_command.run([*overrides, f"output_dir={out}"])
+    gate = json.loads((out / "export.json").read_text())["gate"]
+    assert gate["rope_freqs"] is None and gate["long_row_tokens"] == 96, gate
 
 
 def test_export_of_a_qlora_run_merges_into_the_dequantized_base(tmp_path_factory, small_vocab, models):
@@ -260,7 +345,7 @@ def test_modelfile_of_the_embedded_chat_template(tokenizer):
         (["format=onnx"], "format"),
         (
             ["model.model_type=phi3"],
-            "does not support model_type 'phi3'; supported: llama, mistral, qwen2, gpt2",
+            "does not support model_type 'phi3'; supported: llama, mistral, qwen2, qwen3, gpt2",
         ),
         (["output_dir=/elsewhere"], "outside the output root"),
     ],
@@ -310,7 +395,7 @@ def test_llama_cpp_answers_from_the_export_and_from_the_shipped_base_with_the_lo
         [*models, f"adapter={tiny_run / 'adapter'}", "outtype=f32", f"output_dir={tmp_path / 'a'}"]
     )
     cpp = report["gate"]["llama_cpp"]
-    assert cpp["ran"] and cpp["rows"] == 6 and cpp["answers_match_pct"] >= 50, cpp
+    assert cpp["ran"] and cpp["rows"] == 6 and cpp["answers_same_pct"] >= 50, cpp
 
     base = AutoModelForCausalLM.from_pretrained(str(resolve("embedded:smollm2-135m")), dtype=torch.float32)
     adapter = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
