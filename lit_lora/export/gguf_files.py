@@ -58,6 +58,10 @@ class Architecture:
     transposed: tuple[str, ...] = ()  # Conv1D modules (path suffixes) stored (input, output)
     write_tied_output: bool = False
     norm: str = "rms"  # "rms" or "layer" (with a bias)
+    # Gemma multiplies by (1 + w) in its RMS norms; llama.cpp by w: the file stores 1 + w.
+    norm_offset: float = 0.0
+    sliding_window: bool = False  # attention.sliding_window from the config
+    softcapping: bool = False  # Gemma 2: attention and final logit soft-capping
 
 
 ARCHITECTURES = {
@@ -65,6 +69,10 @@ ARCHITECTURES = {
     "mistral": Architecture("LLAMA", reorder_qk=True),
     "qwen2": Architecture("QWEN2"),  # Qwen2 and Qwen2.5
     "qwen3": Architecture("QWEN3"),  # + per-head RMS norms of q and k (attn_q_norm / attn_k_norm)
+    "gemma2": Architecture("GEMMA2", norm_offset=1.0, sliding_window=True, softcapping=True),
+    "gemma3_text": Architecture("GEMMA3", norm_offset=1.0, sliding_window=True),
+    # Phi-3 keeps its fused projections: llama.cpp's phi3 reads attn_qkv and a double-width ffn_up.
+    "phi3": Architecture("PHI3", sliding_window=True),
     "gpt2": Architecture(
         "GPT2",
         transposed=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
@@ -99,10 +107,13 @@ def check_outtype(outtype: str, lora: bool) -> None:
         raise UserError(f"outtype={outtype!r} is not one of {', '.join(allowed)} (format={kind})")
 
 
-def rope_parameters(config) -> dict:
-    """The model's RoPE parameters (transformers 5's ``rope_parameters``, or the older ``rope_scaling``)."""
+def rope_parameters(config, layers: str = "full_attention") -> dict:
+    """The model's RoPE parameters (transformers 5's ``rope_parameters``, or the older ``rope_scaling``);
+    for models whose layer types rotate differently (Gemma 3: ``{"full_attention": ..., "sliding_attention":
+    ...}``), those of ``layers``."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return dict(rope) if isinstance(rope, dict) else {}
+    rope = dict(rope) if isinstance(rope, dict) else {}
+    return dict(rope.get(layers) or {}) if "full_attention" in rope else rope
 
 
 def rope_type(config) -> str:
@@ -223,6 +234,8 @@ def model_tensors(state: dict[str, torch.Tensor], config, tied: bool) -> Iterato
             array = reorder_rotary_rows(array, heads)
         if hf_name.endswith(".weight") and module.endswith(arch.transposed):
             array = np.ascontiguousarray(array.T)
+        if arch.norm_offset and hf_name.endswith("norm.weight"):
+            array = array + np.float32(arch.norm_offset)
         name = gguf_tensor_name(hf_name, name_map)
         yield name, array
         if tied and arch.write_tied_output and name == "token_embd.weight":
@@ -264,6 +277,17 @@ def _hyperparameters(writer, config) -> None:
     if rope_type(config) == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    arch = architecture(config.model_type)
+    if arch.sliding_window and getattr(config, "sliding_window", None):
+        writer.add_sliding_window(int(config.sliding_window))
+        nested = "sliding_attention" in (getattr(config, "rope_parameters", None) or {})
+        if nested:  # Gemma 3: the sliding layers rotate with their own base
+            writer.add_rope_freq_base_swa(float(rope_parameters(config, "sliding_attention")["rope_theta"]))
+    if arch.softcapping:
+        if config.attn_logit_softcapping:
+            writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
 @dataclass

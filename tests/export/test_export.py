@@ -231,7 +231,31 @@ def test_rotary_row_order_is_the_one_transformers_gguf_loader_undoes():
     )
 
 
-FAMILIES = {"gpt2": GPT2, "qwen2": QWEN2, "qwen3": QWEN3, "llama31": LLAMA31}
+# Gemma 2 and 3: norms stored as offsets from 1, heads of 256 (their configs' default); Gemma 2 with
+# soft-capping; 0.2 initialisation so that attention matters. Phi-3: fused qkv and gate/up projections.
+GEMMA2 = [
+    "model.name_or_path=tiny-random-gemma2",
+    "model.model_type=gemma2",
+    "+model.config_overrides.initializer_range=0.2",
+    "model.attn_implementation=eager",  # transformers' Gemma 2 soft-caps attention in eager only
+]
+GEMMA3 = [
+    "model.name_or_path=tiny-random-gemma3",
+    "model.model_type=gemma3_text",
+    "+model.config_overrides.initializer_range=0.2",
+]
+PHI3 = ["model.name_or_path=tiny-random-phi3", "model.model_type=phi3"]
+MISTRAL = ["model.name_or_path=tiny-random-mistral", "model.model_type=mistral"]
+FAMILIES = {
+    "gpt2": GPT2,
+    "qwen2": QWEN2,
+    "qwen3": QWEN3,
+    "llama31": LLAMA31,
+    "gemma2": GEMMA2,
+    "gemma3": GEMMA3,
+    "phi3": PHI3,
+    "mistral": MISTRAL,
+}
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +263,11 @@ def llama31_run(tmp_path_factory, small_vocab):
     return _trained(tmp_path_factory, "llama31", [*small_vocab, *LLAMA31])
 
 
-@pytest.mark.parametrize("family", ["gpt2", "qwen2", "qwen3", "llama31"])
+# Phi-3's MLP too: its fused gate/up projection is the one llama.cpp reads as a double-width ffn_up.
+TRAIN_ONLY = {"phi3": ["lora.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]"]}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_exports_and_reads_back_with_the_trained_logits(
     tmp_path_factory, small_vocab, models, family, request
 ):
@@ -247,7 +275,7 @@ def test_each_family_exports_and_reads_back_with_the_trained_logits(
     run = (
         request.getfixturevalue("llama31_run")
         if family == "llama31"
-        else _trained(tmp_path_factory, family, [*small_vocab, *arch])
+        else _trained(tmp_path_factory, family, [*small_vocab, *arch], *TRAIN_ONLY.get(family, ()))
     )
     out = run.parent / "export"
     overrides = [*models, *arch, f"adapter={run / 'adapter'}", "outtype=f32", "modelfile=false"]
@@ -344,8 +372,9 @@ def test_modelfile_of_the_embedded_chat_template(tokenizer):
         (["format=gguf-lora", "outtype=q4_0"], "format=gguf-lora"),
         (["format=onnx"], "format"),
         (
-            ["model.model_type=phi3"],
-            "does not support model_type 'phi3'; supported: llama, mistral, qwen2, qwen3, gpt2",
+            ["model.model_type=falcon"],
+            "does not support model_type 'falcon'; supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, "
+            "phi3, gpt2",
         ),
         (["output_dir=/elsewhere"], "outside the output root"),
     ],
