@@ -144,6 +144,7 @@ def answer_check(
         "decided_differences_pct": share(len(decided), rows),
         "margin_bound": bound,
         "smallest_margins": [asdict(d) for d in sorted(found, key=lambda d: d.margin)[:5]],
+        "largest_margin": max((d.margin for d in found), default=None),
         "decided_rows": [asdict(d) for d in decided],
         "_texts": (
             tokenizer.batch_decode(expected, skip_special_tokens=True),
