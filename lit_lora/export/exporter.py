@@ -56,6 +56,8 @@ from lit_lora.progress import progress
 from lit_lora.staging import scratch_folder, staged_folder
 
 EXPORT_FILE = "export.json"
+# Positions of the gate's long row (RoPE scaling) whose logits are compared: its last ones.
+LONG_ROW_LOGITS = 64
 # LoRA read back: the largest |update difference| relative to the update's largest entry.
 LORA_BOUNDS = {"f32": 1e-6, "f16": 2e-3, "bf16": 2e-2, "q8_0": 2e-2}
 
@@ -267,10 +269,17 @@ def _gate_model(file: Path, merged, cfg: ExportConfig, rows: list, data_cfg: Dat
     with torch.no_grad():
         for ids in progress([*inputs, *long_row], len(inputs) + len(long_row), "export logits", unit="rows"):
             x = torch.tensor([ids])
-            ours, read = merged.model(input_ids=x).logits, exported(input_ids=x).logits
+            # The long row's logits at its last positions only (beyond the original context): all of
+            # them would take vocabulary x length floats (5 GB for Llama 3.1's 10k tokens).
+            keep = (
+                {"logits_to_keep": LONG_ROW_LOGITS}
+                if len(ids) > LONG_ROW_LOGITS and long_row and ids is long_row[0]
+                else {}
+            )
+            ours, read = merged.model(input_ids=x, **keep).logits, exported(input_ids=x, **keep).logits
             diff = max(diff, float((read - ours).abs().max()))
             same_top += int((read.argmax(-1) == ours.argmax(-1)).sum())
-            positions += x.shape[1]
+            positions += ours.shape[1]
     gate_rows = rows[: cfg.gate_rows]
     # Both sides decode the same token ids (the tokenizers were just compared): the merged model's.
     answers = gates.answer_check(
