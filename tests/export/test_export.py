@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_lora.config.apps import MergeConfig
@@ -258,9 +258,20 @@ FAMILIES = {
 }
 
 
+_FAMILY_RUNS: dict = {}
+
+
+def _family_run(tmp_path_factory, small_vocab, family: str):
+    """The tiny model of ``family`` trained once per module (the transformers and llama.cpp tests share it)."""
+    if family not in _FAMILY_RUNS:
+        arch = [*small_vocab, *FAMILIES[family]]
+        _FAMILY_RUNS[family] = _trained(tmp_path_factory, family, arch, *TRAIN_ONLY.get(family, ()))
+    return _FAMILY_RUNS[family]
+
+
 @pytest.fixture(scope="module")
 def llama31_run(tmp_path_factory, small_vocab):
-    return _trained(tmp_path_factory, "llama31", [*small_vocab, *LLAMA31])
+    return _family_run(tmp_path_factory, small_vocab, "llama31")
 
 
 # Phi-3's MLP too: its fused gate/up projection is the one llama.cpp reads as a double-width ffn_up.
@@ -269,14 +280,10 @@ TRAIN_ONLY = {"phi3": ["lora.target_modules=[qkv_proj,o_proj,gate_up_proj,down_p
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_exports_and_reads_back_with_the_trained_logits(
-    tmp_path_factory, small_vocab, models, family, request
+    tmp_path_factory, small_vocab, models, family
 ):
     arch = FAMILIES[family]
-    run = (
-        request.getfixturevalue("llama31_run")
-        if family == "llama31"
-        else _trained(tmp_path_factory, family, [*small_vocab, *arch], *TRAIN_ONLY.get(family, ()))
-    )
+    run = _family_run(tmp_path_factory, small_vocab, family)
     out = run.parent / "export"
     overrides = [*models, *arch, f"adapter={run / 'adapter'}", "outtype=f32", "modelfile=false"]
     report = export_command.run([*overrides, f"output_dir={out}"])
@@ -477,3 +484,82 @@ def _model(models: list[str]) -> ModelConfig:
     """The typed model config of ``models`` (overrides for the commands after training)."""
     train_keys = [o for o in models if o.startswith("model")]
     return to_train_config(compose_train([*TINY, *train_keys, "output_dir=x"])).model
+
+
+@pytest.mark.llamacpp
+@pytest.mark.skipif(
+    not llama_cpp_runtime.available(), reason="llama-cpp-python is not installed (make llamacpp)"
+)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt2"])
+def test_llama_cpp_runs_each_family_merged_and_as_a_lora_with_the_trained_logits(
+    tmp_path_factory, small_vocab, models, family, tmp_path
+):
+    """llama.cpp itself (not a reader lit-lora chose) on each family's tiny model: the merged f16 export,
+    and the untrained base exported as GGUF with the f16 LoRA GGUF applied, give logits within the f16
+    bound of transformers' float32 base + adapter, on three prompts, one longer than Llama 3.1's original
+    RoPE context."""
+    from llama_cpp import Llama
+
+    arch = FAMILIES[family]
+    run = _family_run(tmp_path_factory, small_vocab, family)
+    adapter = run / "adapter"
+    common = [*models, *arch, "outtype=f16", "modelfile=false", "gate=false"]
+    merged_file = (
+        tmp_path
+        / "merged"
+        / export_command.run([*common, f"adapter={adapter}", f"output_dir={tmp_path / 'merged'}"])["file"]
+    )
+    # The base as GGUF: the export of the same adapter with every B set to zero.
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    for name in ("adapter_config.json", "rendering.json"):
+        if (adapter / name).exists():
+            (zero / name).write_bytes((adapter / name).read_bytes())
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file(
+        {k: torch.zeros_like(t) if "lora_B" in k else t for k, t in tensors.items()},
+        str(zero / "adapter_model.safetensors"),
+    )
+    base_file = (
+        tmp_path
+        / "base"
+        / export_command.run([*common, f"adapter={zero}", f"output_dir={tmp_path / 'base'}"])["file"]
+    )
+    lora = export_command.run(
+        [
+            *common,
+            "format=gguf-lora",
+            f"adapter={adapter}",
+            f"base_gguf={base_file}",
+            f"output_dir={tmp_path / 'lora'}",
+        ]
+    )
+    lora_file = tmp_path / "lora" / lora["file"]
+
+    reference = merged_model(
+        MergeConfig(model=_model([*models, *arch]), adapter=str(adapter), output_dir="x")
+    )
+    tokenizer = reference.tokenizer
+    short = [tokenizer("Translate to French: good morning")["input_ids"], tokenizer("2 + 2 =")["input_ids"]]
+    text = " ".join(f"{r['instruction']} {r['input']}" for r in make_rows(8, 0, False))
+    prompts = [*short, tokenizer(text)["input_ids"][:120]]
+    assert len(prompts[2]) == 120
+    bound = gates.LOGIT_BOUNDS["f16"]
+    for label, model_file, lora_path in [("merged", merged_file, None), ("lora", base_file, lora_file)]:
+        llm = Llama(
+            model_path=str(model_file),
+            lora_path=str(lora_path) if lora_path else None,
+            n_ctx=256,
+            logits_all=True,
+            verbose=False,
+        )
+        for ids in prompts:
+            llm.reset()
+            llm.eval(ids)
+            theirs = np.array(llm.scores[: len(ids)], copy=True)
+            with torch.no_grad():
+                ours = reference.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+            diff = float(np.abs(theirs - ours).max())
+            print(f"{family} {label} {len(ids)} tokens: max |logit diff| {diff:.4f}")
+            assert diff <= bound, f"{family} {label}: {diff:.4f} > {bound} on {len(ids)} tokens"
+        llm.close()
