@@ -58,12 +58,21 @@ class Architecture:
     transposed: tuple[str, ...] = ()  # Conv1D modules (path suffixes) stored (input, output)
     write_tied_output: bool = False
     norm: str = "rms"  # "rms" or "layer" (with a bias)
+    # Gemma multiplies by (1 + w) in its RMS norms; llama.cpp by w: the file stores 1 + w.
+    norm_offset: float = 0.0
+    sliding_window: bool = False  # attention.sliding_window from the config
+    softcapping: bool = False  # Gemma 2: attention and final logit soft-capping
 
 
 ARCHITECTURES = {
     "llama": Architecture("LLAMA", reorder_qk=True),
     "mistral": Architecture("LLAMA", reorder_qk=True),
-    "qwen2": Architecture("QWEN2"),
+    "qwen2": Architecture("QWEN2"),  # Qwen2 and Qwen2.5
+    "qwen3": Architecture("QWEN3"),  # + per-head RMS norms of q and k (attn_q_norm / attn_k_norm)
+    "gemma2": Architecture("GEMMA2", norm_offset=1.0, sliding_window=True, softcapping=True),
+    "gemma3_text": Architecture("GEMMA3", norm_offset=1.0, sliding_window=True),
+    # Phi-3 keeps its fused projections: llama.cpp's phi3 reads attn_qkv and a double-width ffn_up.
+    "phi3": Architecture("PHI3", sliding_window=True),
     "gpt2": Architecture(
         "GPT2",
         transposed=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
@@ -77,7 +86,7 @@ SKIPPED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 # llama.cpp's pre-tokenizer names for byte-level BPE vocabularies it knows, by model type, where that
 # alone decides it. The embedded model's comes from its own GGUF file; other cases need
 # ``pre_tokenizer=`` (llama.cpp's name for it).
-PRE_TOKENIZERS = {"qwen2": "qwen2", "gpt2": "gpt-2"}
+PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2", "gpt2": "gpt-2"}
 LLAMA3_VOCAB = 128256  # Llama 3's vocabulary: llama.cpp's "llama-bpe" pre-tokenizer
 
 
@@ -98,14 +107,62 @@ def check_outtype(outtype: str, lora: bool) -> None:
         raise UserError(f"outtype={outtype!r} is not one of {', '.join(allowed)} (format={kind})")
 
 
-def check_config(config) -> None:
-    """Refuse what the writer would get wrong before any weight loads: RoPE scaling (Llama 3.1 style
-    frequency tables are not written) and an unsupported architecture."""
-    architecture(config.model_type)
+def rope_parameters(config, layers: str = "full_attention") -> dict:
+    """The model's RoPE parameters (transformers 5's ``rope_parameters``, or the older ``rope_scaling``);
+    for models whose layer types rotate differently (Gemma 3: ``{"full_attention": ..., "sliding_attention":
+    ...}``), those of ``layers``."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if kind not in ("default", None):
-        raise UserError(f"GGUF export does not write RoPE scaling yet (this model uses rope_type={kind!r})")
+    rope = dict(rope) if isinstance(rope, dict) else {}
+    return dict(rope.get(layers) or {}) if "full_attention" in rope else rope
+
+
+def rope_type(config) -> str:
+    rope = rope_parameters(config)
+    return str(rope.get("rope_type", rope.get("type")) or "default")
+
+
+# RoPE scalings the writer puts in the file: ``llama3`` as llama.cpp's per-dimension ``rope_freqs``
+# tensor (what its own converter writes), ``linear`` as llama.cpp's scaling type and factor.
+ROPE_TYPES = ("default", "llama3", "linear")
+
+
+def check_config(config) -> None:
+    """Refuse what the writer would get wrong before any weight loads: an unsupported architecture, or a
+    RoPE scaling it does not write."""
+    architecture(config.model_type)
+    kind = rope_type(config)
+    if kind not in ROPE_TYPES:
+        raise UserError(
+            f"GGUF export does not write RoPE scaling of type {kind!r} yet (it writes: {', '.join(ROPE_TYPES)})"
+        )
+    if kind == "llama3" and config.model_type not in ("llama", "mistral"):
+        raise UserError(
+            f"RoPE scaling 'llama3' is written for Llama-family models, not {config.model_type!r}"
+        )
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_freq_factors(config) -> np.ndarray | None:
+    """llama.cpp's ``rope_freqs`` for a model with ``llama3`` RoPE scaling: per rotary frequency, the
+    factor its base frequency is divided by (llama.cpp rotates by ``theta_i / rope_freqs[i]``). Computed
+    from transformers' own initialisation of the scaled frequencies, so the file rotates exactly as the
+    trained model does; None for other models."""
+    if rope_type(config) != "llama3":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return (default_inv_freq(config) / scaled.double()).numpy().astype(np.float32)
+
+
+def default_inv_freq(config) -> torch.Tensor:
+    """The unscaled rotary frequencies ``theta ** (-2i / d)`` of ``config`` (float64)."""
+    d = head_dim(config)
+    theta = float(rope_parameters(config).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
 
 
 # ------------------------------------------------------------------------------------------ tensors
@@ -177,14 +234,21 @@ def model_tensors(state: dict[str, torch.Tensor], config, tied: bool) -> Iterato
             array = reorder_rotary_rows(array, heads)
         if hf_name.endswith(".weight") and module.endswith(arch.transposed):
             array = np.ascontiguousarray(array.T)
+        if arch.norm_offset and hf_name.endswith("norm.weight"):
+            array = array + np.float32(arch.norm_offset)
         name = gguf_tensor_name(hf_name, name_map)
         yield name, array
         if tied and arch.write_tied_output and name == "token_embd.weight":
             yield "output.weight", array
+    factors = rope_freq_factors(config)
+    if factors is not None:
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors
 
 
 # ------------------------------------------------------------------------------------------ metadata
 def _hyperparameters(writer, config) -> None:
+    import gguf
+
     if config.model_type == "gpt2":
         writer.add_context_length(config.n_positions)
         writer.add_embedding_length(config.n_embd)
@@ -194,8 +258,8 @@ def _hyperparameters(writer, config) -> None:
         writer.add_layer_norm_eps(config.layer_norm_epsilon)
         return
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
+    dim = head_dim(config)
+    rope = rope_parameters(config)
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -206,7 +270,24 @@ def _hyperparameters(writer, config) -> None:
     writer.add_rope_freq_base(float(theta))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(dim)
+    if dim != config.hidden_size // heads:  # Qwen3, Gemma: heads not sized hidden / heads
+        writer.add_key_length(dim)
+        writer.add_value_length(dim)
+    if rope_type(config) == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    arch = architecture(config.model_type)
+    if arch.sliding_window and getattr(config, "sliding_window", None):
+        writer.add_sliding_window(int(config.sliding_window))
+        nested = "sliding_attention" in (getattr(config, "rope_parameters", None) or {})
+        if nested:  # Gemma 3: the sliding layers rotate with their own base
+            writer.add_rope_freq_base_swa(float(rope_parameters(config, "sliding_attention")["rope_theta"]))
+    if arch.softcapping:
+        if config.attn_logit_softcapping:
+            writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
 @dataclass

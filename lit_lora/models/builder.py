@@ -41,6 +41,7 @@ ATTENTION_TARGETS = {
     "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "phi3": ["qkv_proj", "o_proj"],
     "gpt_neox": ["query_key_value", "attention.dense"],
     "falcon": ["query_key_value", "self_attention.dense"],
