@@ -124,13 +124,13 @@ class WatchedLauncher(_SubprocessScriptLauncher):
     """Lightning's subprocess launcher with :class:`RankWatch` instead of its observer, the job's own
     command line for the other ranks, and rank 0's environment restored afterwards (module docstring).
 
-    ``describe_checkpoint`` (set by the training run) says where the newest complete checkpoint is, for
-    the line that reports a lost rank."""
+    ``checkpoints`` (set by the training run): the run's checkpoint folder, whose newest complete checkpoint
+    the line that reports a lost rank names (:func:`newest_checkpoint_line`, as :func:`lost_rank` does)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.watch: RankWatch | None = None
-        self.describe_checkpoint: Callable[[], str] = lambda: "unknown"
+        self.checkpoints: Path | None = None
         self.reported = threading.Lock()  # the main thread and the watch: whoever reports first
 
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
@@ -175,7 +175,7 @@ class WatchedLauncher(_SubprocessScriptLauncher):
         global_rank = int(os.environ.get("NODE_RANK", "0")) * self.num_processes + index
         return (
             f"rank {global_rank} (pid {proc.pid}) {describe_status(proc.returncode)} during training; the "
-            f"other ranks stopped. The newest complete checkpoint is {self.describe_checkpoint()}; "
+            f"other ranks stopped. The newest complete checkpoint is {newest_checkpoint_line(self.checkpoints)}; "
             "continue with resume=auto"
         )
 
@@ -257,9 +257,12 @@ def _collective_failure(err: BaseException) -> bool:
     )
 
 
-def newest_checkpoint_line(folder: Path) -> str:
-    """``<path> (step N)`` of the newest complete checkpoint in ``folder``, or ``none yet``."""
+def newest_checkpoint_line(folder: Path | None) -> str:
+    """``<path> (step N)`` of the newest complete checkpoint in ``folder``, ``none yet``, or ``unknown``
+    without a folder."""
     from lit_lora.training.checkpoint_io import checkpoint_step, find_resumable
 
+    if folder is None:
+        return "unknown"
     found = find_resumable(folder)
     return "none yet" if found is None else f"{found} (step {checkpoint_step(found)})"

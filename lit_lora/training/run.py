@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import json
 import logging
 import signal
@@ -424,7 +423,7 @@ def _setup_trainer(job: Job) -> None:
 
     from lit_lora.progress import ProgressLines, StepProgressBar, interactive
     from lit_lora.training.checkpoint_io import SafetensorsCheckpointIO, checkpoint_step
-    from lit_lora.training.launcher import launcher_of, newest_checkpoint_line
+    from lit_lora.training.launcher import launcher_of
     from lit_lora.training.strategies import build_strategy
 
     tc, data = job.tc, job.data
@@ -479,7 +478,7 @@ def _setup_trainer(job: Job) -> None:
         _say(f"resuming from {job.resume_from} (step {checkpoint_step(job.resume_from)})")
     launcher = launcher_of(trainer)
     if launcher is not None:  # the line that reports a lost rank names the newest complete checkpoint
-        launcher.describe_checkpoint = functools.partial(newest_checkpoint_line, job.out / CHECKPOINTS)
+        launcher.checkpoints = job.out / CHECKPOINTS
     job.trainer = trainer
 
 
