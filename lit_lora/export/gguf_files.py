@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,29 +293,31 @@ def _hyperparameters(writer, config) -> None:
 
 @dataclass
 class Vocabulary:
-    """A byte-level BPE vocabulary as llama.cpp's ``gpt2`` tokenizer model reads it."""
+    """A vocabulary as llama.cpp reads it: byte-level BPE (tokenizer model ``gpt2``, with merges and a
+    pre-tokenizer name) or SentencePiece-style (``llama``: pieces with scores, byte-fallback tokens)."""
 
     tokens: list[str]
     types: list[int]
-    pre: str
+    pre: str | None
     special: object  # gguf.SpecialVocab: merges, special ids, add_bos
     notes: list[str] = field(default_factory=list)
+    model: str = "gpt2"
+    scores: list[float] | None = None  # llama: higher merges first
+    add_space_prefix: bool = False
 
 
 def vocabulary(tokenizer, tokenizer_dir: Path, vocab_size: int, pre: str | None) -> Vocabulary:
     """The vocabulary of a saved Hugging Face tokenizer (``tokenizer_dir``), ids ``0..vocab_size-1``.
 
     Token types: special added tokens are control tokens, other added tokens user-defined, ids without a
-    token unused placeholders. Raises :class:`UserError` for vocabularies llama.cpp would read differently
-    (SentencePiece-style byte fallback) and when llama.cpp's pre-tokenizer name is unknown."""
+    token unused placeholders. A SentencePiece-style vocabulary (byte-fallback tokens such as <0x00>) goes
+    to :func:`sentencepiece_vocabulary`. Raises :class:`UserError` when llama.cpp's pre-tokenizer name of a
+    byte-level BPE vocabulary is unknown."""
     import gguf
 
     vocab = tokenizer.get_vocab()
     if "<0x00>" in vocab:
-        raise UserError(
-            "this tokenizer is SentencePiece-style (byte-fallback tokens such as <0x00>); lit-lora's GGUF "
-            "export writes byte-level BPE vocabularies only (SmolLM2, Llama 3, Qwen2, GPT-2)"
-        )
+        return sentencepiece_vocabulary(tokenizer, tokenizer_dir, vocab_size)
     if pre is None:
         raise UserError(
             "llama.cpp's pre-tokenizer for this vocabulary is not known to lit-lora; give its llama.cpp "
@@ -343,6 +346,82 @@ def vocabulary(tokenizer, tokenizer_dir: Path, vocab_size: int, pre: str | None)
             tokens.append(token)
             types.append(int(gguf.TokenType.NORMAL))
     return Vocabulary(tokens, types, pre, special)
+
+
+def sentencepiece_vocabulary(tokenizer, tokenizer_dir: Path, vocab_size: int) -> Vocabulary:
+    """A SentencePiece-style vocabulary (Llama 2, Mistral, Gemma, Phi-3: ``▁``-marked pieces, ``<0xNN>``
+    byte-fallback tokens) from its Hugging Face ``tokenizer.json``, as llama.cpp's ``llama`` tokenizer
+    model reads it. llama.cpp merges the adjacent pair whose joined piece scores highest; SentencePiece's
+    BPE scores are the merge order, so each piece scores minus the rank of the merge that makes it (pieces
+    no merge makes, such as single characters, score 0). Types: ``<0xNN>`` byte, the unknown token,
+    special tokens control, other added tokens user-defined."""
+    import json
+
+    import gguf
+
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        raise UserError(
+            "this SentencePiece-style tokenizer is not a byte-fallback BPE in tokenizer.json; lit-lora's GGUF "
+            "export writes byte-level BPE and byte-fallback BPE vocabularies"
+        )
+    rank: dict[str, int] = {}
+    for index, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, index)
+    base = Vocabulary([], [], None, gguf.SpecialVocab(tokenizer_dir, load_merges=False, n_vocab=vocab_size))
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.get_added_vocab()
+    specials = set(tokenizer.all_special_tokens)
+    scores = []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            base.tokens.append(f"[PAD{i}]")
+            base.types.append(int(gguf.TokenType.UNUSED))
+        elif re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            base.tokens.append(token)
+            base.types.append(int(gguf.TokenType.BYTE))
+        elif token == tokenizer.unk_token:
+            base.tokens.append(token)
+            base.types.append(int(gguf.TokenType.UNKNOWN))
+        elif token in added or token in specials:
+            base.tokens.append(token)
+            base.types.append(
+                int(gguf.TokenType.CONTROL if token in specials else gguf.TokenType.USER_DEFINED)
+            )
+        else:
+            base.tokens.append(token)
+            base.types.append(int(gguf.TokenType.NORMAL))
+        scores.append(-float(rank[token]) if token in rank else 0.0)
+    base.model, base.scores = "llama", scores
+    base.add_space_prefix = _space_prefix(spec)
+    return base
+
+
+def _space_prefix(spec: dict) -> bool:
+    """llama.cpp's ``add_space_prefix`` for a tokenizer.json: whether a "▁" is put before each text
+    fragment that starts the text or follows a special token. A Prepend normalizer (Llama 2's legacy
+    tokenizers) or a Metaspace with ``prepend_scheme="always"`` does that; ``"first"`` (Mistral v0.3-style)
+    prepends at the very start only, which after the chat template's leading special token means never:
+    False, so that rendered prompts tokenize the same. Gemma prepends nothing."""
+    parts = [spec.get("normalizer"), spec.get("pre_tokenizer")]
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            found.append(node)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(parts)
+    if any(n.get("type") == "Prepend" for n in found):
+        return True
+    return any(n.get("type") == "Metaspace" and n.get("prepend_scheme", "always") == "always" for n in found)
 
 
 def pre_tokenizer_for(config, source_gguf: Path | None, given: str | None) -> str | None:
@@ -430,11 +509,14 @@ def write_model_gguf(
     tensor_type, file_type = OUTTYPES[outtype]
     writer.add_file_type(int(gguf.LlamaFileType[file_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter, in every type
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_tokenizer_model(vocab.model)
+    if vocab.pre:
+        writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
-    writer.add_add_space_prefix(False)  # byte-level BPE encodes spaces itself
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    writer.add_add_space_prefix(vocab.add_space_prefix)  # byte-level BPE encodes spaces itself
     vocab.special.add_to_gguf(writer, quiet=True)
     if chat_template:
         writer.add_chat_template(chat_template)

@@ -56,6 +56,7 @@ LLAMA31 = [
     "high_freq_factor:4.0,original_max_position_embeddings:64,rope_theta:10000.0}",
 ]
 VOCAB = 512
+SPM_VOCAB = 600
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,75 @@ def small_vocab(tmp_path_factory) -> list[str]:
     tokenizer.save_pretrained(str(folder))
     assert len(tokenizer) == VOCAB
     return ["model=tiny", f"model.tokenizer={folder}", f"model.config_overrides.vocab_size={VOCAB}"]
+
+
+@pytest.fixture(scope="module")
+def spm_vocab(tmp_path_factory) -> list[str]:
+    """Model overrides: the tiny model with a SentencePiece-style vocabulary (pieces marked with "▁", BPE
+    with byte fallback to <0x00>..<0xFF>: the tokenizer.json shape of Llama 2, Mistral, Gemma and Phi-3),
+    600 tokens trained here on the demo's texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in make_rows(300, 0, False)]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    bpe.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=SPM_VOCAB - 256, special_tokens=specials, show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    # As in Llama 2 / Mistral: the 256 byte tokens are ordinary pieces at ids 3..258, not added tokens.
+    trained = json.loads(bpe.to_str())["model"]
+    pieces = [*specials, *(f"<0x{i:02X}>" for i in range(256))]
+    pieces += [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    model = models.BPE(
+        vocab={t: i for i, t in enumerate(pieces)},
+        merges=merges,
+        unk_token="<unk>",
+        byte_fallback=True,
+        fuse_unk=True,
+    )
+    decoder, bpe = bpe.decoder, Tokenizer(model)
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    bpe.decoder = decoder
+    bpe.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+    # Mistral's template shape: [INST] ... [/INST], no tokens of its own
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+    folder = tmp_path_factory.mktemp("spm") / "tokenizer"
+    tokenizer.save_pretrained(str(folder))
+    return ["model=tiny", f"model.tokenizer={folder}", f"model.config_overrides.vocab_size={SPM_VOCAB}"]
+
+
+def test_a_sentencepiece_style_vocabulary_exports_and_reads_back_with_the_same_ids(
+    tmp_path_factory, spm_vocab, tmp_path
+):
+    """Byte-fallback BPE vocabularies are written as llama.cpp's ``llama`` tokenizer model (pieces, scores
+    from the merge order, byte tokens): transformers' GGUF reader encodes the held-out rows to the same ids
+    and the logits are the trained ones."""
+    run = _trained(tmp_path_factory, "spm", spm_vocab, "data.template=auto")
+    out = tmp_path / "out"
+    report = export_command.run(
+        [*spm_vocab, f"adapter={run / 'adapter'}", "outtype=f32", "modelfile=false", f"output_dir={out}"]
+    )
+    gate = report["gate"]
+    assert gate["passed"] and gate["tokenizer_same_ids"] == "6/6" and gate["max_abs_logit_diff"] <= 1e-4, gate
+    fields = gguf_files.read_fields(out / report["file"])
+    # Metaspace with prepend_scheme "first": no "▁" after the template's leading special token
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is False
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[3 + 0x41] == int(gguf.TokenType.BYTE) and types[0] == int(gguf.TokenType.UNKNOWN)
+    cpp = gate["llama_cpp"]
+    if cpp["ran"]:  # llama.cpp tokenizes the rendered prompts itself from the file: the same answers
+        assert cpp["answers_same_pct"] == 100.0, cpp
 
 
 def _trained(tmp_path_factory, name: str, model: list[str], *overrides: str):
