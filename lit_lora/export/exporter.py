@@ -266,16 +266,12 @@ def _gate_model(file: Path, merged, cfg: ExportConfig, rows: list, data_cfg: Dat
         same_ids += ids == theirs
         inputs.append(ids[: data_cfg.max_seq_len])
     long_row = _long_row(merged.model.config, inputs)
+    # The long row's logits at its last positions only (beyond the original context): all of them
+    # would take vocabulary x length floats (5 GB for Llama 3.1's 10k tokens).
+    checks = [(ids, {}) for ids in inputs] + [(ids, {"logits_to_keep": LONG_ROW_LOGITS}) for ids in long_row]
     with torch.no_grad():
-        for ids in progress([*inputs, *long_row], len(inputs) + len(long_row), "export logits", unit="rows"):
+        for ids, keep in progress(checks, len(checks), "export logits", unit="rows"):
             x = torch.tensor([ids])
-            # The long row's logits at its last positions only (beyond the original context): all of
-            # them would take vocabulary x length floats (5 GB for Llama 3.1's 10k tokens).
-            keep = (
-                {"logits_to_keep": LONG_ROW_LOGITS}
-                if len(ids) > LONG_ROW_LOGITS and long_row and ids is long_row[0]
-                else {}
-            )
             ours, read = merged.model(input_ids=x, **keep).logits, exported(input_ids=x, **keep).logits
             diff = max(diff, float((read - ours).abs().max()))
             same_top += int((read.argmax(-1) == ours.argmax(-1)).sum())

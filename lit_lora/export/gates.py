@@ -23,8 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lit_lora.data.rendering import prompt_ids
-from lit_lora.inference.decoding import generate_tokens
-from lit_lora.progress import progress
+from lit_lora.inference.scoring import greedy_answer_tokens
 
 # Largest |logit difference| between the export read back by transformers and the float32 reference,
 # over every position of the logit rows. f32 is the same numbers; the others were measured on the
@@ -71,23 +70,6 @@ class Divergence:
         return self.margin > bound
 
 
-def greedy_tokens(
-    model, prompts: list[list[int]], max_new_tokens: int, batch_size: int, pad_id, eos_id, desc
-):
-    """Greedy answers (token ids, EOS included) of ``model`` to tokenized prompts, ``batch_size`` at a time."""
-    answers: list[list[int]] = []
-    starts = range(0, len(prompts), batch_size)
-    for start in progress(starts, len(starts), desc):
-        answers += generate_tokens(
-            model,
-            prompts[start : start + batch_size],
-            max_new_tokens=max_new_tokens,
-            pad_id=pad_id,
-            eos_id=eos_id,
-        )
-    return answers
-
-
 @torch.no_grad()
 def divergences(
     reference, tokenizer, prompts: list[list[int]], expected: list[list[int]], got: list[list[int]]
@@ -130,8 +112,8 @@ def answer_check(
     the figures of the answer check (module docstring), with ``_texts`` (both answers as text)."""
     prompts = [prompt_ids(tokenizer, rendering, c) for c in conversations]
     args = (max_new_tokens, batch_size, tokenizer.pad_token_id, tokenizer.eos_token_id)
-    expected = greedy_tokens(reference, prompts, *args, desc="reference answers")
-    got = greedy_tokens(exported, prompts, *args, desc="export answers")
+    expected = greedy_answer_tokens(reference, prompts, *args, desc="reference answers")
+    got = greedy_answer_tokens(exported, prompts, *args, desc="export answers")
     found = divergences(reference, tokenizer, prompts, expected, got)
     bound = MARGIN_BOUNDS[outtype]
     decided = [d for d in found if d.decided(bound)]

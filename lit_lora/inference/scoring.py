@@ -33,19 +33,33 @@ def generate_answers(
     model as it is (adapter on or off: the caller's). Conversations are decoded ``batch_size`` at a
     time (left-padded, so that every row continues from its own last token). The model's train/eval
     flags are restored afterwards, also on an error."""
-    answers: list[str] = []
-    starts = range(0, len(conversations), batch_size)
-    with eval_mode(model):
-        for start in progress(starts, len(starts), desc):
-            prompts = [prompt_ids(tokenizer, rendering, c) for c in conversations[start : start + batch_size]]
-            new = generate_tokens(
-                model,
-                prompts,
-                max_new_tokens=max_new_tokens,
-                pad_id=tokenizer.pad_token_id,
-                eos_id=tokenizer.eos_token_id,
-            )
-            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+    prompts = [prompt_ids(tokenizer, rendering, c) for c in conversations]
+    pad_eos = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    new = greedy_answer_tokens(model, prompts, max_new_tokens, batch_size, *pad_eos, desc=desc)
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def greedy_answer_tokens(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    pad_id: int | None,
+    eos_id: int | None,
+    desc: str,
+) -> list[list[int]]:
+    """Greedy answers as token ids (EOS included) to tokenized prompts, ``batch_size`` at a time, with a
+    progress line per batch (:func:`lit_lora.inference.decoding.generate_tokens` decodes each batch)."""
+    answers: list[list[int]] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in progress(starts, len(starts), desc):
+        answers += generate_tokens(
+            model,
+            prompts[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            pad_id=pad_id,
+            eos_id=eos_id,
+        )
     return answers
 
 

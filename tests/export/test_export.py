@@ -27,6 +27,7 @@ from lit_lora.errors import UserError
 from lit_lora.export import exporter as export_command
 from lit_lora.export import gates, gguf_files, llama_cpp_runtime
 from lit_lora.export.modelfile import UntranslatableTemplate, modelfile_text, translate
+from lit_lora.inference.scoring import greedy_answer_tokens
 from lit_lora.models.embedded import gguf_path, resolve
 from lit_lora.models.merging import merged_model
 from lit_lora.training.run import train
@@ -250,7 +251,7 @@ def test_a_differing_answer_fails_only_where_the_reference_was_not_nearly_tied(t
     )
     model, tokenizer = merged.model.eval(), merged.tokenizer
     prompts = [tokenizer("Translate to French: good morning")["input_ids"], tokenizer("2 + 2 =")["input_ids"]]
-    expected = gates.greedy_tokens(model, prompts, 6, 2, tokenizer.pad_token_id, None, "reference")
+    expected = greedy_answer_tokens(model, prompts, 6, 2, tokenizer.pad_token_id, None, "reference")
     assert gates.divergences(model, tokenizer, prompts, expected, expected) == []
     k = 3
     with torch.no_grad():
